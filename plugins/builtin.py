@@ -1,0 +1,65 @@
+"""SubFit's built-in plugin: registers the built-in components through the public hooks.
+
+References are lazy ("module:attribute") so listing plugins imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from subfit_core.hookspecs import hookimpl
+
+P = "subfit_plugins"
+
+
+@hookimpl
+def subfit_model_adapters():
+    return {"llama-family": f"{P}.adapters.llama:LlamaFamilyAdapter"}
+
+
+@hookimpl
+def subfit_scorers():
+    return {
+        "output": f"{P}.scorers.output:OutputScorer",
+        "rotation": f"{P}.scorers.local:RotationMagnitudeScorer",
+        "fit-residual": f"{P}.scorers.fit_residual:FitResidualScorer",
+    }
+
+
+@hookimpl
+def subfit_selectors():
+    return {"greedy": f"{P}.selectors.greedy:GreedySelector"}
+
+
+@hookimpl
+def subfit_fitters():
+    return {
+        "identity": f"{P}.fitters.identity:IdentityFitter",
+        "linear": f"{P}.fitters.linear:LinearFitter",
+        "low-rank": f"{P}.fitters.linear:LowRankFitter",
+        "shared-basis": f"{P}.fitters.shared_basis:SharedBasisFitter",
+        "per-type": f"{P}.fitters.per_type:PerTypeFitter",
+    }
+
+
+@hookimpl
+def subfit_datasets():
+    return {
+        "kjv": f"{P}.datasets:kjv",
+        "shakespeare": f"{P}.datasets:shakespeare",
+        "wikitext2": f"{P}.datasets:wikitext2",
+        "c4": f"{P}.datasets:c4",
+        "local-file": f"{P}.datasets:local_file",
+    }
+
+
+@hookimpl
+def subfit_models():
+    return {"smollm2-135m": f"{P}.models:smollm2_135m"}
+
+
+@hookimpl
+def subfit_recipe_dirs():
+    import subfit_strategies
+
+    return [Path(subfit_strategies.__file__).parent]

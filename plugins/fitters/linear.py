@@ -1,0 +1,126 @@
+"""Closed-form linear bypasses: ridge regression and reduced-rank regression, in float64.
+
+With X = [x, 1] (the bypass input plus a constant for the intercept) and Y the submodule's
+contribution: G = X^T X, H = X^T Y, and
+    ridge:         W = (G + lam * tr(G)/d * I)^-1 H          (the intercept is not penalised)
+    reduced rank:  V_r = top-r eigenvectors of W^T G W (the covariance of the fitted values XW),
+                   W_r = (W V_r) V_r^T, stored as a down (r x d) and an up (d x r) factor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from subfit_core.bypass import LinearBypass, LowRankBypass
+from subfit_core.errors import NumericalError
+from subfit_core.interfaces import Fitter, Submodule
+from subfit_core.stats import SubStats
+
+
+def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, name: str = "?") -> torch.Tensor:
+    """W = (G + lam tr(G)/d I)^-1 H for a Gram whose last row/column is the constant input."""
+    d = gram.shape[0] - 1
+    reg = torch.full((d + 1,), ridge * float(torch.trace(gram[:d, :d])) / max(d, 1), dtype=gram.dtype)
+    reg[d] = 0.0
+    a = gram + torch.diag(reg)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        w = torch.cholesky_solve(cross, chol)
+    else:  # singular even after the ridge (e.g. a dead input): least squares still gives the minimum-norm fit
+        w = torch.linalg.lstsq(a, cross).solution
+    if not torch.isfinite(w).all():
+        raise NumericalError(f"{name}: ridge solve produced NaN/Inf (try a larger ridge)")
+    return w
+
+
+def without_intercept(stats: SubStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """G and H with the intercept row/column replaced by zeros (a fit through the origin)."""
+    gram, cross = stats.gram.clone(), stats.cross.clone()
+    gram[-1, :] = 0.0
+    gram[:, -1] = 0.0
+    gram[-1, -1] = 1.0
+    cross[-1, :] = 0.0
+    return gram, cross
+
+
+def gram_of(stats: SubStats, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return (stats.gram, stats.cross) if bias else without_intercept(stats)
+
+
+def top_eigvecs(m: torch.Tensor, r: int) -> torch.Tensor:
+    """Columns: the r leading eigenvectors of a symmetric matrix."""
+    _, vecs = torch.linalg.eigh((m + m.T) / 2)
+    return vecs[:, -r:].flip(-1)
+
+
+def reduced_rank(gram: torch.Tensor, w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (A, V): W_r = A V^T with A = W V (d+1 x r) and V (d_out x r) orthonormal."""
+    v = top_eigvecs(w.T @ gram @ w, r)
+    return w @ v, v
+
+
+def relative_residual(stats: SubStats, w: torch.Tensor) -> float:
+    """||Y - XW||^2 / ||Y||^2 from the Gram matrices alone."""
+    resid = stats.y_sq - 2 * float((w * stats.cross).sum()) + float((w * (stats.gram @ w)).sum())
+    return max(resid, 0.0) / max(stats.y_sq, 1e-30)
+
+
+def linear_bypass(w: torch.Tensor, dtype: torch.dtype, bias: bool) -> LinearBypass:
+    d = w.shape[0] - 1
+    return LinearBypass(w[:d].T.contiguous().to(dtype), w[d].to(dtype) if bias else None)
+
+
+def lowrank_bypass(a: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, bias: bool) -> LowRankBypass:
+    d = a.shape[0] - 1
+    return LowRankBypass(a[:d].T.contiguous().to(dtype), v.contiguous().to(dtype), (a[d] @ v.T).to(dtype) if bias else None)
+
+
+@dataclass
+class LinearParams:
+    ridge: float = 1e-3  # relative to the mean input variance, tr(G)/d
+    bias: bool = True
+
+
+class LinearFitter(Fitter):
+    """Full-rank ridge regression of the contribution on the submodule's normed input."""
+
+    Params = LinearParams
+    description = "full-rank ridge regression, closed form"
+
+    def fit(self, sub: Submodule, stats: SubStats) -> LinearBypass:
+        gram, cross = gram_of(stats, self.params.bias)
+        w = ridge_solve(gram, cross, self.params.ridge, sub.name)
+        return linear_bypass(w, torch.float32, self.params.bias)
+
+    def estimate_params(self, sub: Submodule, dim: int) -> int:
+        return dim * dim + (dim if self.params.bias else 0)
+
+
+@dataclass
+class LowRankParams:
+    rank: int = 64
+    ridge: float = 1e-3
+    bias: bool = True
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"rank: {self.rank} must be at least 1")
+
+
+class LowRankFitter(Fitter):
+    """Reduced-rank regression: the best rank-r linear map (for the unregularised objective)."""
+
+    Params = LowRankParams
+    description = "reduced-rank ridge regression (two factors d x r, r x d)"
+
+    def fit(self, sub: Submodule, stats: SubStats) -> LowRankBypass:
+        gram, cross = gram_of(stats, self.params.bias)
+        w = ridge_solve(gram, cross, self.params.ridge, sub.name)
+        a, v = reduced_rank(gram, w, min(self.params.rank, stats.dim))
+        return lowrank_bypass(a, v, torch.float32, self.params.bias)
+
+    def estimate_params(self, sub: Submodule, dim: int) -> int:
+        r = min(self.params.rank, dim)
+        return 2 * dim * r + (dim if self.params.bias else 0)

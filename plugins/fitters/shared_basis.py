@@ -1,0 +1,97 @@
+"""Shared-basis bypasses for a group of submodules (SubFit's FFN bypass).
+
+Every bypass in the group reads its input through one basis U (r x d), then applies its own
+coefficients: y = (x U^T) C_s^T + b_s. U is charged once, so many FFNs can be bypassed at a rank
+that would be too expensive per layer.
+
+Choosing U ("responses", the default): in whitened input coordinates z = x Gbar^-1/2 the fitted
+response of member s is z B_s with B_s = Gbar^1/2 W_s (W_s its full ridge fit); the rank-r input
+subspace that keeps most of every member's fitted response is the top-r eigenvectors of
+sum_s B_s B_s^T, mapped back by Gbar^-1/2. ("inputs": top-r principal directions of the inputs.)
+Given U, each C_s is a ridge fit on the projected inputs, so it is optimal for that U.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from subfit_core.bypass import SharedBasisBypass
+from subfit_core.interfaces import Fitter, Submodule
+from subfit_core.stats import SubStats
+
+from .linear import gram_of, ridge_solve, top_eigvecs
+
+
+@dataclass
+class SharedBasisParams:
+    rank: int = 256
+    ridge: float = 1e-3
+    bias: bool = True
+    basis: Literal["responses", "inputs"] = "responses"
+    expected_group: int = 4  # members the basis is assumed shared by when charging it during selection
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"rank: {self.rank} must be at least 1")
+
+
+def _sqrt_and_inv_sqrt(m: torch.Tensor, floor: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    vals, vecs = torch.linalg.eigh((m + m.T) / 2)
+    vals = vals.clamp_min(floor * float(vals.max().clamp_min(1e-30)))
+    return (vecs * vals.sqrt()) @ vecs.T, (vecs / vals.sqrt()) @ vecs.T
+
+
+class SharedBasisFitter(Fitter):
+    Params = SharedBasisParams
+    description = "one input basis shared by the group, per-member coefficients (closed form)"
+
+    def __init__(self, params=None, plugins=None):
+        super().__init__(params, plugins)
+        self._basis: torch.Tensor | None = None  # (d x r), columns span the shared input subspace
+        self._shared: nn.Parameter | None = None
+        self._members: set[Submodule] = set()
+
+    def basis_for(self, stats: list[SubStats]) -> torch.Tensor:
+        d = stats[0].dim
+        r = min(self.params.rank, d)
+        moments = [s.gram[:d, :d] / max(s.tokens, 1) for s in stats]
+        mean_moment = sum(moments) / len(moments)
+        if self.params.basis == "inputs":
+            return top_eigvecs(mean_moment, r)
+        root, inv_root = _sqrt_and_inv_sqrt(mean_moment)
+        m = torch.zeros(d, d, dtype=torch.float64)
+        for s in stats:
+            gram, cross = gram_of(s, self.params.bias)
+            w = ridge_solve(gram, cross, self.params.ridge, s.name)[:d] / max(s.tokens, 1) ** 0.5
+            b = root @ w
+            m += b @ b.T
+        return inv_root @ top_eigvecs(m, r)
+
+    def prepare(self, subs: list[Submodule], stats: dict[Submodule, SubStats]) -> None:
+        self._members = set(subs)
+        if subs:
+            self._basis = self.basis_for([stats[s] for s in subs])
+            self._shared = nn.Parameter(self._basis.T.contiguous().float(), requires_grad=False)
+
+    def fit(self, sub: Submodule, stats: SubStats) -> SharedBasisBypass:
+        if sub in self._members:
+            basis, shared, group = self._basis, self._shared, "shared0"
+        else:  # alone (e.g. while candidates are scored): a basis of its own, same rank
+            basis = self.basis_for([stats])
+            shared, group = nn.Parameter(basis.T.contiguous().float(), requires_grad=False), f"own-{sub.name}"
+        r = basis.shape[1]
+        gram, cross = gram_of(stats, self.params.bias)
+        proj = torch.zeros(stats.dim + 1, r + 1, dtype=torch.float64)  # [x,1] -> [x U, 1]
+        proj[:-1, :r] = basis
+        proj[-1, r] = 1.0
+        c = ridge_solve(proj.T @ gram @ proj, proj.T @ cross, self.params.ridge, sub.name)
+        bias = c[r].float() if self.params.bias else None
+        return SharedBasisBypass(shared, c[:r].T.contiguous().float(), bias, group)
+
+    def estimate_params(self, sub: Submodule, dim: int) -> int:
+        r = min(self.params.rank, dim)
+        return dim * r + (dim if self.params.bias else 0) + dim * r // max(self.params.expected_group, 1)

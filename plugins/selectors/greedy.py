@@ -1,0 +1,71 @@
+"""Greedy non-contiguous selection over attention and FFN submodules until the budget is met.
+
+Candidates are ranked by score per unit of budget saved (``ratio``), so the attention/FFN split
+of the budget follows from what each type costs and saves rather than from the raw scores.
+With ``rescore``, the selection proceeds in ``rounds``: each round commits its share of the
+budget, then re-scores a shortlist of the best remaining candidates on the partially compressed
+model (re-running only from each candidate onward, from cached boundary states).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from subfit_core.interfaces import Plan, Replacement, Selector, Submodule
+
+
+@dataclass
+class GreedyParams:
+    ratio: bool = True  # rank by score / budget saved
+    rescore: bool = True
+    rounds: int = 4
+    shortlist: float = 3.0  # re-score this multiple of the picks a round still needs
+    kinds: str = "attn,ffn"  # which submodule types are candidates
+
+    def __post_init__(self):
+        if self.rounds < 1:
+            raise ValueError(f"rounds: {self.rounds} must be at least 1")
+        bad = set(self.kinds.split(",")) - {"attn", "ffn"}
+        if bad:
+            raise ValueError(f"kinds: {self.kinds!r} may list only attn, ffn")
+
+
+class GreedySelector(Selector):
+    Params = GreedyParams
+    description = "greedy non-contiguous attention/FFN selection, optionally re-scored in rounds"
+
+    def select(self, bench, scorer, fitter, budget):
+        kinds = set(self.params.kinds.split(","))
+        remaining = [s for s in bench.subs if s.kind in kinds]
+        dim = bench.adapter.hidden_size
+        saving = {s: budget.saving(s, fitter.estimate_params(s, dim)) for s in remaining}
+        remaining = [s for s in remaining if saving[s] > 0]
+        scores = scorer.score(remaining, bench, fitter)
+        plan, achieved = Plan(), 0.0
+        rounds = self.params.rounds if self.params.rescore else 1
+
+        def key(s: Submodule) -> float:
+            return scores[s] / saving[s] if self.params.ratio else scores[s]
+
+        for round_ in range(rounds):
+            # this round's share of what is still missing
+            target = budget.sparsity if round_ == rounds - 1 else \
+                achieved + (budget.sparsity - achieved) / (rounds - round_)
+            while achieved < target - 1e-9 and remaining:
+                best = min(remaining, key=key)
+                remaining.remove(best)
+                plan.replacements.append(Replacement(best, scores[best]))
+                achieved += saving[best]
+                if self.params.rescore:
+                    bench.commit(best, bench.fit(fitter, best))
+            if round_ < rounds - 1 and remaining and achieved < budget.sparsity:
+                still = budget.sparsity - achieved
+                mean_saving = sum(saving.values()) / len(saving)
+                k = max(1, math.ceil(self.params.shortlist * still / mean_saving))
+                shortlist = sorted(remaining, key=key)[:k]
+                scores.update(scorer.score(shortlist, bench, fitter))
+        if achieved < budget.sparsity - 1e-9:
+            plan.notes["warning"] = f"budget not reachable with these candidates: {achieved:.4f} < {budget.sparsity}"
+        plan.notes["estimated_sparsity"] = achieved
+        return plan

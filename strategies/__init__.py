@@ -1,0 +1,1 @@
+"""SubFit's recipes (YAML), installed as package data so ``strategy=<name>`` finds them."""

@@ -1,0 +1,130 @@
+"""Command-line entry points: ``subfit-run`` and ``subfit-plugins``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from .config import ConfigError, params_help, parse_override, schema_help, set_dotted, validate
+from .errors import SubFitError
+
+USAGE = """usage: subfit-run [strategy=NAME|PATH.yaml] [key=value ...] [--help] [--list]
+
+Compress a causal LM by replacing attention/FFN submodules with fitted bypasses.
+  strategy=subfit            a registered recipe (see --list), or your own YAML file
+  key=value                  override any recipe key; dotted keys reach sections
+                             (calib.samples=32), lists as [a,b], null for none
+  --list                     list plugins, what they register, and the recipes
+Example:
+  subfit-run strategy=subfit model=smollm2-135m sparsity=0.25 calib.samples=64 output_dir=runs/x
+"""
+
+
+def _fail(prog: str, exc: Exception) -> int:
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def resolve_recipe(args: list[str]) -> dict:
+    """Recipe named by ``strategy=`` (default subfit) with the ``key=value`` overrides applied."""
+    from .plugins import get_plugins
+    from .recipes import read_recipe
+
+    overrides = [parse_override(a) for a in args]
+    strategy = next((v for k, v in overrides if k == "strategy"), "subfit")
+    data, _ = read_recipe(get_plugins(), str(strategy))
+    for key, value in overrides:
+        if key != "strategy":
+            set_dotted(data, key, value)
+    return validate(data)
+
+
+def print_help(args: list[str]) -> None:
+    from .plugins import get_plugins
+
+    print(USAGE)
+    print("Recipe keys (default):")
+    for key, default, text in schema_help():
+        print(f"  {key:<22} {json.dumps(default):<16} {text}")
+    try:
+        cfg = resolve_recipe([a for a in args if not a.startswith("-")])
+    except SubFitError:
+        return
+    plugins = get_plugins()
+    print(f"\nComponent keys of recipe '{cfg['name']}':")
+    for section in ("scorer", "selector", "fitter"):
+        cls = plugins.registries[section].get(cfg[section]["name"])
+        given = {k: v for k, v in cfg[section].items() if k != "name"}
+        print(f"  {section}.name = {cfg[section]['name']}  ({cls.description})")
+        for key, default in params_help(cls.Params):
+            print(f"    {section}.{key:<18} {json.dumps(given.get(key, default))}")
+
+
+def print_plugins() -> None:
+    from .plugins import get_plugins
+    from .recipes import available
+
+    plugins = get_plugins()
+    for info in plugins.info.values():
+        print(f"{info.name}  ({info.distribution} {info.version})")
+        for kind, names in sorted(info.registers.items()):
+            print(f"  {kind + 's':<10} {', '.join(names)}")
+    print("recipes")
+    for name, path in available(plugins).items():
+        print(f"  {name:<20} {path}")
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=os.environ.get("SUBFIT_LOG", "WARNING"))
+    try:
+        if "--help" in argv or "-h" in argv:
+            print_help(argv)
+            return 0
+        if "--list" in argv:
+            print_plugins()
+            return 0
+        unknown = [a for a in argv if a.startswith("-")]
+        if unknown:
+            raise ConfigError(f"option '{unknown[0]}' is not known; allowed: --help, --list, key=value")
+        cfg = resolve_recipe(argv)
+        from .pipeline import run
+
+        results = run(cfg)
+    except SubFitError as exc:
+        return _fail("subfit-run", exc)
+    except KeyboardInterrupt:
+        print("subfit-run: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(summary(results))
+    return 0
+
+
+def summary(results: dict) -> str:
+    p, s, kv = results["perplexity"], results["sparsity"], results["kv_cache_bytes_per_token"]
+    t = results["timings"]
+    rows = [
+        ("strategy", results["strategy"]),
+        ("perplexity dense -> compressed", f"{p['dense']:.2f} -> {p['compressed']:.2f} ({p['ratio']:.2f}x)"),
+        ("sparsity requested", f"{s['requested']:.4f} ({s['unit']})"),
+        ("sparsity achieved", f"{s['achieved_layers']:.4f} layers, {s['achieved_params']:.4f} params"),
+        ("decoder params", f"{results['decoder_params']['before']:,} -> {results['decoder_params']['after']:,}"),
+        ("KV cache bytes/token", f"{kv['before']:,} -> {kv['after']:,}"),
+        ("replaced", ", ".join(f"L{r['layer']}.{r['type']}" for r in results["replaced"])),
+        ("compression time", f"{t['compression_s']:.1f} s = {t['compression_over_dense_forward']:.2f}x a dense calibration forward"),
+        ("output_dir", results.get("output_dir", "(not saved)")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"| {k:<{width}} | {v} |" for k, v in rows)
+
+
+def plugins_main(argv: list[str] | None = None) -> int:
+    try:
+        print_plugins()
+    except SubFitError as exc:
+        return _fail("subfit-plugins", exc)
+    return 0
+
+

@@ -1,0 +1,237 @@
+"""Recipe schema: validated nested settings, ``key=value`` overrides, errors that name the key.
+
+A recipe is YAML read with ``yaml.safe_load``. Engine-level keys are declared in ``SCHEMA``; the
+``scorer``, ``selector`` and ``fitter`` sections hold ``name`` plus the parameters of that
+component, validated against the component's own ``Params`` dataclass.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, did_you_mean
+
+
+
+@dataclass(frozen=True)
+class Field:
+    type: type
+    default: Any
+    help: str
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    nullable: bool = False
+
+
+COMPONENT_SECTIONS = ("scorer", "selector", "fitter")
+
+SCHEMA: dict[str, Any] = {
+    "name": Field(str, "custom", "recipe name"),
+    "description": Field(str, "", "one line saying what the recipe does"),
+    "model": Field(str, "smollm2-135m", "registered short name, local directory, or hub id"),
+    "trust_remote_code": Field(bool, False, "allow a hub model's own code to run (off: safer)"),
+    "device": Field(str, "auto", "auto, cpu, cuda or cuda:N"),
+    "dtype": Field(str, "float32", "model weights dtype", choices=("float32", "bfloat16", "float16")),
+    "seed": Field(int, 0, "seed for window sampling"),
+    "output_dir": Field(str, "runs/subfit", "where the compressed model is written (atomically)"),
+    "overwrite": Field(bool, False, "replace an existing output_dir"),
+    "save": Field(bool, True, "write the compressed model (false: only report)"),
+    "sparsity": Field(float, 0.25, "share of the decoder to remove", min=0.0, max=0.95),
+    "sparsity_unit": Field(str, "layers", "layers: layer-equivalents; params: decoder parameters",
+                           choices=("layers", "params")),
+    "anchored": Field(bool, False, "refit bypasses on the compressed model's inputs (dense targets)"),
+    "calib": {
+        "dataset": Field(str, "kjv", "registered text source or a local .txt/.json/.jsonl file"),
+        "samples": Field(int, 64, "calibration windows (statistics and fits)", min=1),
+        "seq_len": Field(int, 256, "tokens per window", min=8),
+        "batch_size": Field(int, 8, "windows per forward batch", min=1),
+    },
+    "scoring": {
+        "samples": Field(int, 8, "windows, disjoint from calibration, that selection is judged on", min=1),
+    },
+    "eval": {
+        "dataset": Field(str, None, "text source for held-out perplexity (default: calib.dataset)", nullable=True),
+        "windows": Field(int, 30, "held-out windows for perplexity", min=1),
+        "seq_len": Field(int, 256, "tokens per held-out window", min=8),
+        "batch_size": Field(int, 8, "windows per forward batch", min=1),
+    },
+    "scorer": {"name": Field(str, "output", "registered scorer")},
+    "selector": {"name": Field(str, "greedy", "registered selector")},
+    "fitter": {"name": Field(str, "per-type", "registered fitter")},
+}
+
+
+def defaults() -> dict:
+    def walk(node):
+        return {k: walk(v) if isinstance(v, dict) else v.default for k, v in node.items()}
+
+    return walk(SCHEMA)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", parsed value). Values are YAML scalars or flow lists/maps."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{text}': expected key=value, e.g. sparsity=0.25")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_dotted(cfg: dict, key: str, value: Any) -> None:
+    node = cfg
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: '{part}' holds a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def coerce(key: str, value: Any, field: Field) -> Any:
+    """Check one value against its Field; ints are accepted where floats are expected."""
+    if value is None:
+        if field.nullable:
+            return None
+        raise ConfigError(f"{key}: null is not allowed; expected {field.type.__name__}")
+    ok = isinstance(value, field.type) and not (field.type is int and isinstance(value, bool))
+    if field.type is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is not a {field.type.__name__}")
+    if field.choices is not None and value not in field.choices:
+        raise ConfigError(f"{key}: {value!r} is not allowed; {did_you_mean(value, field.choices)}")
+    if field.min is not None and value < field.min:
+        raise ConfigError(f"{key}: {value!r} is below the minimum {field.min}")
+    if field.max is not None and value > field.max:
+        raise ConfigError(f"{key}: {value!r} is above the maximum {field.max}")
+    return value
+
+
+def validate_section(prefix: str, values: dict, schema: dict) -> dict:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping, got {values!r}")
+    out = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(f"{full}: unknown key; {did_you_mean(key, schema)}")
+        spec = schema[key]
+        out[key] = validate_section(f"{full}.", value, spec) if isinstance(spec, dict) else coerce(full, value, spec)
+    return out
+
+
+def validate(cfg: dict) -> dict:
+    """Validate engine keys; component sections keep their extra keys for ``validate_params``."""
+    engine_part = {k: v for k, v in cfg.items() if k not in COMPONENT_SECTIONS}
+    out = merge(defaults(), validate_section("", engine_part, SCHEMA))
+    for section in COMPONENT_SECTIONS:
+        values = cfg.get(section, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping with 'name', got {values!r}")
+        name = values.get("name", SCHEMA[section]["name"].default)
+        out[section] = {**values, "name": coerce(f"{section}.name", name, SCHEMA[section]["name"])}
+    return out
+
+
+# ----------------------------------------------------------------------------- component params
+
+
+def _field_for(annotation: Any, default: Any) -> Field:
+    """A Field from a dataclass annotation such as ``int``, ``float | None`` or ``Literal["a","b"]``."""
+    nullable = False
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        nullable = True
+        annotation = next(a for a in args if a is not type(None))
+    if typing.get_origin(annotation) is typing.Literal:
+        choices = typing.get_args(annotation)
+        return Field(type(choices[0]), default, "", choices=choices, nullable=nullable)
+    base = typing.get_origin(annotation) or annotation
+    return Field(base, default, "", nullable=nullable)
+
+
+def validate_params(prefix: str, section: dict, params_cls: type) -> Any:
+    """Build a component's ``Params`` dataclass from its recipe section (without ``name``)."""
+    hints = typing.get_type_hints(params_cls)
+    fields = {f.name: f for f in dataclasses.fields(params_cls)}
+    kwargs = {}
+    for key, value in section.items():
+        if key == "name":
+            continue
+        if key not in fields:
+            allowed = [k for k in fields] + ["name"]
+            raise ConfigError(f"{prefix}.{key}: unknown key for this component; {did_you_mean(key, allowed)}")
+        f = fields[key]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kwargs[key] = coerce(f"{prefix}.{key}", value, _field_for(hints[key], default))
+    try:
+        return params_cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix}: {exc}") from None
+
+
+def params_help(params_cls: type) -> list[tuple[str, Any]]:
+    out = []
+    for f in dataclasses.fields(params_cls):
+        if f.default is not dataclasses.MISSING:
+            out.append((f.name, f.default))
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out.append((f.name, f.default_factory()))  # type: ignore[misc]
+    return out
+
+
+def flatten(cfg: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    rows = []
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            rows.extend(flatten(value, f"{prefix}{key}."))
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows
+
+
+def schema_help() -> list[tuple[str, Any, str]]:
+    rows = []
+
+    def walk(node, prefix):
+        for key, spec in node.items():
+            if isinstance(spec, dict):
+                walk(spec, f"{prefix}{key}.")
+            else:
+                allowed = f" ({', '.join(map(str, spec.choices))})" if spec.choices else ""
+                rows.append((f"{prefix}{key}", spec.default, spec.help + allowed))
+
+    walk(SCHEMA, "")
+    return rows
+
+

@@ -1,0 +1,64 @@
+"""Token windows for calibration, scoring and held-out perplexity, cut from a text source."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SubFitError
+
+
+@dataclass(frozen=True)
+class CorpusText:
+    name: str  # registered name or path
+    train: str  # calibration and scoring windows are drawn from here
+    heldout: str  # used only for reported perplexity; never overlaps train
+    source: str  # one-line provenance
+
+
+@dataclass
+class Windows:
+    calib: torch.Tensor  # (samples, seq_len) token ids
+    scoring: torch.Tensor  # disjoint from calib
+    heldout: torch.Tensor  # from the held-out text only
+    source: str
+
+
+def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    # Tokenise in slices of lines so a multi-megabyte corpus never becomes one giant call.
+    ids: list[int] = []
+    lines = text.splitlines(keepends=True)
+    step = 2000
+    for start in range(0, len(lines), step):
+        ids.extend(tokenizer("".join(lines[start:start + step]), add_special_tokens=False)["input_ids"])
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def cut(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    n = ids.numel() // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def make_windows(corpus: CorpusText, tokenizer, *, calib_samples: int, scoring_samples: int, seq_len: int,
+                 heldout: CorpusText, eval_windows: int, eval_seq_len: int, seed: int) -> Windows:
+    train = cut(tokenize(tokenizer, corpus.train), seq_len)
+    need = calib_samples + scoring_samples
+    if train.shape[0] < need:
+        raise SubFitError(
+            f"calib.samples: {corpus.name} gives {train.shape[0]} windows of {seq_len} tokens; "
+            f"calib.samples + scoring.samples = {need} is more than that")
+    order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
+    held = cut(tokenize(tokenizer, heldout.heldout, eval_windows * eval_seq_len), eval_seq_len)
+    if held.shape[0] < eval_windows:
+        raise SubFitError(
+            f"eval.windows: the held-out part of {heldout.name} gives {held.shape[0]} windows of "
+            f"{eval_seq_len} tokens; {eval_windows} requested")
+    return Windows(
+        calib=train[order[:calib_samples]],
+        scoring=train[order[calib_samples:need]],
+        heldout=held[:eval_windows],  # fixed, seed-independent: the same reference for every run
+        source=corpus.source,
+    )

@@ -1,0 +1,31 @@
+"""Errors a user can cause and fix. The CLI prints these as one line, without a traceback."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class SubFitError(Exception):
+    """A user-facing error: bad input, unknown name, missing resource."""
+
+
+class ConfigError(SubFitError):
+    """A recipe key or value is not allowed."""
+
+
+class NumericalError(SubFitError):
+    """A statistic or a fitted bypass contains NaN/Inf; the message names the submodule."""
+
+
+def nearest(name: str, options: Iterable[str]) -> str | None:
+    """The closest option to ``name``, if any is reasonably close (for 'did you mean')."""
+    found = difflib.get_close_matches(str(name), list(options), n=1, cutoff=0.5)
+    return found[0] if found else None
+
+
+def did_you_mean(name: str, options: Iterable[str]) -> str:
+    options = sorted(options)
+    guess = nearest(name, options)
+    hint = f"; did you mean '{guess}'?" if guess else ""
+    return f"allowed: {', '.join(options)}{hint}"

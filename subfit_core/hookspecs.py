@@ -1,0 +1,53 @@
+"""The hooks through which plugins extend SubFit.
+
+Every built-in component is registered through these same hooks by the ``subfit_plugins.builtin``
+plugin, found through the ``subfit`` entry-point group exactly like a third-party plugin.
+
+Each ``subfit_*`` component hook returns a mapping ``{name: component}``. A component is either the
+object itself or a lazy reference ``"package.module:attribute"`` imported on first use, so that
+listing plugins stays cheap. Names are global per kind: two plugins registering the same name is an
+error that names both.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "subfit"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def subfit_model_adapters() -> dict:
+    """Adapters that locate attention/FFN submodules in a model family (``subfit_core.adapter.Adapter``)."""
+
+
+@hookspec
+def subfit_scorers() -> dict:
+    """Redundancy scorers (``subfit_core.interfaces.Scorer`` subclasses); lower score = remove first."""
+
+
+@hookspec
+def subfit_selectors() -> dict:
+    """Selectors (``subfit_core.interfaces.Selector`` subclasses) that turn scores into a Plan."""
+
+
+@hookspec
+def subfit_fitters() -> dict:
+    """Bypass fitters (``subfit_core.interfaces.Fitter`` subclasses)."""
+
+
+@hookspec
+def subfit_datasets() -> dict:
+    """Text sources: callables returning ``subfit_core.corpus.CorpusText``."""
+
+
+@hookspec
+def subfit_models() -> dict:
+    """Short model names: callables ``(device, dtype) -> (model, tokenizer, source)``."""
+
+
+@hookspec
+def subfit_recipe_dirs() -> list:
+    """Folders holding recipe YAML files, searched for ``strategy=<name>``."""

@@ -1,0 +1,100 @@
+"""The small protocols every plugin component implements.
+
+A component class declares its recipe parameters as a ``Params`` dataclass; the engine validates the
+recipe section against it (unknown key = error naming the nearest valid key) and passes the
+instance to ``__init__``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .bypass import Bypass
+
+if TYPE_CHECKING:
+    from .budget import Budget
+    from .stats import SubStats
+    from .trace import Workbench
+
+KINDS = ("attn", "ffn")
+
+
+@dataclass(frozen=True, order=True)
+class Submodule:
+    """One removable submodule: the attention (``attn``) or feed-forward (``ffn``) of a layer."""
+
+    layer: int
+    kind: str
+
+    @property
+    def index(self) -> int:
+        """Position along the residual stream: attn_0, ffn_0, attn_1, ..."""
+        return 2 * self.layer + (0 if self.kind == "attn" else 1)
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layer}.{self.kind}"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass
+class NoParams:
+    pass
+
+
+class Component:
+    Params: ClassVar[type] = NoParams
+    description: ClassVar[str] = ""
+
+    def __init__(self, params: Any = None, plugins: Any = None):
+        self.params = params if params is not None else self.Params()
+        self.plugins = plugins
+
+
+class Fitter(Component):
+    """Fits a bypass for a submodule from its statistics (closed form)."""
+
+    def prepare(self, subs: list[Submodule], stats: dict[Submodule, "SubStats"]) -> None:
+        """Called once with the final selection before ``fit``; e.g. to build a shared basis."""
+
+    def fit(self, sub: Submodule, stats: "SubStats") -> Bypass:
+        raise NotImplementedError
+
+    def estimate_params(self, sub: Submodule, dim: int) -> int:
+        """Parameters the bypass for ``sub`` will add (charged against the budget during selection)."""
+        raise NotImplementedError
+
+
+class Scorer(Component):
+    """Scores candidates; lower = cheaper to replace."""
+
+    def score(self, candidates: list[Submodule], bench: "Workbench", fitter: Fitter) -> dict[Submodule, float]:
+        raise NotImplementedError
+
+
+@dataclass
+class Replacement:
+    sub: Submodule
+    score: float | None = None
+
+
+@dataclass
+class Plan:
+    """An ordered selection of submodules to replace, plus notes for the report."""
+
+    replacements: list[Replacement] = field(default_factory=list)
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def subs(self) -> list[Submodule]:
+        return [r.sub for r in self.replacements]
+
+
+class Selector(Component):
+    """Chooses which submodules to replace within the budget."""
+
+    def select(self, bench: "Workbench", scorer: Scorer, fitter: Fitter, budget: "Budget") -> Plan:
+        raise NotImplementedError

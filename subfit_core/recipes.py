@@ -1,0 +1,37 @@
+"""Finding and reading recipes: ``strategy=<name>`` searches the plugins' recipe folders,
+``strategy=<path>.yaml`` reads a user's file. YAML is read with ``safe_load`` only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, did_you_mean
+from .plugins import Plugins
+
+
+def available(plugins: Plugins) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for folder in plugins.recipe_dirs:
+        for path in sorted(folder.glob("*.yaml")):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def read_recipe(plugins: Plugins, strategy: str) -> tuple[dict, Path]:
+    path = Path(strategy)
+    if path.suffix not in (".yaml", ".yml"):
+        recipes = available(plugins)
+        if strategy not in recipes:
+            raise ConfigError(f"strategy: unknown recipe '{strategy}'; {did_you_mean(strategy, recipes)}, or a path to a .yaml file")
+        path = recipes[strategy]
+    if not path.is_file():
+        raise ConfigError(f"strategy: recipe file '{path}' not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"strategy: '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"strategy: '{path}' must hold a mapping of recipe keys")
+    return data, path

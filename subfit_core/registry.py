@@ -1,0 +1,68 @@
+"""Typed, lazy registries of named components, each entry remembering which plugin gave it."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import SubFitError, did_you_mean
+
+
+@dataclass
+class Entry:
+    name: str
+    target: Any  # the object, or a lazy "module:attr" reference
+    origin: str  # "plugin-name (distribution version)"
+    _loaded: Any = field(default=None, repr=False)
+
+    def load(self) -> Any:
+        if self._loaded is None:
+            self._loaded = _resolve(self.target) if isinstance(self.target, str) else self.target
+        return self._loaded
+
+
+def _resolve(ref: str) -> Any:
+    module_name, _, attr = ref.partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split(".") if attr else []:
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise SubFitError(f"cannot import registered component '{ref}': {exc}") from exc
+    return obj
+
+
+class Registry:
+    """Components of one kind ("scorer", "fitter", ...) by name."""
+
+    def __init__(self, kind: str, config_key: str | None = None):
+        self.kind = kind
+        self.config_key = config_key or kind  # which recipe key names entries of this kind, for messages
+        self._entries: dict[str, Entry] = {}
+
+    def add(self, name: str, target: Any, origin: str) -> None:
+        if name in self._entries:
+            first = self._entries[name].origin
+            raise SubFitError(f"{self.kind} '{name}' is registered twice: by {first} and by {origin}")
+        self._entries[name] = Entry(name, target, origin)
+
+    def get(self, name: str) -> Any:
+        return self.entry(name).load()
+
+    def entry(self, name: str) -> Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise SubFitError(
+                f"{self.config_key}: unknown {self.kind} '{name}'; {did_you_mean(name, self._entries)}"
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry]:
+        return [self._entries[n] for n in self.names()]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries

@@ -1,0 +1,166 @@
+"""The workbench: runs a model submodule by submodule over calibration and scoring windows.
+
+* ``collect`` streams the calibration set through the dense model one submodule at a time (only
+  one residual-stream state of the calibration set is held) and accumulates float64 statistics per
+  submodule. For the small scoring set it keeps the residual stream at every submodule boundary.
+* ``metric_with`` judges a candidate replacement from the cached boundary state in front of it, so
+  only the submodules after it are re-run; ``commit`` makes a replacement and refreshes the cached
+  boundaries downstream of it.
+* ``refit_anchored`` re-fits bypasses on inputs from the partially compressed model against
+  targets from the dense one, in one pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import Adapter
+from .bypass import Bypass
+from .corpus import Windows
+from .interfaces import Fitter, Submodule
+from .progress import progress
+from .stats import SubStats
+
+METRICS = ("kl", "loss")
+_MAX_CACHED_LOGPROB_BYTES = 2 * 1024**3
+
+
+class Workbench:
+    def __init__(self, model: nn.Module, adapter: Adapter, windows: Windows, batch_size: int, device: torch.device):
+        self.model, self.adapter, self.windows = model, adapter, windows
+        self.batch_size, self.device = batch_size, device
+        self.dtype = next(model.parameters()).dtype
+        self.subs = adapter.submodules()
+        self.originals = {s: adapter.module(s) for s in self.subs}
+        self.stats: dict[Submodule, SubStats] = {}
+        self.replaced: dict[Submodule, nn.Module] = {}
+        self._states: list[list[torch.Tensor]] = []  # [boundary][batch] scoring residual stream
+        self._contexts: dict = {}
+        self._dense_logprobs: list[torch.Tensor] | None = None
+        self._dense_final: list[torch.Tensor] = []
+        self._fits: dict = {}
+        self.evaluations = 0  # scoring-set evaluations run (for cost reports)
+
+    # ------------------------------------------------------------------ helpers
+    def _batches(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        return [b.to(self.device) for b in ids.split(self.batch_size)]
+
+    def _ctx(self, h: torch.Tensor):
+        key = (tuple(h.shape[:2]), h.dtype, h.device)
+        if key not in self._contexts:
+            self._contexts[key] = self.adapter.context(h)
+        return self._contexts[key]
+
+    def _step(self, sub: Submodule, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return h + self.adapter.apply(sub, module, self.adapter.bypass_input(sub, h), self._ctx(h))
+
+    def _run(self, start: int, hs: list[torch.Tensor], override: dict | None = None,
+             record: bool = False) -> list[torch.Tensor]:
+        override = override or {}
+        for sub in self.subs[start:]:
+            module = override.get(sub) or self.adapter.module(sub)
+            hs = [self._step(sub, module, h) for h in hs]
+            if record:
+                self._states[sub.index + 1] = hs
+        return hs
+
+    # ------------------------------------------------------------------ dense pass
+    @torch.inference_mode()
+    def collect(self) -> None:
+        dim = self.adapter.hidden_size
+        calib = [self.adapter.embed(b) for b in self._batches(self.windows.calib)]
+        score = [self.adapter.embed(b) for b in self._batches(self.windows.scoring)]
+        self._states = [score]
+        for sub in progress(self.subs, desc="calibration statistics"):
+            st = SubStats(dim, sub.name)
+            module = self.adapter.module(sub)
+            for j, h in enumerate(calib):
+                x = self.adapter.bypass_input(sub, h)
+                y = self.adapter.apply(sub, module, x, self._ctx(h))
+                st.add(x, y, h)
+                calib[j] = h + y
+            st.check()
+            self.stats[sub] = st
+            score = [self._step(sub, module, h) for h in score]
+            self._states.append(score)
+        self._dense_final = score
+        vocab = self.model.config.vocab_size
+        if self.windows.scoring.numel() * vocab * 4 <= _MAX_CACHED_LOGPROB_BYTES:
+            self._dense_logprobs = [self._logprobs(h) for h in score]
+
+    # ------------------------------------------------------------------ metrics on the scoring set
+    def _logprobs(self, h: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.adapter.logits(h[:, :-1]).float(), dim=-1)
+
+    @torch.inference_mode()
+    def _metric(self, finals: list[torch.Tensor], metric: str) -> float:
+        self.evaluations += 1
+        total, count = 0.0, 0
+        for j, (h, ids) in enumerate(zip(finals, self._batches(self.windows.scoring))):
+            logp = self._logprobs(h)
+            if metric == "loss":
+                value = F.nll_loss(logp.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+            else:  # kl(dense || current), per token
+                ref = self._dense_logprobs[j] if self._dense_logprobs else self._logprobs(self._dense_final[j])
+                value = F.kl_div(logp, ref, log_target=True, reduction="sum")
+            total += float(value)
+            count += ids[:, 1:].numel()
+        return total / count
+
+    def metric(self, metric: str) -> float:
+        """The current (partially compressed) model's metric on the scoring set."""
+        return self._metric(self._states[-1], metric)
+
+    @torch.inference_mode()
+    def metric_with(self, sub: Submodule, module: nn.Module, metric: str) -> float:
+        """The metric if ``sub`` were replaced by ``module``, re-running only what follows it."""
+        hs = self._run(sub.index, self._states[sub.index], {sub: module})
+        return self._metric(hs, metric)
+
+    # ------------------------------------------------------------------ changing the model
+    @torch.inference_mode()
+    def commit(self, sub: Submodule, module: nn.Module) -> None:
+        self.adapter.replace(sub, module)
+        self.replaced[sub] = module
+        self._run(sub.index, self._states[sub.index], record=True)
+
+    def restore(self) -> None:
+        """Put every original module back (the model is dense again)."""
+        for sub in list(self.replaced):
+            self.adapter.replace(sub, self.originals[sub])
+        self.replaced.clear()
+
+    def fit(self, fitter: Fitter, sub: Submodule) -> Bypass:
+        """Fit from dense statistics, memoised: the same fitter and submodule always give the same bypass."""
+        key = (id(fitter), sub)
+        if key not in self._fits:
+            self._fits[key] = fitter.fit(sub, self.stats[sub]).to(self.device, self.dtype)
+        return self._fits[key]
+
+    @torch.inference_mode()
+    def refit_anchored(self, fitter: Fitter, selected: list[Submodule]) -> dict[Submodule, Bypass]:
+        """Fit each selected bypass on the compressed model's inputs against dense targets, in depth order,
+        so later bypasses correct the drift left by earlier ones. Leaves the model compressed."""
+        self.restore()
+        chosen, fits = set(selected), {}
+        dim = self.adapter.hidden_size
+        dense = [self.adapter.embed(b) for b in self._batches(self.windows.calib)]
+        comp = [h.clone() for h in dense]
+        for sub in progress(self.subs, desc="anchored refit"):
+            original = self.originals[sub]
+            targets = [self.adapter.contribution(sub, h, self._ctx(h), original) for h in dense]
+            if sub in chosen:
+                st = SubStats(dim, sub.name)
+                for hc, y in zip(comp, targets):
+                    st.add(self.adapter.bypass_input(sub, hc), y, hc)
+                st.check()
+                fits[sub] = fitter.fit(sub, st).to(self.device, self.dtype)
+                self.adapter.replace(sub, fits[sub])
+                self.replaced[sub] = fits[sub]
+                comp = [self._step(sub, fits[sub], hc) for hc in comp]
+            else:
+                comp = [self._step(sub, original, hc) for hc in comp]
+            dense = [h + y for h, y in zip(dense, targets)]
+        return fits
