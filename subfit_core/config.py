@@ -55,7 +55,8 @@ SCHEMA: dict[str, Any] = {
         "batch_size": Field(int, 8, "windows per forward batch", min=1),
     },
     "scoring": {
-        "samples": Field(int, 8, "windows, disjoint from calibration, that selection is judged on", min=1),
+        "samples": Field(int, 4, "windows, disjoint from calibration, that selection is judged on", min=1),
+        "stride": Field(int, 2, "judge the next-token distribution at every stride-th position", min=1),
     },
     "eval": {
         "dataset": Field(str, None, "text source for held-out perplexity (default: calib.dataset)", nullable=True),

@@ -80,7 +80,7 @@ def run(cfg: dict) -> dict:
 
     # --- compression: everything from here to the fitted bypasses is timed
     t0 = time.perf_counter()
-    bench = Workbench(model, adapter, windows, cfg["calib"]["batch_size"], device)
+    bench = Workbench(model, adapter, windows, cfg["calib"]["batch_size"], device, cfg["scoring"]["stride"])
     bench.collect()
     t_stats = time.perf_counter() - t0
     plan = comps.selector.select(bench, comps.scorer, comps.fitter, budget)

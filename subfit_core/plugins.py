@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pluggy
 
 from . import hookspecs
+from .errors import SubFitError
 from .registry import Registry
 
 # hook name -> (registry kind, recipe key used in messages)
@@ -33,11 +35,11 @@ class PluginInfo:
 class Plugins:
     """Registries of every kind plus the plugins they came from."""
 
-    def __init__(self, pm: pluggy.PluginManager):
+    def __init__(self, pm: PluginManager):
         self.pm = pm
         self.registries = {kind: Registry(kind, key) for kind, key in COMPONENT_HOOKS.values()}
         self.info: dict[str, PluginInfo] = {}
-        self.recipe_dirs: list[Path] = []
+        self.recipe_dirs: list[tuple[Path, str]] = []  # (folder, origin)
         self._collect()
 
     def __getattr__(self, kind: str) -> Registry:
@@ -48,14 +50,10 @@ class Plugins:
             raise AttributeError(kind) from None
 
     def _collect(self) -> None:
-        dists = {id(plugin): dist for plugin, dist in self.pm.list_plugin_distinfo()}
-        for name, plugin in self.pm.list_name_plugin():
-            dist = dists.get(id(plugin))
-            self.info[name] = PluginInfo(
-                name=name,
-                distribution=dist.project_name if dist else "(not installed)",
-                version=dist.version if dist else "-",
-            )
+        dists = getattr(self.pm, "distributions", {})
+        for name, _ in self.pm.list_name_plugin():
+            dist_name, version = dists.get(name, ("(not installed)", "-"))
+            self.info[name] = PluginInfo(name=name, distribution=dist_name, version=version)
         for hook_name, (kind, _) in COMPONENT_HOOKS.items():
             # Call each implementation on its own so every entry knows which plugin registered it.
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
@@ -64,14 +62,40 @@ class Plugins:
                 for comp_name, target in (impl.function() or {}).items():
                     self.registries[kind].add(comp_name, target, origin)
                     info.registers.setdefault(kind, []).append(comp_name)
-        for dirs in self.pm.hook.subfit_recipe_dirs():
-            self.recipe_dirs.extend(Path(d) for d in dirs)
+        for impl in self.pm.hook.subfit_recipe_dirs.get_hookimpls():
+            info = self.info[impl.plugin_name]
+            origin = f"plugin '{impl.plugin_name}' ({info.distribution} {info.version})"
+            self.recipe_dirs.extend((Path(d), origin) for d in impl.function() or [])
 
 
-def make_plugin_manager(extra_plugins: tuple = ()) -> pluggy.PluginManager:
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager, remembering which distribution (name, version) each plugin came from."""
+
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT)
+        self.distributions: dict[str, tuple[str, str]] = {}
+
+
+def load_entry_points(pm: PluginManager) -> None:
+    """Register every installed ``subfit`` entry point; a plugin that fails to import is named."""
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group != hookspecs.PROJECT or pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # noqa: BLE001 - any import failure of a third-party plugin
+                name = dist.metadata["name"]
+                raise SubFitError(f"plugin '{ep.name}' ({name} {dist.version}) could not be loaded: "
+                                  f"{type(exc).__name__}: {exc}") from None
+            pm.register(plugin, name=ep.name)
+            pm.distributions[ep.name] = (dist.metadata["name"], dist.version)
+
+
+def make_plugin_manager(extra_plugins: tuple = ()) -> PluginManager:
+    pm = PluginManager()
     pm.add_hookspecs(hookspecs)
-    pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+    load_entry_points(pm)
     for plugin in extra_plugins:
         pm.register(plugin)
     pm.check_pending()  # a misspelled hook in any plugin fails here, at start-up

