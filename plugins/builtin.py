@@ -23,12 +23,16 @@ def subfit_scorers():
         "output": f"{P}.scorers.output:OutputScorer",
         "rotation": f"{P}.scorers.local:RotationMagnitudeScorer",
         "fit-residual": f"{P}.scorers.fit_residual:FitResidualScorer",
+        "block-influence": f"{P}.scorers.block_influence:BlockInfluenceScorer",
     }
 
 
 @hookimpl
 def subfit_selectors():
-    return {"greedy": f"{P}.selectors.greedy:GreedySelector"}
+    return {
+        "greedy": f"{P}.selectors.greedy:GreedySelector",
+        "whole-layer": f"{P}.selectors.whole_layer:WholeLayerSelector",
+    }
 
 
 @hookimpl

@@ -73,8 +73,12 @@ class Adapter:
 
     # --- accounting
     def param_count(self, sub: Submodule) -> int:
-        """Parameters of the original module at ``sub`` (what removing it saves)."""
+        """Parameters of the original submodule at ``sub``, its pre-norm included (what removing it saves)."""
         raise NotImplementedError
+
+    def input_params(self, sub: Submodule) -> int:
+        """Parameters a bypass at ``sub`` keeps to compute its input (the pre-norm); 0 if none."""
+        return 0
 
     def layer_param_count(self, layer: int) -> int:
         raise NotImplementedError

@@ -3,6 +3,8 @@
 ``params``: (removed decoder parameters - added bypass parameters) / decoder-layer parameters.
 ``layers``: layer-equivalents; a submodule counts (its params - its bypass params) / its layer's
 params, and sparsity = layer-equivalents / number of layers. Embeddings and lm_head are excluded.
+A submodule's params include its pre-norm; a bypass that has weights reads the normed input, so
+the pre-norm it keeps is charged to it (plain removal drops the norm too).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class Budget:
 
     def saving(self, sub: Submodule, bypass_params: int) -> float:
         """Share of the decoder saved by replacing ``sub`` with a bypass of ``bypass_params``."""
-        net = self.adapter.param_count(sub) - bypass_params
+        kept_input = self.adapter.input_params(sub) if bypass_params > 0 else 0
+        net = self.adapter.param_count(sub) - bypass_params - kept_input
         if self.unit == "params":
             return net / self.decoder_params
         return net / self.adapter.layer_param_count(sub.layer) / self.adapter.num_layers

@@ -1,29 +1,33 @@
 """``subfit-run``: one compression run from a validated recipe to a saved model and results.json.
 
 The engine knows no method: the scorer, selector and fitter named in the recipe do the choosing
-and fitting; this module only moves data between them in a fixed order.
+and fitting; this module only moves data between them in a fixed order. A ``Session`` holds
+what several runs on the same model and data can share (the model, the windows, the dense
+reference and the dense calibration statistics), so comparisons and sweeps pay for them once.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .artifact import check_output_dir, save_compressed
 from .budget import Budget
-from .corpus import CorpusText, make_windows
+from .bypass import Bypass
+from .corpus import CorpusText, Windows, make_windows
 from .errors import SubFitError
+from .interfaces import Plan, Submodule
 from .metrics import forward_seconds, perplexity
 from .models import find_adapter, load_model, resolve_device
 from .plugins import Plugins, build_component, get_plugins
 from .surgery import apply_bypasses, records, split_bypass_params
 from .trace import Workbench
 
-log = logging.getLogger("subfit")
+# Keys that must agree for two runs to share a Session (model, data and the dense reference).
+SESSION_KEYS = ("model", "device", "dtype", "seed", "trust_remote_code", "calib", "scoring", "eval")
 
 
 @dataclass
@@ -31,6 +35,33 @@ class Components:
     scorer: object
     selector: object
     fitter: object
+
+
+@dataclass
+class Session:
+    cfg: dict
+    model: torch.nn.Module
+    tokenizer: object
+    model_source: str
+    adapter: object
+    windows: Windows
+    device: torch.device
+    dtype: torch.dtype
+    dense_ppl: float
+    dense_forward_s: float
+    bench: Workbench
+    stats_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def compatible(self, cfg: dict) -> bool:
+        return all(self.cfg[k] == cfg[k] for k in SESSION_KEYS)
+
+
+@dataclass
+class Outcome:
+    bypasses: dict[Submodule, Bypass]
+    plan: Plan
+    results: dict
 
 
 def build_components(plugins: Plugins, cfg: dict) -> Components:
@@ -55,16 +86,13 @@ def load_text(plugins: Plugins, name: str) -> CorpusText:
     raise AssertionError("unreachable")
 
 
-def run(cfg: dict) -> dict:
-    t_start = time.perf_counter()
+def open_session(cfg: dict) -> Session:
+    """Load the model and data, measure the dense model, and stream the dense statistics."""
     plugins = get_plugins()
-    comps = build_components(plugins, cfg)
-    out_dir = check_output_dir(cfg["output_dir"], cfg["overwrite"]) if cfg["save"] else None
     torch.manual_seed(cfg["seed"])
     device = resolve_device(cfg["device"])
     dtype = getattr(torch, cfg["dtype"])
-
-    model, tokenizer, model_source = load_model(plugins, cfg["model"], device, dtype, cfg["trust_remote_code"])
+    model, tokenizer, source = load_model(plugins, cfg["model"], device, dtype, cfg["trust_remote_code"])
     model.eval()
     adapter = find_adapter(plugins, model)
     calib_text = load_text(plugins, cfg["calib"]["dataset"])
@@ -73,62 +101,87 @@ def run(cfg: dict) -> dict:
         calib_text, tokenizer, calib_samples=cfg["calib"]["samples"], scoring_samples=cfg["scoring"]["samples"],
         seq_len=cfg["calib"]["seq_len"], heldout=eval_text, eval_windows=cfg["eval"]["windows"],
         eval_seq_len=cfg["eval"]["seq_len"], seed=cfg["seed"])
-    budget = Budget(cfg["sparsity"], cfg["sparsity_unit"], adapter)
-
-    ppl_dense = perplexity(model, windows.heldout, cfg["eval"]["batch_size"], device, "dense perplexity")
+    dense_ppl = perplexity(model, windows.heldout, cfg["eval"]["batch_size"], device, "dense perplexity")
     dense_forward_s = forward_seconds(model, windows.calib, cfg["calib"]["batch_size"], device)
-
-    # --- compression: everything from here to the fitted bypasses is timed
-    t0 = time.perf_counter()
     bench = Workbench(model, adapter, windows, cfg["calib"]["batch_size"], device, cfg["scoring"]["stride"])
+    t0 = time.perf_counter()
     bench.collect()
-    t_stats = time.perf_counter() - t0
+    return Session(cfg, model, tokenizer, source, adapter, windows, device, dtype, dense_ppl, dense_forward_s,
+                   bench, stats_s=time.perf_counter() - t0)
+
+
+def compress(session: Session, cfg: dict) -> Outcome:
+    """Select, fit and apply bypasses per ``cfg``; the session's model is left compressed."""
+    comps = build_components(get_plugins(), cfg)
+    bench, adapter, device, dtype = session.bench, session.adapter, session.device, session.dtype
+    bench.restore()
+    budget = Budget(cfg["sparsity"], cfg["sparsity_unit"], adapter)
+    evaluations_before = bench.evaluations
+    t0 = time.perf_counter()
     plan = comps.selector.select(bench, comps.scorer, comps.fitter, budget)
-    t_select = time.perf_counter() - t0 - t_stats
+    t_select = time.perf_counter() - t0
     selected = plan.subs
     comps.fitter.prepare(selected, bench.stats)
     if cfg["anchored"]:
         bypasses = bench.refit_anchored(comps.fitter, selected)
-        bench.restore()
     else:
-        bench.restore()
         bypasses = {s: comps.fitter.fit(s, bench.stats[s]).to(device, dtype) for s in selected}
+    bench.restore()
     apply_bypasses(adapter, bypasses)
-    compression_s = time.perf_counter() - t0
+    for sub, bypass in bypasses.items():
+        bench.replaced[sub] = bypass  # so the next compress() on this session restores them
+    compression_s = session.stats_s + time.perf_counter() - t0
 
-    ppl = perplexity(model, windows.heldout, cfg["eval"]["batch_size"], device, "compressed perplexity")
+    ppl = perplexity(session.model, session.windows.heldout, cfg["eval"]["batch_size"], device, "compressed perplexity")
+    return Outcome(bypasses, plan, report(session, cfg, budget, plan, bypasses, ppl, compression_s, t_select,
+                                          bench.evaluations - evaluations_before))
+
+
+def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: dict, ppl: float,
+           compression_s: float, select_s: float, evaluations: int) -> dict:
+    adapter, selected = session.adapter, plan.subs
     own, shared = split_bypass_params(bypasses)
     n_layers = adapter.num_layers
     kept_attn = n_layers - sum(1 for s in selected if s.kind == "attn")
-    decoder_before = budget.decoder_params
-    decoder_after = decoder_before - sum(adapter.param_count(s) for s in selected) + sum(own.values()) + shared
-    results = {
+    before = budget.decoder_params
+    sparsity = budget.report(own, shared)
+    bypass_params = sum(own.values()) + shared
+    specs = {s: bypasses[s].spec() for s in selected}
+    return {
         "strategy": cfg["name"],
-        "model": {"name": cfg["model"], "source": model_source, "architecture": type(model).__name__,
-                  "layers": n_layers, "device": str(device), "dtype": cfg["dtype"]},
+        "model": {"name": cfg["model"], "source": session.model_source, "architecture": type(session.model).__name__,
+                  "layers": n_layers, "device": str(session.device), "dtype": cfg["dtype"]},
         "data": {"calibration": f"{cfg['calib']['samples']} x {cfg['calib']['seq_len']} tokens",
                  "scoring": f"{cfg['scoring']['samples']} x {cfg['calib']['seq_len']} tokens",
                  "heldout": f"{cfg['eval']['windows']} x {cfg['eval']['seq_len']} tokens",
-                 "source": windows.source},
-        "perplexity": {"dense": ppl_dense, "compressed": ppl, "ratio": ppl / ppl_dense},
-        "sparsity": budget.report(own, shared),
-        "decoder_params": {"before": decoder_before, "after": decoder_after,
-                           "bypass_params": sum(own.values()) + shared,
+                 "source": session.windows.source},
+        "perplexity": {"dense": session.dense_ppl, "compressed": ppl, "ratio": ppl / session.dense_ppl},
+        "sparsity": sparsity,
+        "decoder_params": {"before": before, "after": round(before * (1 - sparsity["achieved_params"])),
+                           "bypass_params": bypass_params,
                            "note": "decoder layers only; embeddings and lm_head excluded"},
         "kv_cache_bytes_per_token": {"before": adapter.kv_bytes_per_token(n_layers),
                                      "after": adapter.kv_bytes_per_token(kept_attn)},
-        "replaced": [{"layer": s.layer, "type": s.kind, "bypass": bypasses[s].spec()["kind"],
-                      "rank": bypasses[s].spec().get("rank", bypasses[s].spec().get("dim")),
-                      "score": r.score} for r in plan.replacements for s in [r.sub]],
-        "timings": {"compression_s": compression_s, "statistics_s": t_stats, "selection_s": t_select,
-                    "dense_calibration_forward_s": dense_forward_s,
-                    "compression_over_dense_forward": compression_s / dense_forward_s,
-                    "scoring_evaluations": bench.evaluations, "total_s": None},
+        "replaced": [{"layer": r.sub.layer, "type": r.sub.kind, "bypass": specs[r.sub]["kind"],
+                      "rank": specs[r.sub].get("rank", specs[r.sub].get("dim")), "score": r.score}
+                     for r in plan.replacements],
+        "timings": {"compression_s": compression_s, "statistics_s": session.stats_s, "selection_s": select_s,
+                    "dense_calibration_forward_s": session.dense_forward_s,
+                    "compression_over_dense_forward": compression_s / session.dense_forward_s,
+                    "scoring_evaluations": evaluations},
         "notes": plan.notes,
     }
+
+
+def run(cfg: dict) -> dict:
+    t_start = time.perf_counter()
+    build_components(get_plugins(), cfg)  # bad component parameters fail before the model loads
+    out_dir = check_output_dir(cfg["output_dir"], cfg["overwrite"]) if cfg["save"] else None
+    session = open_session(cfg)
+    outcome = compress(session, cfg)
+    results = outcome.results
+    results["timings"]["total_s"] = time.perf_counter() - t_start
     if out_dir is not None:
         results["output_dir"] = str(out_dir)
-        results["timings"]["total_s"] = time.perf_counter() - t_start
-        save_compressed(model, tokenizer, records(bypasses), out_dir, cfg, results)
-    results["timings"]["total_s"] = time.perf_counter() - t_start
+        save_compressed(session.model, session.tokenizer, records(outcome.bypasses), out_dir, cfg, results)
     return results

@@ -75,7 +75,11 @@ class Workbench:
         calib = [self.adapter.embed(b) for b in self._batches(self.windows.calib)]
         score = [self.adapter.embed(b) for b in self._batches(self.windows.scoring)]
         self._states = [score]
+        self.layer_cos = [0.0] * self.adapter.num_layers  # mean cos(layer input, layer output)
+        layer_input: list[torch.Tensor] = []
         for sub in progress(self.subs, desc="calibration statistics"):
+            if sub.kind == "attn":
+                layer_input = list(calib)
             st = SubStats(dim, sub.name)
             module = self.adapter.module(sub)
             for j, h in enumerate(calib):
@@ -85,9 +89,13 @@ class Workbench:
                 calib[j] = h + y
             st.check()
             self.stats[sub] = st
+            if sub.kind == "ffn":
+                cos = sum(float(F.cosine_similarity(a.float(), b.float(), dim=-1).sum()) for a, b in zip(layer_input, calib))
+                self.layer_cos[sub.layer] = cos / self.windows.calib.numel()
             score = [self._step(sub, module, h) for h in score]
             self._states.append(score)
         self._dense_final = score
+        self._dense_states = list(self._states)
         positions = self.windows.scoring.numel() // self.stride
         if positions * self.model.config.vocab_size * 4 <= _MAX_CACHED_REFERENCE_BYTES:
             self._dense_refs = [self._reference(h) for h in score]
@@ -140,10 +148,13 @@ class Workbench:
         self._run(sub.index, self._states[sub.index], record=True)
 
     def restore(self) -> None:
-        """Put every original module back (the model is dense again)."""
+        """Put every original module back: the model and the cached boundaries are dense again."""
         for sub in list(self.replaced):
             self.adapter.replace(sub, self.originals[sub])
         self.replaced.clear()
+        self.adapter.finalize()
+        if self._states:
+            self._states = list(self._dense_states)
 
     def fit(self, fitter: Fitter, sub: Submodule) -> Bypass:
         """Fit from dense statistics, memoised: the same fitter and submodule always give the same bypass."""

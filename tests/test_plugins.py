@@ -176,7 +176,7 @@ def test_builtins_come_through_the_entry_point():
             assert isinstance(entry.target, str)  # lazy: listing imports nothing heavy
     assert {"output", "rotation", "fit-residual"} <= set(info.registers["scorer"])
     assert {"identity", "linear", "low-rank", "shared-basis", "per-type"} <= set(info.registers["fitter"])
-    assert info.registers["selector"] == ["greedy"]
+    assert {"greedy", "whole-layer"} <= set(info.registers["selector"])
     assert info.registers["adapter"] == ["llama-family"]
     assert {"kjv", "shakespeare", "local-file"} <= set(info.registers["dataset"])
     assert "smollm2-135m" in info.registers["model"]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from subfit_core.adapter import Adapter
-from subfit_core.bypass import Bypass
+from subfit_core.bypass import Bypass, ZeroBypass
 from subfit_core.interfaces import Submodule
 
 
@@ -38,7 +38,10 @@ class LlamaFamilyAdapter(Adapter):
         super().__init__(model)
         self.layers = model.model.layers
         self.originals = {s: self._current(s) for s in self.submodules()}
-        self._sizes = {s: sum(p.numel() for p in m.parameters()) for s, m in self.originals.items()}
+        self.norms = {s: self._norm(s) for s in self.submodules()}
+        # A submodule is its pre-norm plus its module: removing both of a layer removes the whole layer.
+        self._sizes = {s: sum(p.numel() for p in self.originals[s].parameters())
+                       + sum(p.numel() for p in self.norms[s].parameters()) for s in self.submodules()}
         self._layer_sizes = [sum(p.numel() for p in layer.parameters()) for layer in self.layers]
 
     @property
@@ -49,6 +52,13 @@ class LlamaFamilyAdapter(Adapter):
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
+    def _norm(self, sub: Submodule) -> nn.Module:
+        layer = self.layers[sub.layer]
+        return layer.input_layernorm if sub.kind == "attn" else layer.post_attention_layernorm
+
+    def _set_norm(self, sub: Submodule, norm: nn.Module) -> None:
+        setattr(self.layers[sub.layer], "input_layernorm" if sub.kind == "attn" else "post_attention_layernorm", norm)
+
     def _current(self, sub: Submodule) -> nn.Module:
         layer = self.layers[sub.layer]
         return layer.self_attn if sub.kind == "attn" else layer.mlp
@@ -58,6 +68,8 @@ class LlamaFamilyAdapter(Adapter):
         return current.bypass if isinstance(current, AttentionBypass) else current
 
     def replace(self, sub: Submodule, module: nn.Module) -> None:
+        # A plain removal reads no input, so its pre-norm goes too (no weights saved, no compute).
+        self._set_norm(sub, nn.Identity() if isinstance(module, ZeroBypass) else self.norms[sub])
         layer = self.layers[sub.layer]
         if sub.kind == "attn":
             layer.self_attn = AttentionBypass(module) if isinstance(module, Bypass) else module
@@ -83,9 +95,7 @@ class LlamaFamilyAdapter(Adapter):
         return LlamaContext(pe, mask)
 
     def bypass_input(self, sub: Submodule, hidden: torch.Tensor) -> torch.Tensor:
-        layer = self.layers[sub.layer]
-        norm = layer.input_layernorm if sub.kind == "attn" else layer.post_attention_layernorm
-        return norm(hidden)
+        return self.norms[sub](hidden)
 
     def apply(self, sub: Submodule, module: nn.Module, x: torch.Tensor, ctx: LlamaContext) -> torch.Tensor:
         if isinstance(module, Bypass) or sub.kind == "ffn":
@@ -97,6 +107,9 @@ class LlamaFamilyAdapter(Adapter):
 
     def param_count(self, sub: Submodule) -> int:
         return self._sizes[sub]
+
+    def input_params(self, sub: Submodule) -> int:
+        return sum(p.numel() for p in self.norms[sub].parameters())
 
     def layer_param_count(self, layer: int) -> int:
         return self._layer_sizes[layer]

@@ -1,0 +1,13 @@
+"""Block Influence (ShortGPT): BI_l = 1 - mean_t cos(h_l, h_{l+1}), the input and output of a
+whole decoder layer on the calibration set. Every submodule of layer l gets its layer's BI."""
+
+from __future__ import annotations
+
+from subfit_core.interfaces import Scorer
+
+
+class BlockInfluenceScorer(Scorer):
+    description = "1 - cos(layer input, layer output) of the submodule's whole layer (ShortGPT)"
+
+    def score(self, candidates, bench, fitter):
+        return {s: 1.0 - bench.layer_cos[s.layer] for s in candidates}

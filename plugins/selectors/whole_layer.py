@@ -1,0 +1,37 @@
+"""Whole-layer selection: remove entire decoder layers (attention and FFN together), lowest
+layer score first, until the budget is met. Layer score = mean score of its submodules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from subfit_core.interfaces import Plan, Replacement, Selector
+
+
+@dataclass
+class WholeLayerParams:
+    overshoot: bool = True  # take the layer that crosses the budget (else stop just below it)
+
+
+class WholeLayerSelector(Selector):
+    Params = WholeLayerParams
+    description = "one-shot removal of whole layers, lowest score first"
+
+    def select(self, bench, scorer, fitter, budget):
+        scores = scorer.score(bench.subs, bench, fitter)
+        dim = bench.adapter.hidden_size
+        layers = sorted(range(bench.adapter.num_layers),
+                        key=lambda l: sum(scores[s] for s in bench.subs if s.layer == l) / 2)
+        plan, achieved = Plan(), 0.0
+        for layer in layers:
+            if achieved >= budget.sparsity - 1e-9:
+                break
+            subs = [s for s in bench.subs if s.layer == layer]
+            gain = sum(budget.saving(s, fitter.estimate_params(s, dim)) for s in subs)
+            if not self.params.overshoot and achieved + gain > budget.sparsity + 1e-9:
+                break
+            plan.replacements.extend(Replacement(s, scores[s]) for s in subs)
+            achieved += gain
+        plan.notes["layers_removed"] = sorted({r.sub.layer for r in plan.replacements})
+        plan.notes["estimated_sparsity"] = achieved
+        return plan

@@ -1,0 +1,73 @@
+"""Shared test fixtures: tiny random causal LMs and random-token windows.
+
+Every test runs offline and without progress bars (set here, at import, before any test module
+imports transformers or subfit).
+
+Fixtures
+--------
+``tiny_model``      a factory ``tiny_model(arch="llama", seed=0, **config_overrides)`` returning a
+                    tiny, randomly initialised causal LM in eval mode (hidden 32, FFN 64, 4 layers,
+                    4 heads / 2 KV heads, vocab 128). ``arch`` is one of ``TINY_ARCHS``. The same
+                    ``arch``/``seed``/overrides always give the same weights, and building a model does
+                    not disturb the global torch RNG.
+``random_windows``  a factory ``random_windows(calib=8, scoring=4, heldout=2, seq_len=16, vocab=128,
+                    seed=0)`` returning a ``subfit_core.corpus.Windows`` of random token ids.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["SUBFIT_PROGRESS"] = "0"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+TINY_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
+
+
+def _config_class(arch: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+    if arch not in classes:
+        raise ValueError(f"tiny_model: unknown arch {arch!r}; one of {', '.join(TINY_ARCHS)}")
+    return classes[arch]
+
+
+def build_tiny_model(arch: str = "llama", seed: int = 0, **overrides):
+    """A tiny randomly initialised causal LM (see the module docstring); ``overrides`` go to the config."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _config_class(arch)(**{**TINY_SHAPE, **overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg)
+    return model.eval()
+
+
+def build_random_windows(calib: int = 8, scoring: int = 4, heldout: int = 2, seq_len: int = 16, vocab: int = 128,
+                         seed: int = 0):
+    """``Windows`` of uniformly random token ids: calib, scoring and heldout of shape (n, seq_len)."""
+    from subfit_core.corpus import Windows
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (calib + scoring + heldout, seq_len), generator=g)
+    return Windows(calib=ids[:calib], scoring=ids[calib:calib + scoring], heldout=ids[calib + scoring:],
+                   source=f"random tokens (seed {seed})")
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory: ``tiny_model(arch="llama", seed=0, **config_overrides)`` -> a tiny causal LM in eval mode."""
+    return build_tiny_model
+
+
+@pytest.fixture
+def random_windows():
+    """Factory: ``random_windows(calib=8, scoring=4, heldout=2, seq_len=16, vocab=128, seed=0)`` -> Windows."""
+    return build_random_windows

@@ -1,0 +1,332 @@
+"""Fitters against known answers: planted affine maps, brute-force reduced-rank optima, a planted
+shared input subspace, degenerate statistics, and the plain-removal / per-type fitters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from subfit_core.bypass import LinearBypass, LowRankBypass, SharedBasisBypass, ZeroBypass
+from subfit_core.errors import NumericalError
+from subfit_core.interfaces import Submodule
+from subfit_core.stats import SubStats
+from subfit_core.surgery import split_bypass_params
+from subfit_plugins.fitters.identity import IdentityFitter
+from subfit_plugins.fitters.linear import (LinearFitter, LinearParams, LowRankFitter, LowRankParams,
+                                           relative_residual, ridge_solve)
+from subfit_plugins.fitters.per_type import PerTypeFitter, PerTypeParams
+from subfit_plugins.fitters.shared_basis import SharedBasisFitter, SharedBasisParams
+from subfit_plugins.scorers.fit_residual import bypass_as_matrix
+
+ATTN, FFN = Submodule(0, "attn"), Submodule(1, "ffn")
+F64 = torch.float64
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def stats_of(x: torch.Tensor, y: torch.Tensor, name: str = "L0.attn", batches: int = 4, seed: int = 99) -> SubStats:
+    """SubStats of (x, y), streamed in several batches as the workbench does; h is random."""
+    st = SubStats(x.shape[1], name)
+    h = torch.randn(x.shape, generator=gen(seed), dtype=x.dtype) + 1.0
+    for xb, yb, hb in zip(x.chunk(batches), y.chunk(batches), h.chunk(batches)):
+        st.add(xb, yb, hb)
+    return st
+
+
+def predict(bypass, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return bypass.double()(x.double())
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ----------------------------------------------------------------------------- (1) planted affine map
+
+
+def test_linear_fitter_recovers_planted_affine_map():
+    n, d = 4000, 16
+    g = gen(0)
+    x = torch.randn(n, d, generator=g, dtype=F64) @ torch.randn(d, d, generator=g, dtype=F64) / d**0.5 \
+        + 0.5 * torch.randn(d, generator=g, dtype=F64)  # correlated inputs with a mean
+    w_true = torch.randn(d, d, generator=g, dtype=F64)
+    b_true = torch.randn(d, generator=g, dtype=F64)
+    y = x @ w_true.T + b_true + 1e-6 * torch.randn(n, d, generator=g, dtype=F64)
+    st = stats_of(x, y)
+    assert st.tokens == n
+
+    bypass = LinearFitter(LinearParams(ridge=1e-8)).fit(ATTN, st)
+    assert isinstance(bypass, LinearBypass) and bypass.spec() == {"kind": "linear", "dim": d, "bias": True}
+    assert rel_err(predict(bypass, x), y) < 1e-4
+    assert rel_err(bypass.weight.double(), w_true) < 1e-4
+    assert rel_err(bypass.bias.double(), b_true) < 1e-4
+
+
+def test_linear_fitter_without_bias_fits_through_the_origin():
+    n, d = 2000, 8
+    g = gen(1)
+    x = torch.randn(n, d, generator=g, dtype=F64) + 2.0  # a large mean the bias would otherwise absorb
+    w_true = torch.randn(d, d, generator=g, dtype=F64)
+    y = x @ w_true.T
+    bypass = LinearFitter(LinearParams(ridge=1e-10, bias=False)).fit(ATTN, stats_of(x, y))
+    assert bypass.bias is None
+    assert rel_err(bypass.weight.double(), w_true) < 1e-4
+    assert torch.count_nonzero(predict(bypass, torch.zeros(1, d))) == 0  # passes through the origin
+
+
+def test_ridge_shrinks_weights():
+    n, d = 500, 6
+    g = gen(2)
+    x = torch.randn(n, d, generator=g, dtype=F64)
+    y = x @ torch.randn(d, d, generator=g, dtype=F64).T
+    st = stats_of(x, y)
+    w_small = LinearFitter(LinearParams(ridge=1e-8)).fit(ATTN, st).weight.norm()
+    w_big = LinearFitter(LinearParams(ridge=10.0)).fit(ATTN, st).weight.norm()
+    assert w_big < 0.5 * w_small
+
+
+# ----------------------------------------------------------------------------- (2) reduced rank vs brute force
+
+
+def brute_force_rank_r(x, y, r, bias, restarts=6, steps=800, seed=0) -> float:
+    """Best relative residual ||Y - X A B - c||^2 / ||Y||^2 over random restarts of Adam on factor pairs."""
+    torch.set_num_threads(1)  # tiny problems: thread start-up costs more than it saves
+    d, d_out = x.shape[1], y.shape[1]
+    y_sq = float((y ** 2).sum())
+    best = float("inf")
+    for k in range(restarts):
+        g = gen(seed + k)
+        a = (0.5 * torch.randn(d, r, generator=g, dtype=F64)).requires_grad_()
+        b = (0.5 * torch.randn(r, d_out, generator=g, dtype=F64)).requires_grad_()
+        c = torch.zeros(d_out, dtype=F64, requires_grad=bias)
+        opt = torch.optim.Adam([a, b, c] if bias else [a, b], lr=0.05)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = ((y - x @ a @ b - c) ** 2).sum() / y_sq
+            loss.backward()
+            opt.step()
+            sched.step()
+        with torch.no_grad():
+            best = min(best, float(((y - x @ a @ b - c) ** 2).sum() / y_sq))
+    return best
+
+
+def rank_r_problem(d, n, seed, mean: float):
+    g = gen(seed)
+    x = torch.randn(n, d, generator=g, dtype=F64) @ torch.randn(d, d, generator=g, dtype=F64) \
+        + mean * torch.randn(d, generator=g, dtype=F64)
+    y = x @ torch.randn(d, d, generator=g, dtype=F64) + 0.3 * torch.randn(n, d, generator=g, dtype=F64) \
+        + 3 * mean * torch.randn(d, generator=g, dtype=F64)
+    return x, y
+
+
+@pytest.mark.parametrize("d,r", [(4, 1), (5, 2)])
+def test_reduced_rank_matches_brute_force_optimum(d, r):
+    x, y = rank_r_problem(d, 200, seed=d, mean=1.0)
+    bypass = LowRankFitter(LowRankParams(rank=r, ridge=1e-10, bias=False)).fit(ATTN, stats_of(x, y))
+    assert isinstance(bypass, LowRankBypass) and bypass.rank == r
+    closed = float(((y - predict(bypass, x)) ** 2).sum() / (y ** 2).sum())
+    brute = brute_force_rank_r(x, y, r, bias=False)
+    assert closed <= brute + 1e-6
+    assert closed >= 0.97 * brute  # the brute force found the same optimum (not a trivially weak baseline)
+    # and rank r is a real constraint here: the full-rank fit is clearly better
+    full = LinearFitter(LinearParams(ridge=1e-10, bias=False)).fit(ATTN, stats_of(x, y))
+    assert float(((y - predict(full, x)) ** 2).sum() / (y ** 2).sum()) < 0.9 * closed
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "LowRankFitter with bias=True rank-constrains the intercept together with the slope "
+    "(W_r = W V V^T over [x, 1]), so the bias lies in the span of the up factor; on data with a mean "
+    "the fit is far worse than the best rank-r map plus a free bias (which centring gives)."))
+def test_reduced_rank_with_bias_matches_brute_force_optimum():
+    d, r = 4, 2
+    x, y = rank_r_problem(d, 200, seed=11, mean=2.0)
+    bypass = LowRankFitter(LowRankParams(rank=r, ridge=1e-10, bias=True)).fit(ATTN, stats_of(x, y))
+    closed = float(((y - predict(bypass, x)) ** 2).sum() / (y ** 2).sum())
+    brute = brute_force_rank_r(x, y, r, bias=True, steps=1200)
+    assert closed <= 1.03 * brute + 1e-6
+
+
+# ----------------------------------------------------------------------------- (3) relative residual
+
+
+def test_relative_residual_equals_direct_computation():
+    n, d = 1500, 8
+    g = gen(3)
+    x = torch.randn(n, d, generator=g, dtype=F64) + 0.3
+    y = x @ torch.randn(d, d, generator=g, dtype=F64) + 0.5 * torch.randn(n, d, generator=g, dtype=F64)
+    st = stats_of(x, y)
+    xa = torch.cat([x, torch.ones(n, 1, dtype=F64)], dim=1)
+
+    def direct(w):
+        return float(((y - xa @ w) ** 2).sum() / (y ** 2).sum())
+
+    w_fit = ridge_solve(st.gram, st.cross, 1e-8)
+    w_rand = torch.randn(d + 1, d, generator=g, dtype=F64)
+    for w in (w_fit, w_rand, torch.zeros(d + 1, d, dtype=F64)):
+        assert relative_residual(st, w) == pytest.approx(direct(w), rel=1e-5, abs=1e-9)
+    assert relative_residual(st, torch.zeros(d + 1, d, dtype=F64)) == pytest.approx(1.0)
+    # read back through the bypass, as the fit-residual scorer does
+    bypass = LinearFitter(LinearParams(ridge=1e-8)).fit(ATTN, st)
+    assert relative_residual(st, bypass_as_matrix(bypass, d)) == pytest.approx(direct(w_fit), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- (4) shared basis
+
+
+def shared_subspace_group(d=16, r=3, n=1000, members=3, seed=4):
+    """Members whose targets are exactly affine in one common rank-r subspace of their (different) inputs."""
+    g = gen(seed)
+    u = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=F64)).Q  # d x r
+    subs, stats, data = [], {}, {}
+    for i in range(members):
+        sub = Submodule(2 * i, "ffn")
+        x = torch.randn(n, d, generator=g, dtype=F64) @ torch.randn(d, d, generator=g, dtype=F64) / d**0.5 \
+            + 0.2 * torch.randn(d, generator=g, dtype=F64)
+        y = x @ u @ torch.randn(r, d, generator=g, dtype=F64) + torch.randn(d, generator=g, dtype=F64)
+        subs.append(sub)
+        stats[sub] = stats_of(x, y, sub.name)
+        data[sub] = (x, y)
+    return u, subs, stats, data
+
+
+def test_shared_basis_reproduces_targets_in_a_common_subspace():
+    d, r = 16, 3
+    u, subs, stats, data = shared_subspace_group(d, r)
+    fitter = SharedBasisFitter(SharedBasisParams(rank=r, ridge=1e-10))
+    fitter.prepare(subs, stats)
+    bypasses = {s: fitter.fit(s, stats[s]) for s in subs}
+    for s, b in bypasses.items():
+        assert isinstance(b, SharedBasisBypass) and b.rank == r and b.group == "shared0"
+        x, y = data[s]
+        assert rel_err(predict(b, x), y) < 1e-4, s
+    # the basis spans the planted subspace
+    basis = next(iter(bypasses.values())).basis.detach().double()  # r x d
+    q = torch.linalg.qr(basis.T).Q
+    assert float((q - u @ (u.T @ q)).norm()) < 1e-4
+
+    # ONE basis Parameter object, counted once
+    first = bypasses[subs[0]].basis
+    assert all(b.basis is first for b in bypasses.values())
+    own, shared = split_bypass_params(bypasses)
+    assert shared == r * d
+    assert own == {s: d * r + d for s in subs}  # coefficients + bias per member
+    unique = {id(p): p for b in bypasses.values() for p in b.parameters()}
+    assert sum(own.values()) + shared == sum(p.numel() for p in unique.values())
+
+
+def test_shared_basis_too_small_rank_cannot_reproduce_targets():
+    u, subs, stats, data = shared_subspace_group(16, 3)
+    fitter = SharedBasisFitter(SharedBasisParams(rank=2, ridge=1e-10))
+    fitter.prepare(subs, stats)
+    worst = max(rel_err(predict(fitter.fit(s, stats[s]), data[s][0]), data[s][1]) for s in subs)
+    assert worst > 1e-2
+
+
+def test_shared_basis_non_member_gets_its_own_basis():
+    _, subs, stats, _ = shared_subspace_group(16, 3)
+    fitter = SharedBasisFitter(SharedBasisParams(rank=3, ridge=1e-10))
+    fitter.prepare(subs[:2], stats)
+    members = [fitter.fit(s, stats[s]) for s in subs[:2]]
+    alone = fitter.fit(subs[2], stats[subs[2]])
+    assert members[0].basis is members[1].basis
+    assert alone.basis is not members[0].basis and alone.group == f"own-{subs[2].name}"
+
+
+# ----------------------------------------------------------------------------- (5) identity and per-type
+
+
+def test_identity_fitter_is_plain_removal():
+    x = torch.randn(7, 5, 16)
+    fitter = IdentityFitter()
+    bypass = fitter.fit(FFN, stats_of(x.view(-1, 16), torch.randn(35, 16)))
+    assert isinstance(bypass, ZeroBypass) and bypass.spec() == {"kind": "zero"}
+    assert torch.equal(bypass(x), torch.zeros_like(x))
+    assert sum(p.numel() for p in bypass.parameters()) == 0
+    assert fitter.estimate_params(FFN, 16) == 0 and fitter.estimate_params(ATTN, 576) == 0
+
+
+def test_per_type_fitter_dispatches_by_kind():
+    _, subs, stats, _ = shared_subspace_group(16, 3)
+    attn = Submodule(1, "attn")
+    stats[attn] = next(iter(stats.values()))
+    fitter = PerTypeFitter()  # defaults: attn -> low-rank rank 64, ffn -> shared-basis rank 256
+    assert type(fitter.by_kind["attn"]) is LowRankFitter and type(fitter.by_kind["ffn"]) is SharedBasisFitter
+    fitter.prepare(subs + [attn], stats)
+    a = fitter.fit(attn, stats[attn])
+    ffns = [fitter.fit(s, stats[s]) for s in subs]
+    assert a.kind == "lowrank" and a.rank == 16  # rank capped at the dimension
+    assert {b.kind for b in ffns} == {"shared_basis"} and all(b.basis is ffns[0].basis for b in ffns)
+    assert fitter.estimate_params(attn, 16) == 2 * 16 * 16 + 16
+    assert fitter.estimate_params(subs[0], 16) == SharedBasisFitter().estimate_params(subs[0], 16)
+
+    custom = PerTypeFitter(PerTypeParams(attn={"name": "identity"}, ffn={"name": "linear", "ridge": 0.01}))
+    assert custom.fit(attn, stats[attn]).kind == "zero"
+    assert custom.fit(subs[0], stats[subs[0]]).kind == "linear"
+    assert custom.by_kind["ffn"].params.ridge == 0.01
+
+
+# ----------------------------------------------------------------------------- (6) degenerate statistics
+
+
+@pytest.mark.parametrize("ridge", [0.0, 1e-3])
+def test_singular_gram_still_gives_finite_weights(ridge):
+    n, d = 800, 8
+    g = gen(5)
+    x = torch.randn(n, d, generator=g, dtype=F64)
+    x[:, 3] = 0.0  # a dead input: the Gram matrix is singular
+    y = x @ torch.randn(d, d, generator=g, dtype=F64).T + 0.1
+    st = stats_of(x, y)
+    assert torch.linalg.matrix_rank(st.gram) == d  # of d + 1
+    for fitter in (LinearFitter(LinearParams(ridge=ridge)), LowRankFitter(LowRankParams(rank=d, ridge=ridge)),
+                   SharedBasisFitter(SharedBasisParams(rank=d, ridge=ridge))):
+        bypass = fitter.fit(ATTN, st)
+        for p in bypass.parameters():
+            assert torch.isfinite(p).all(), type(fitter).__name__
+        assert rel_err(predict(bypass, x), y) < (1e-4 if ridge == 0 else 1e-2), type(fitter).__name__
+
+
+def test_nan_statistics_raise_numerical_error_naming_the_submodule():
+    x, y = torch.randn(64, 8), torch.randn(64, 8)
+    st = stats_of(x, y, "L2.ffn")
+    st.check()  # finite: no error
+    y[5, 2] = float("nan")
+    bad = stats_of(x, y, "L2.ffn")
+    with pytest.raises(NumericalError, match=r"^L2\.ffn: .*NaN"):
+        bad.check()
+    # the fitters refuse too, naming the submodule they were fitting
+    for fitter in (LinearFitter(), LowRankFitter(), SharedBasisFitter()):
+        with pytest.raises(NumericalError, match=r"L2\.ffn"):
+            fitter.fit(Submodule(2, "ffn"), bad)
+
+
+def test_overflowing_statistics_are_caught():
+    x = torch.full((4, 8), 1e30)  # squares overflow float32
+    st = stats_of(x, torch.randn(4, 8), "L0.attn", batches=1)
+    with pytest.raises(NumericalError, match=r"L0\.attn"):
+        st.check()
+
+
+def test_collect_names_the_submodule_whose_activations_are_nan(tiny_model, random_windows):
+    from subfit_core.trace import Workbench
+    from subfit_plugins.adapters.llama import LlamaFamilyAdapter
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    bench = Workbench(model, LlamaFamilyAdapter(model), random_windows(), 4, torch.device("cpu"))
+    with pytest.raises(NumericalError, match=r"^L1\.ffn: "):
+        bench.collect()
+
+
+def test_stats_state_round_trip():
+    x, y = torch.randn(50, 8), torch.randn(50, 8)
+    st = stats_of(x, y, "L3.attn")
+    back = SubStats.from_state("L3.attn", st.state())
+    assert back.dim == 8 and back.tokens == 50
+    assert torch.equal(back.gram, st.gram) and torch.equal(back.cross, st.cross)
+    assert (back.y_sq, back.rotation, back.magnitude) == (st.y_sq, st.rotation, st.magnitude)
