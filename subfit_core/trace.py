@@ -16,8 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pathlib import Path
+
 from .adapter import Adapter
 from .bypass import Bypass
+from .cache import load_stats, save_stats
 from .corpus import Windows
 from .interfaces import Fitter, Submodule
 from .progress import progress
@@ -44,6 +47,7 @@ class Workbench:
         self._dense_final: list[torch.Tensor] = []
         self._fits: dict = {}
         self.evaluations = 0  # scoring-set evaluations run (for cost reports)
+        self.layer_cos: list[float] = []
 
     # ------------------------------------------------------------------ helpers
     def _batches(self, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -70,11 +74,30 @@ class Workbench:
 
     # ------------------------------------------------------------------ dense pass
     @torch.inference_mode()
-    def collect(self) -> None:
-        dim = self.adapter.hidden_size
-        calib = [self.adapter.embed(b) for b in self._batches(self.windows.calib)]
+    def collect(self, cache: Path | None = None) -> None:
+        """Dense statistics (read from ``cache`` when present, else streamed and written there)
+        and the scoring set's boundary states."""
+        cached = load_stats(cache, self.subs) if cache is not None else None
+        if cached is not None:
+            self.stats, self.layer_cos = cached
+        else:
+            self._collect_calibration()
+            if cache is not None:
+                save_stats(cache, self.stats, self.layer_cos)
         score = [self.adapter.embed(b) for b in self._batches(self.windows.scoring)]
         self._states = [score]
+        for sub in self.subs:
+            score = [self._step(sub, self.adapter.module(sub), h) for h in score]
+            self._states.append(score)
+        self._dense_final = score
+        self._dense_states = list(self._states)
+        positions = self.windows.scoring.numel() // self.stride
+        if positions * self.model.config.vocab_size * 4 <= _MAX_CACHED_REFERENCE_BYTES:
+            self._dense_refs = [self._reference(h) for h in score]
+
+    def _collect_calibration(self) -> None:
+        dim = self.adapter.hidden_size
+        calib = [self.adapter.embed(b) for b in self._batches(self.windows.calib)]
         self.layer_cos = [0.0] * self.adapter.num_layers  # mean cos(layer input, layer output)
         layer_input: list[torch.Tensor] = []
         for sub in progress(self.subs, desc="calibration statistics"):
@@ -92,13 +115,6 @@ class Workbench:
             if sub.kind == "ffn":
                 cos = sum(float(F.cosine_similarity(a.float(), b.float(), dim=-1).sum()) for a, b in zip(layer_input, calib))
                 self.layer_cos[sub.layer] = cos / self.windows.calib.numel()
-            score = [self._step(sub, module, h) for h in score]
-            self._states.append(score)
-        self._dense_final = score
-        self._dense_states = list(self._states)
-        positions = self.windows.scoring.numel() // self.stride
-        if positions * self.model.config.vocab_size * 4 <= _MAX_CACHED_REFERENCE_BYTES:
-            self._dense_refs = [self._reference(h) for h in score]
 
     # ------------------------------------------------------------------ metrics on the scoring set
     # Next-token distributions are judged at every ``stride``-th position (the hidden states of all

@@ -7,11 +7,17 @@ Fixtures
 --------
 ``tiny_model``      a factory ``tiny_model(arch="llama", seed=0, **config_overrides)`` returning a
                     tiny, randomly initialised causal LM in eval mode (hidden 32, FFN 64, 4 layers,
-                    4 heads / 2 KV heads, vocab 128). ``arch`` is one of ``TINY_ARCHS``. The same
+                    4 heads / 2 KV heads of dim 8, vocab 128). ``arch`` is one of ``TINY_ARCHS``. The same
                     ``arch``/``seed``/overrides always give the same weights, and building a model does
-                    not disturb the global torch RNG.
+                    not disturb the global torch RNG. Each call builds a new model (safe to modify).
 ``random_windows``  a factory ``random_windows(calib=8, scoring=4, heldout=2, seq_len=16, vocab=128,
                     seed=0)`` returning a ``subfit_core.corpus.Windows`` of random token ids.
+
+Both fixtures are session-scoped factories, so fixtures of any scope can use them.
+
+``one_thread``      runs a test with ``torch.set_num_threads(1)`` (restored afterwards). Tiny models gain
+                    nothing from intra-op threads, and on a busy machine OpenMP threads waiting for each
+                    other make every op ~100x slower. Use as ``pytestmark = pytest.mark.usefixtures("one_thread")``.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import torch  # noqa: E402
 
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 TINY_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
+                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
+                  head_dim=8)  # hidden / heads, as Llama derives it; Qwen3 would otherwise default to 128
 
 
 def _config_class(arch: str):
@@ -61,13 +68,22 @@ def build_random_windows(calib: int = 8, scoring: int = 4, heldout: int = 2, seq
                    source=f"random tokens (seed {seed})")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_model():
     """Factory: ``tiny_model(arch="llama", seed=0, **config_overrides)`` -> a tiny causal LM in eval mode."""
     return build_tiny_model
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def random_windows():
     """Factory: ``random_windows(calib=8, scoring=4, heldout=2, seq_len=16, vocab=128, seed=0)`` -> Windows."""
     return build_random_windows
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test with one intra-op torch thread (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

