@@ -141,7 +141,7 @@ def coerce(key: str, value: Any, field: Field) -> Any:
 
 def validate_section(prefix: str, values: dict, schema: dict) -> dict:
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping, got {values!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {values!r}")
     out = {}
     for key, value in values.items():
         full = f"{prefix}{key}"

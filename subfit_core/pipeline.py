@@ -24,6 +24,7 @@ from .interfaces import Plan, Submodule
 from .metrics import forward_seconds, perplexity
 from .models import find_adapter, load_model, resolve_device
 from .plugins import Plugins, build_component, get_plugins
+from .progress import progress
 from .surgery import apply_bypasses, records, split_bypass_params
 from .trace import Workbench
 
@@ -131,7 +132,8 @@ def compress(session: Session, cfg: dict) -> Outcome:
     if cfg["anchored"]:
         bypasses = bench.refit_anchored(comps.fitter, selected)
     else:
-        bypasses = {s: comps.fitter.fit(s, bench.stats[s]).to(device, dtype) for s in selected}
+        bypasses = {s: comps.fitter.fit(s, bench.stats[s]).to(device, dtype)
+                    for s in progress(selected, desc="fitting bypasses")}
     bench.restore()
     apply_bypasses(adapter, bypasses)
     for sub, bypass in bypasses.items():

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import weakref
 from pathlib import Path
 
 from .adapter import Adapter
@@ -45,7 +46,7 @@ class Workbench:
         self._contexts: dict = {}
         self._dense_refs: list[tuple[torch.Tensor, float]] | None = None
         self._dense_final: list[torch.Tensor] = []
-        self._fits: dict = {}
+        self._fits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fitter -> {sub: bypass}
         self.evaluations = 0  # scoring-set evaluations run (for cost reports)
         self.layer_cos: list[float] = []
 
@@ -174,10 +175,10 @@ class Workbench:
 
     def fit(self, fitter: Fitter, sub: Submodule) -> Bypass:
         """Fit from dense statistics, memoised: the same fitter and submodule always give the same bypass."""
-        key = (id(fitter), sub)
-        if key not in self._fits:
-            self._fits[key] = fitter.fit(sub, self.stats[sub]).to(self.device, self.dtype)
-        return self._fits[key]
+        fits = self._fits.setdefault(fitter, {})
+        if sub not in fits:
+            fits[sub] = fitter.fit(sub, self.stats[sub]).to(self.device, self.dtype)
+        return fits[sub]
 
     @torch.inference_mode()
     def refit_anchored(self, fitter: Fitter, selected: list[Submodule]) -> dict[Submodule, Bypass]:

@@ -41,6 +41,13 @@ def planted(tiny_model, random_windows):
     return make_bench(model, random_windows(calib=8, scoring=4, seq_len=16))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_fit_memo(request):
+    """Workbench.fit memoises on id(fitter); a fitter of an earlier test may have had the same id."""
+    if "planted" in request.fixturenames:
+        request.getfixturevalue("planted")._fits.clear()
+
+
 SCORERS = {
     "rotation": lambda: (RotationMagnitudeScorer(), LinearFitter()),
     "rotation-rank-sum": lambda: (RotationMagnitudeScorer(RotationParams(combine="rank-sum")), LinearFitter()),
@@ -94,13 +101,13 @@ def full_metric(logits: torch.Tensor, dense_logits: torch.Tensor, ids: torch.Ten
 
 def candidates(bench: Workbench) -> dict:
     g = torch.Generator().manual_seed(7)
-    d = bench.adapter.hidden_size
+    d, ffn1 = bench.adapter.hidden_size, Submodule(1, "ffn")
     low_rank = LowRankBypass(0.2 * torch.randn(4, d, generator=g), 0.2 * torch.randn(d, 4, generator=g),
                              0.05 * torch.randn(d, generator=g))
     return {
         "attn-0-removed": (Submodule(0, "attn"), ZeroBypass()),
         "attn-2-lowrank": (Submodule(2, "attn"), low_rank),
-        "ffn-1-fitted": (Submodule(1, "ffn"), LinearFitter().fit(Submodule(1, "ffn"), bench.stats[Submodule(1, "ffn")])),
+        "ffn-1-fitted": (ffn1, LinearFitter().fit(ffn1, bench.stats[ffn1])),
         "ffn-3-removed": (Submodule(3, "ffn"), ZeroBypass()),
     }
 
@@ -172,3 +179,29 @@ def test_commit_keeps_cached_states_equal_to_a_full_rerun(tiny_model, random_win
     assert not bench.replaced
     assert torch.allclose(full_logits(model, ids), dense)
     assert bench.metric("kl") == pytest.approx(0.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- fit memo
+
+
+def test_fit_is_memoised_per_fitter(planted):
+    fitter = LowRankFitter(LowRankParams(rank=2))
+    first = planted.fit(fitter, QUIET_ATTN)
+    assert planted.fit(fitter, QUIET_ATTN) is first
+    other = LowRankFitter(LowRankParams(rank=5))
+    assert planted.fit(other, QUIET_ATTN).rank == 5
+
+
+def test_fit_memo_is_not_fooled_by_a_reused_object_id(planted):
+    """What compress() does on a shared Session: a fresh fitter per run, the previous one freed."""
+    for _ in range(200):
+        old = LowRankFitter(LowRankParams(rank=2))
+        planted.fit(old, QUIET_ATTN)
+        old_id, params = id(old), LowRankParams(rank=5)
+        del old
+        new = LowRankFitter(params)
+        if id(new) == old_id:
+            break
+    else:
+        pytest.skip("CPython did not reuse the freed fitter's address; the collision could not be provoked")
+    assert planted.fit(new, QUIET_ATTN).rank == 5

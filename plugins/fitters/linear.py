@@ -29,7 +29,7 @@ def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, name: str
     if int(info) == 0:
         w = torch.cholesky_solve(cross, chol)
     else:  # singular even after the ridge (e.g. a dead input): least squares still gives the minimum-norm fit
-        w = torch.linalg.lstsq(a, cross).solution
+        w = torch.linalg.lstsq(a, cross, driver="gelsd").solution  # gelsd: SVD-based, right on rank-deficient input
     if not torch.isfinite(w).all():
         raise NumericalError(f"{name}: ridge solve produced NaN/Inf (try a larger ridge)")
     return w
@@ -55,10 +55,31 @@ def top_eigvecs(m: torch.Tensor, r: int) -> torch.Tensor:
     return vecs[:, -r:].flip(-1)
 
 
-def reduced_rank(gram: torch.Tensor, w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (A, V): W_r = A V^T with A = W V (d+1 x r) and V (d_out x r) orthonormal."""
-    v = top_eigvecs(w.T @ gram @ w, r)
-    return w @ v, v
+def centered_gram(gram: torch.Tensor) -> torch.Tensor:
+    """Covariance-like Gram of the inputs about their mean: G_xx - n mu mu^T."""
+    d = gram.shape[0] - 1
+    n = gram[d, d].clamp_min(1.0)
+    mu = gram[d, :d] / n
+    return gram[:d, :d] - n * torch.outer(mu, mu)
+
+
+def reduced_rank(gram: torch.Tensor, cross: torch.Tensor, w: torch.Tensor, r: int, bias: bool):
+    """Rank-r factors of the ridge fit ``w``: (down r x d, up d_out x r, bias or None).
+
+    V = top-r eigenvectors of the fitted values' covariance W_x^T C W_x (C the input covariance,
+    centred when there is an intercept, so the rank limit applies to the map and not to the
+    mean); W_r = (W_x V) V^T and the intercept is refitted freely: b = mean(y) - mean(x) W_r.
+    """
+    d = gram.shape[0] - 1
+    wx = w[:d]
+    cov = centered_gram(gram) if bias else gram[:d, :d]
+    v = top_eigvecs(wx.T @ cov @ wx, r)
+    down = (wx @ v).T
+    if not bias:
+        return down, v, None
+    n = gram[d, d].clamp_min(1.0)
+    b = cross[d] / n - (gram[d, :d] / n) @ wx @ v @ v.T
+    return down, v, b
 
 
 def relative_residual(stats: SubStats, w: torch.Tensor) -> float:
@@ -72,9 +93,8 @@ def linear_bypass(w: torch.Tensor, dtype: torch.dtype, bias: bool) -> LinearBypa
     return LinearBypass(w[:d].T.contiguous().to(dtype), w[d].to(dtype) if bias else None)
 
 
-def lowrank_bypass(a: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, bias: bool) -> LowRankBypass:
-    d = a.shape[0] - 1
-    return LowRankBypass(a[:d].T.contiguous().to(dtype), v.contiguous().to(dtype), (a[d] @ v.T).to(dtype) if bias else None)
+def lowrank_bypass(down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> LowRankBypass:
+    return LowRankBypass(down.contiguous().to(dtype), up.contiguous().to(dtype), None if bias is None else bias.to(dtype))
 
 
 @dataclass
@@ -118,8 +138,8 @@ class LowRankFitter(Fitter):
     def fit(self, sub: Submodule, stats: SubStats) -> LowRankBypass:
         gram, cross = gram_of(stats, self.params.bias)
         w = ridge_solve(gram, cross, self.params.ridge, sub.name)
-        a, v = reduced_rank(gram, w, min(self.params.rank, stats.dim))
-        return lowrank_bypass(a, v, torch.float32, self.params.bias)
+        down, up, bias = reduced_rank(gram, cross, w, min(self.params.rank, stats.dim), self.params.bias)
+        return lowrank_bypass(down, up, bias, torch.float32)
 
     def estimate_params(self, sub: Submodule, dim: int) -> int:
         r = min(self.params.rank, dim)

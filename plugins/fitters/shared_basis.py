@@ -23,7 +23,7 @@ from subfit_core.bypass import SharedBasisBypass
 from subfit_core.interfaces import Fitter, Submodule
 from subfit_core.stats import SubStats
 
-from .linear import gram_of, ridge_solve, top_eigvecs
+from .linear import centered_gram, gram_of, ridge_solve, top_eigvecs
 
 
 @dataclass
@@ -58,7 +58,8 @@ class SharedBasisFitter(Fitter):
     def basis_for(self, stats: list[SubStats]) -> torch.Tensor:
         d = stats[0].dim
         r = min(self.params.rank, d)
-        moments = [s.gram[:d, :d] / max(s.tokens, 1) for s in stats]
+        # input covariances (centred when there is an intercept: the mean is the bias's job)
+        moments = [(centered_gram(s.gram) if self.params.bias else s.gram[:d, :d]) / max(s.tokens, 1) for s in stats]
         mean_moment = sum(moments) / len(moments)
         if self.params.basis == "inputs":
             return top_eigvecs(mean_moment, r)
