@@ -20,9 +20,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("SUBFIT_CACHE", Path.home() / ".cache" / "subfit"))
 
 
-def stats_key(model_spec: str, model_config: dict, dtype: str, calib_ids: torch.Tensor) -> str:
+@torch.no_grad()
+def weights_fingerprint(model: torch.nn.Module) -> list[float]:
+    """Cheap summary of the weights (a sum and an absolute sum per tensor), so statistics of a model
+    retrained in place under the same name and config are not reused."""
+    return [round(float(v), 6) for p in model.parameters() for v in (p.double().sum(), p.double().abs().sum())]
+
+
+def stats_key(model_spec: str, model: torch.nn.Module, dtype: str, calib_ids: torch.Tensor) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([model_spec, model_config, dtype], sort_keys=True, default=str).encode())
+    h.update(json.dumps([model_spec, model.config.to_dict(), dtype, weights_fingerprint(model)],
+                        sort_keys=True, default=str).encode())
     h.update(calib_ids.numpy().tobytes())
     return h.hexdigest()[:24]
 

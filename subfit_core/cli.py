@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from .config import ConfigError, params_help, parse_override, schema_help, set_dotted, validate
+from .config import COMPONENT_SECTIONS, ConfigError, params_help, parse_override, schema_help, set_dotted, validate
 from .errors import SubFitError
 
 USAGE = """usage: subfit-run [strategy=NAME|PATH.yaml] [key=value ...] [--help] [--list]
@@ -36,6 +36,9 @@ def resolve_recipe(args: list[str]) -> dict:
     strategy = next((v for k, v in overrides if k == "strategy"), "subfit")
     data, _ = read_recipe(get_plugins(), str(strategy))
     for key, value in overrides:
+        section = key.split(".")[0]
+        if key == f"{section}.name" and section in COMPONENT_SECTIONS and data.get(section, {}).get("name") != value:
+            data[section] = {}  # another component: the recipe's parameters were for the old one
         if key != "strategy":
             set_dotted(data, key, value)
     return validate(data)

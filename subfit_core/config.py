@@ -125,6 +125,11 @@ def coerce(key: str, value: Any, field: Field) -> Any:
         if field.nullable:
             return None
         raise ConfigError(f"{key}: null is not allowed; expected {field.type.__name__}")
+    if field.type is float and isinstance(value, str):
+        try:  # YAML 1.1 reads exponents without a dot (1e-3) as strings
+            value = float(value)
+        except ValueError:
+            pass
     ok = isinstance(value, field.type) and not (field.type is int and isinstance(value, bool))
     if field.type is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True

@@ -23,6 +23,7 @@ class Windows:
     scoring: torch.Tensor  # disjoint from calib
     heldout: torch.Tensor  # from the held-out text only
     source: str
+    heldout_source: str = ""
 
 
 def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
@@ -61,4 +62,5 @@ def make_windows(corpus: CorpusText, tokenizer, *, calib_samples: int, scoring_s
         scoring=train[order[calib_samples:need]],
         heldout=held[:eval_windows],  # fixed, seed-independent: the same reference for every run
         source=corpus.source,
+        heldout_source=heldout.source,
     )

@@ -108,7 +108,7 @@ def open_session(cfg: dict) -> Session:
     bench = Workbench(model, adapter, windows, cfg["calib"]["batch_size"], device, cfg["scoring"]["stride"])
     cache = None
     if cfg["cache_stats"]:
-        key = stats_key(cfg["model"], model.config.to_dict(), cfg["dtype"], windows.calib)
+        key = stats_key(cfg["model"], model, cfg["dtype"], windows.calib)
         cache = cache_root() / "stats" / f"{key}.safetensors"
     cached = cache is not None and cache.exists()
     t0 = time.perf_counter()
@@ -162,7 +162,7 @@ def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: di
         "data": {"calibration": f"{cfg['calib']['samples']} x {cfg['calib']['seq_len']} tokens",
                  "scoring": f"{cfg['scoring']['samples']} x {cfg['calib']['seq_len']} tokens",
                  "heldout": f"{cfg['eval']['windows']} x {cfg['eval']['seq_len']} tokens",
-                 "source": session.windows.source},
+                 "source": session.windows.source, "heldout_source": session.windows.heldout_source},
         "perplexity": {"dense": session.dense_ppl, "compressed": ppl, "ratio": ppl / session.dense_ppl},
         "sparsity": sparsity,
         "decoder_params": {"before": before, "after": round(before * (1 - sparsity["achieved_params"])),

@@ -98,7 +98,10 @@ def make_plugin_manager(extra_plugins: tuple = ()) -> PluginManager:
     load_entry_points(pm)
     for plugin in extra_plugins:
         pm.register(plugin)
-    pm.check_pending()  # a misspelled hook in any plugin fails here, at start-up
+    try:
+        pm.check_pending()  # a misspelled hook in any plugin fails here, at start-up
+    except pluggy.PluginValidationError as exc:
+        raise SubFitError(f"plugin {pm.get_name(exc.plugin) or exc.plugin}: {str(exc).splitlines()[0]}") from None
     return pm
 
 

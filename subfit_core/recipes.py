@@ -15,7 +15,7 @@ def available(plugins: Plugins) -> dict[str, Path]:
     """Recipe name -> file; two plugins shipping the same name is an error naming both."""
     found: dict[str, tuple[Path, str]] = {}
     for folder, origin in plugins.recipe_dirs:
-        for path in sorted(folder.glob("*.yaml")):
+        for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
             if path.stem in found and found[path.stem][0] != path:
                 raise ConfigError(f"recipe '{path.stem}' is provided twice: by {found[path.stem][1]} ({found[path.stem][0]}) "
                                   f"and by {origin} ({path})")

@@ -1,8 +1,9 @@
 """The workbench: runs a model submodule by submodule over calibration and scoring windows.
 
-* ``collect`` streams the calibration set through the dense model one submodule at a time (only
-  one residual-stream state of the calibration set is held) and accumulates float64 statistics per
-  submodule. For the small scoring set it keeps the residual stream at every submodule boundary.
+* ``collect`` streams the calibration set through the dense model one submodule at a time (the
+  calibration set's residual stream is held at the current boundary and at its layer's input,
+  never at every depth) and accumulates float64 statistics per submodule. For the small scoring
+  set it keeps the residual stream at every submodule boundary.
 * ``metric_with`` judges a candidate replacement from the cached boundary state in front of it, so
   only the submodules after it are re-run; ``commit`` makes a replacement and refreshes the cached
   boundaries downstream of it.

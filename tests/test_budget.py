@@ -218,10 +218,19 @@ def test_greedy_with_identity_fitter_meets_budget(clean_bench, unit, sparsity):
     last = subs[-1]
     assert achieved - budget.saving(last, charged[last]) < sparsity
     assert "warning" not in plan.notes
-    # without re-scoring the picks are the candidates in order of score per unit of budget saved
+    # without re-scoring the picks follow score per unit of budget saved, up to the first candidate
+    # that would overshoot the budget; from there only candidates that still fit are taken
     scores = scorer.score(clean_bench.subs, clean_bench, fitter)
     order = sorted(clean_bench.subs, key=lambda s: scores[s] / budget.saving(s, 0))
-    assert subs == order[:len(subs)]
+    prefix, total = [], 0.0
+    for s in order:
+        if total + budget.saving(s, 0) > sparsity + 1e-12:
+            break
+        prefix.append(s)
+        total += budget.saving(s, 0)
+    assert subs[:len(prefix)] == prefix
+    assert all(budget.saving(s, 0) <= sparsity - sum(budget.saving(t, 0) for t in subs[:i]) + 1e-12
+               for i, s in enumerate(subs[:-1]))  # only the last pick may cross the budget
     assert [r.score for r in plan.replacements] == [scores[s] for s in subs]
     assert not clean_bench.replaced  # nothing committed without rescore
 

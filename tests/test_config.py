@@ -228,3 +228,21 @@ def test_cli_help_lists_keys():
     assert "calib.samples" in proc.stdout and "sparsity" in proc.stdout
     assert "scorer.metric" in proc.stdout  # the default recipe's component keys
     assert "Traceback" not in proc.stderr
+
+
+def test_exponent_floats_are_floats_although_yaml_1_1_reads_them_as_strings():
+    from subfit_core.cli import resolve_recipe
+
+    cfg = resolve_recipe(["strategy=subfit", "sparsity=2.5e-1"])
+    assert cfg["sparsity"] == 0.25
+    with pytest.raises(ConfigError, match="sparsity: 'abc' is not a float"):
+        resolve_recipe(["strategy=subfit", "sparsity=abc"])
+
+
+def test_choosing_another_component_drops_the_recipes_parameters_for_the_old_one():
+    from subfit_core.cli import resolve_recipe
+
+    cfg = resolve_recipe(["strategy=subfit", "scorer.name=rotation", "scorer.combine=rot"])
+    assert cfg["scorer"] == {"name": "rotation", "combine": "rot"}  # subfit.yaml's scorer.metric is gone
+    same = resolve_recipe(["strategy=subfit", "scorer.name=output"])
+    assert same["scorer"]["metric"] == "kl"  # same component: the recipe's parameters stay

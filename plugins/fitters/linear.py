@@ -3,8 +3,9 @@
 With X = [x, 1] (the bypass input plus a constant for the intercept) and Y the submodule's
 contribution: G = X^T X, H = X^T Y, and
     ridge:         W = (G + lam * tr(G)/d * I)^-1 H          (the intercept is not penalised)
-    reduced rank:  V_r = top-r eigenvectors of W^T G W (the covariance of the fitted values XW),
-                   W_r = (W V_r) V_r^T, stored as a down (r x d) and an up (d x r) factor.
+    reduced rank:  V_r = top-r eigenvectors of W_x^T C W_x (the covariance of the fitted values,
+                   C the centred input covariance), W_r = (W_x V_r) V_r^T stored as a down (r x d)
+                   and an up (d x r) factor; the intercept is refitted freely for W_r.
 """
 
 from __future__ import annotations

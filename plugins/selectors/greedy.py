@@ -49,11 +49,11 @@ class GreedySelector(Selector):
             return scores[s] / saving[s] if self.params.ratio else scores[s]
 
         for round_ in range(rounds):
+            last = round_ == rounds - 1
             # this round's share of what is still missing
-            target = budget.sparsity if round_ == rounds - 1 else \
-                achieved + (budget.sparsity - achieved) / (rounds - round_)
+            target = budget.sparsity if last else achieved + (budget.sparsity - achieved) / (rounds - round_)
             while achieved < target - 1e-9 and remaining:
-                best = min(remaining, key=key)
+                best = self._pick(remaining, key, scores, saving, budget.sparsity - achieved if last else None)
                 remaining.remove(best)
                 plan.replacements.append(Replacement(best, scores[best]))
                 achieved += saving[best]
@@ -69,3 +69,13 @@ class GreedySelector(Selector):
             plan.notes["warning"] = f"budget not reachable with these candidates: {achieved:.4f} < {budget.sparsity}"
         plan.notes["estimated_sparsity"] = achieved
         return plan
+
+    @staticmethod
+    def _pick(remaining, key, scores, saving, need):
+        """Best by ``key``; near the end (``need`` given) only among candidates that do not overshoot
+        the budget, and when none is left, the one with the lowest score that completes it: the
+        achieved sparsity lands within one small submodule of the request instead of one large."""
+        if need is None:
+            return min(remaining, key=key)
+        fitting = [s for s in remaining if saving[s] <= need + 1e-12]
+        return min(fitting, key=key) if fitting else min(remaining, key=lambda s: scores[s])
