@@ -94,11 +94,11 @@ def open_session(cfg: dict) -> Session:
     torch.manual_seed(cfg["seed"])
     device = resolve_device(cfg["device"])
     dtype = getattr(torch, cfg["dtype"])
+    calib_text = load_text(plugins, cfg["calib"]["dataset"])  # before the model: bad data fails fast
+    eval_text = load_text(plugins, cfg["eval"]["dataset"]) if cfg["eval"]["dataset"] else calib_text
     model, tokenizer, source = load_model(plugins, cfg["model"], device, dtype, cfg["trust_remote_code"])
     model.eval()
     adapter = find_adapter(plugins, model)
-    calib_text = load_text(plugins, cfg["calib"]["dataset"])
-    eval_text = load_text(plugins, cfg["eval"]["dataset"]) if cfg["eval"]["dataset"] else calib_text
     windows = make_windows(
         calib_text, tokenizer, calib_samples=cfg["calib"]["samples"], scoring_samples=cfg["scoring"]["samples"],
         seq_len=cfg["calib"]["seq_len"], heldout=eval_text, eval_windows=cfg["eval"]["windows"],

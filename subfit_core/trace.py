@@ -68,7 +68,7 @@ class Workbench:
              record: bool = False) -> list[torch.Tensor]:
         override = override or {}
         for sub in self.subs[start:]:
-            module = override.get(sub) or self.adapter.module(sub)
+            module = override[sub] if sub in override else self.adapter.module(sub)
             hs = [self._step(sub, module, h) for h in hs]
             if record:
                 self._states[sub.index + 1] = hs
@@ -189,7 +189,7 @@ class Workbench:
         chosen, fits = set(selected), {}
         dim = self.adapter.hidden_size
         dense = [self.adapter.embed(b) for b in self._batches(self.windows.calib)]
-        comp = [h.clone() for h in dense]
+        comp = list(dense)
         for sub in progress(self.subs, desc="anchored refit"):
             original = self.originals[sub]
             targets = [self.adapter.contribution(sub, h, self._ctx(h), original) for h in dense]
@@ -202,7 +202,9 @@ class Workbench:
                 self.adapter.replace(sub, fits[sub])
                 self.replaced[sub] = fits[sub]
                 comp = [self._step(sub, fits[sub], hc) for hc in comp]
-            else:
+            elif fits:
                 comp = [self._step(sub, original, hc) for hc in comp]
+            else:  # nothing replaced yet: the compressed stream is still the dense one
+                comp = [h + y for h, y in zip(dense, targets)]
             dense = [h + y for h, y in zip(dense, targets)]
         return fits
