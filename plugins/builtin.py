@@ -24,6 +24,7 @@ def subfit_scorers():
         "rotation": f"{P}.scorers.local:RotationMagnitudeScorer",
         "fit-residual": f"{P}.scorers.fit_residual:FitResidualScorer",
         "block-influence": f"{P}.scorers.block_influence:BlockInfluenceScorer",
+        "angular-distance": f"{P}.scorers.angular:AngularDistanceScorer",
     }
 
 
@@ -32,6 +33,8 @@ def subfit_selectors():
     return {
         "greedy": f"{P}.selectors.greedy:GreedySelector",
         "whole-layer": f"{P}.selectors.whole_layer:WholeLayerSelector",
+        "iterative": f"{P}.selectors.iterative:IterativeSelector",
+        "contiguous": f"{P}.selectors.contiguous:ContiguousSelector",
     }
 
 

@@ -64,8 +64,13 @@ class Fitter(Component):
         raise NotImplementedError
 
     def estimate_params(self, sub: Submodule, dim: int) -> int:
-        """Parameters the bypass for ``sub`` will add (charged against the budget during selection)."""
+        """Parameters the bypass for ``sub`` will add, shared tensors amortised (used to rank candidates)."""
         raise NotImplementedError
+
+    def charges(self, subs: list[Submodule], dim: int) -> dict[Submodule, int]:
+        """Exact parameters each bypass adds if exactly ``subs`` are replaced; a tensor shared by
+        several is charged once (to one of them). Selectors measure the budget with this."""
+        return {s: self.estimate_params(s, dim) for s in subs}
 
 
 class Scorer(Component):
@@ -73,6 +78,14 @@ class Scorer(Component):
 
     def score(self, candidates: list[Submodule], bench: "Workbench", fitter: Fitter) -> dict[Submodule, float]:
         raise NotImplementedError
+
+    def score_groups(self, groups: list[tuple[Submodule, ...]], bench: "Workbench", fitter: Fitter) -> list[float]:
+        """Scores of replacing each group (a whole layer, a window) at once. By default only
+        single-submodule groups can be scored, from ``score``."""
+        if any(len(g) != 1 for g in groups):
+            raise NotImplementedError(f"{type(self).__name__} scores single submodules only, not layers or windows")
+        singles = self.score([g[0] for g in groups], bench, fitter)
+        return [singles[g[0]] for g in groups]
 
 
 @dataclass

@@ -28,7 +28,7 @@ from .interfaces import Fitter, Submodule
 from .progress import progress
 from .stats import SubStats
 
-METRICS = ("kl", "loss")
+METRICS = ("kl", "loss", "js")
 _MAX_CACHED_REFERENCE_BYTES = 2 * 1024**3
 
 
@@ -120,9 +120,10 @@ class Workbench:
 
     # ------------------------------------------------------------------ metrics on the scoring set
     # Next-token distributions are judged at every ``stride``-th position (the hidden states of all
-    # positions are still computed). With z the logits, lse = logsumexp(z) and p the dense model's
-    # distribution:  loss = lse - z[label],  KL(p || softmax z) = sum p log p - p.z + lse,
-    # which needs no log_softmax of the candidate's logits.
+    # positions are still computed). With z the logits, lse = logsumexp(z), q = softmax(z) and p the
+    # dense model's distribution:  loss = lse - z[label],  KL(p || q) = sum p log p - p.z + lse
+    # (no log_softmax of the candidate's logits needed),  JS(p, q) = (H(m) - H(p)/2 - H(q)/2)
+    # with m = (p + q) / 2 and H the entropy.
     def _positions(self, t: torch.Tensor) -> torch.Tensor:
         return t[:, :-1][:, :: self.stride]
 
@@ -143,19 +144,35 @@ class Workbench:
                 value = lse.sum() - z.gather(-1, labels[..., None]).sum()
             else:
                 p, neg_entropy = self._dense_refs[j] if self._dense_refs else self._reference(self._dense_final[j])
-                value = neg_entropy + lse.sum() - torch.dot(p.view(-1), z.view(-1))
+                if metric == "kl":
+                    value = neg_entropy + lse.sum() - torch.dot(p.view(-1), z.view(-1))
+                else:
+                    q = torch.softmax(z, dim=-1)
+                    m = (p + q) / 2
+                    value = 0.5 * neg_entropy + 0.5 * torch.xlogy(q, q).sum() - torch.xlogy(m, m).sum()
             total += float(value)
             count += lse.numel()
         return total / count
+
+    def boundary(self, index: int) -> list[torch.Tensor]:
+        """The current model's residual stream on the scoring windows in front of submodule
+        ``index`` (``len(subs)``: after the last one), one tensor per batch."""
+        return self._states[index]
 
     def metric(self, metric: str) -> float:
         """The current (partially compressed) model's metric on the scoring set."""
         return self._metric(self._states[-1], metric)
 
-    @torch.inference_mode()
     def metric_with(self, sub: Submodule, module: nn.Module, metric: str) -> float:
         """The metric if ``sub`` were replaced by ``module``, re-running only what follows it."""
-        hs = self._run(sub.index, self._states[sub.index], {sub: module})
+        return self.metric_with_many({sub: module}, metric)
+
+    @torch.inference_mode()
+    def metric_with_many(self, modules: dict[Submodule, nn.Module], metric: str) -> float:
+        """The metric if every submodule in ``modules`` were replaced (e.g. a whole layer or a
+        window), re-running from the first of them onward."""
+        start = min(s.index for s in modules)
+        hs = self._run(start, self._states[start], modules)
         return self._metric(hs, metric)
 
     # ------------------------------------------------------------------ changing the model

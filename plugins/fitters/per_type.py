@@ -39,3 +39,9 @@ class PerTypeFitter(Fitter):
 
     def estimate_params(self, sub: Submodule, dim: int) -> int:
         return self.by_kind[sub.kind].estimate_params(sub, dim)
+
+    def charges(self, subs: list[Submodule], dim: int) -> dict[Submodule, int]:
+        out: dict[Submodule, int] = {}
+        for kind, fitter in self.by_kind.items():
+            out.update(fitter.charges([s for s in subs if s.kind == kind], dim))
+        return out

@@ -93,6 +93,14 @@ class SharedBasisFitter(Fitter):
         bias = c[r].float() if self.params.bias else None
         return SharedBasisBypass(shared, c[:r].T.contiguous().float(), bias, group)
 
+    def _own_params(self, dim: int) -> int:
+        return dim * min(self.params.rank, dim) + (dim if self.params.bias else 0)
+
     def estimate_params(self, sub: Submodule, dim: int) -> int:
-        r = min(self.params.rank, dim)
-        return dim * r + (dim if self.params.bias else 0) + dim * r // max(self.params.expected_group, 1)
+        return self._own_params(dim) + dim * min(self.params.rank, dim) // max(self.params.expected_group, 1)
+
+    def charges(self, subs: list[Submodule], dim: int) -> dict[Submodule, int]:
+        out = {s: self._own_params(dim) for s in subs}
+        if subs:
+            out[min(subs)] += dim * min(self.params.rank, dim)  # the shared basis, once
+        return out

@@ -5,6 +5,7 @@ bypass in place, measured on the scoring windows from the cached residual stream
     score_s = M(model with s -> bypass_s) - M(model)
     M = kl:   mean KL(dense next-token distribution || candidate's)
         loss: mean next-token cross-entropy
+        js:   mean Jensen-Shannon divergence between the two distributions (FinerCut)
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ from subfit_core.progress import progress
 
 @dataclass
 class OutputParams:
-    metric: Literal["kl", "loss"] = "kl"
+    metric: Literal["kl", "loss", "js"] = "kl"
 
 
 class OutputScorer(Scorer):
     Params = OutputParams
-    description = "change in output KL (or loss) on the scoring windows with the bypass in place"
+    description = "change in output KL (or loss, JS) on the scoring windows with the bypass in place"
 
     def score(self, candidates, bench, fitter):
+        return dict(zip(candidates, self.score_groups([(s,) for s in candidates], bench, fitter)))
+
+    def score_groups(self, groups, bench, fitter):
         base = bench.metric(self.params.metric)
-        return {
-            s: bench.metric_with(s, bench.fit(fitter, s), self.params.metric) - base
-            for s in progress(candidates, desc="scoring candidates")
-        }
+        return [bench.metric_with_many({s: bench.fit(fitter, s) for s in group}, self.params.metric) - base
+                for group in progress(groups, desc="scoring candidates")]

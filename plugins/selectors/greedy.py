@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 from subfit_core.interfaces import Plan, Replacement, Selector, Submodule
 
+from .budget_fill import achieved as achieved_of
+from .budget_fill import marginal, pick
+
 
 @dataclass
 class GreedyParams:
@@ -53,10 +56,11 @@ class GreedySelector(Selector):
             # this round's share of what is still missing
             target = budget.sparsity if last else achieved + (budget.sparsity - achieved) / (rounds - round_)
             while achieved < target - 1e-9 and remaining:
-                best = self._pick(remaining, key, scores, saving, budget.sparsity - achieved if last else None)
+                gain = marginal(budget, fitter, plan.subs, remaining, dim) if last else saving
+                best = pick(remaining, key, scores, gain, budget.sparsity - achieved if last else None)
                 remaining.remove(best)
                 plan.replacements.append(Replacement(best, scores[best]))
-                achieved += saving[best]
+                achieved = achieved_of(budget, fitter, plan.subs, dim)
                 if self.params.rescore:
                     bench.commit(best, bench.fit(fitter, best))
             if round_ < rounds - 1 and remaining and achieved < budget.sparsity:
@@ -69,13 +73,3 @@ class GreedySelector(Selector):
             plan.notes["warning"] = f"budget not reachable with these candidates: {achieved:.4f} < {budget.sparsity}"
         plan.notes["estimated_sparsity"] = achieved
         return plan
-
-    @staticmethod
-    def _pick(remaining, key, scores, saving, need):
-        """Best by ``key``; near the end (``need`` given) only among candidates that do not overshoot
-        the budget, and when none is left, the one with the lowest score that completes it: the
-        achieved sparsity lands within one small submodule of the request instead of one large."""
-        if need is None:
-            return min(remaining, key=key)
-        fitting = [s for s in remaining if saving[s] <= need + 1e-12]
-        return min(fitting, key=key) if fitting else min(remaining, key=lambda s: scores[s])

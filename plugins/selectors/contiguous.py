@@ -1,0 +1,41 @@
+"""Contiguous window (UIDL, and SubFit's bypasses on one block): the n consecutive whole layers,
+n the fewest whose removal meets the budget, where the scorer rates the window best; every
+submodule in it gets the fitter's bypass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from subfit_core.interfaces import Plan, Replacement, Selector
+
+from .budget_fill import achieved
+
+
+@dataclass
+class ContiguousParams:
+    keep_last: bool = False  # never include the final layer in the window
+
+
+class ContiguousSelector(Selector):
+    Params = ContiguousParams
+    description = "one window of consecutive layers, the best-scored of the smallest size that meets the budget"
+
+    def select(self, bench, scorer, fitter, budget):
+        dim = bench.adapter.hidden_size
+        n_layers = bench.adapter.num_layers - (1 if self.params.keep_last else 0)
+        layer_subs = [[s for s in bench.subs if s.layer == layer] for layer in range(n_layers)]
+        def window_saving(start: int, n: int) -> float:
+            return achieved(budget, fitter, [s for subs in layer_subs[start:start + n] for s in subs], dim)
+
+        n = 1
+        while n < n_layers and max(window_saving(i, n) for i in range(n_layers - n + 1)) < budget.sparsity - 1e-9:
+            n += 1
+        windows = [tuple(s for subs in layer_subs[i:i + n] for s in subs) for i in range(n_layers - n + 1)]
+        windows = [w for i, w in enumerate(windows) if window_saving(i, n) >= budget.sparsity - 1e-9] or windows
+        scores = scorer.score_groups(windows, bench, fitter)
+        best = min(range(len(windows)), key=lambda i: scores[i])
+        plan = Plan([Replacement(s, scores[best]) for s in windows[best]])
+        plan.notes["window"] = [windows[best][0].layer, windows[best][-1].layer]
+        plan.notes["window_scores"] = {f"L{w[0].layer}-L{w[-1].layer}": sc for w, sc in zip(windows, scores)}
+        plan.notes["estimated_sparsity"] = achieved(budget, fitter, windows[best], dim)
+        return plan

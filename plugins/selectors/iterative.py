@@ -1,0 +1,54 @@
+"""Iterative removal (SLEB, BlockPruner, FinerCut): at every step each remaining candidate (a
+whole layer, or one attention/FFN submodule) is tried on the current model with the fitter's
+bypass in place, the one the scorer likes best is committed, and the rest are tried again.
+
+Every trial re-runs only the submodules after the candidate, from the workbench's cached boundary
+states, on the scoring windows (``scoring.samples``, ``scoring.stride``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from subfit_core.interfaces import Plan, Replacement, Selector
+
+from .budget_fill import achieved as achieved_of
+from .budget_fill import marginal, pick
+
+
+@dataclass
+class IterativeParams:
+    unit: Literal["submodule", "layer"] = "submodule"
+    ratio: bool = False  # rank by score / budget saved (the published methods rank by score)
+
+
+class IterativeSelector(Selector):
+    Params = IterativeParams
+    description = "re-score every remaining layer or submodule after each removal (SLEB, BlockPruner, FinerCut)"
+
+    def select(self, bench, scorer, fitter, budget):
+        dim = bench.adapter.hidden_size
+        if self.params.unit == "layer":
+            groups = [tuple(s for s in bench.subs if s.layer == layer) for layer in range(bench.adapter.num_layers)]
+        else:
+            groups = [(s,) for s in bench.subs]
+        saving = {g: sum(budget.saving(s, fitter.estimate_params(s, dim)) for s in g) for g in groups}
+        remaining = [g for g in groups if saving[g] > 0]
+        plan, achieved = Plan(), 0.0
+        while achieved < budget.sparsity - 1e-9 and remaining:
+            scores = dict(zip(remaining, scorer.score_groups(remaining, bench, fitter)))
+
+            def key(g):
+                return scores[g] / saving[g] if self.params.ratio else scores[g]
+
+            gain = marginal(budget, fitter, plan.subs, remaining, dim)
+            best = pick(remaining, key, scores, gain, budget.sparsity - achieved)
+            remaining.remove(best)
+            for sub in best:
+                plan.replacements.append(Replacement(sub, scores[best]))
+                bench.commit(sub, bench.fit(fitter, sub))
+            achieved = achieved_of(budget, fitter, plan.subs, dim)
+        if achieved < budget.sparsity - 1e-9:
+            plan.notes["warning"] = f"budget not reachable with these candidates: {achieved:.4f} < {budget.sparsity}"
+        plan.notes["estimated_sparsity"] = achieved
+        return plan

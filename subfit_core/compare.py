@@ -1,0 +1,193 @@
+"""``subfit-compare``: several strategies at several sparsities in one process.
+
+The model, the windows, the dense reference and the dense calibration statistics are computed
+once (one Session) and shared by every strategy; each (strategy, sparsity) is then only its own
+selection and fitting. A strategy that fails is reported as failed, with its error, and the
+others still run. Writes results.json, table.md, table.csv and PNG plots, atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+import traceback
+from pathlib import Path
+
+from .artifact import atomic_dir, check_output_dir
+from .config import ConfigError, parse_override, set_dotted, validate
+from .errors import SubFitError
+from .pipeline import SESSION_KEYS, build_components, compress, open_session
+from .plugins import get_plugins
+from .recipes import read_recipe
+
+COLUMNS = ["strategy", "sparsity", "status", "ppl_ratio", "ppl", "achieved_layers", "achieved_params",
+           "attn_removed", "ffn_removed", "kv_saving", "compression_s", "compression_over_dense_forward", "error"]
+
+
+def parse_args(argv: list[str]) -> tuple[list[str], list[float], Path, bool, list[tuple[str, object]]]:
+    strategies, sparsities, out, overwrite, shared = None, None, Path("runs/compare"), False, []
+    for key, value in map(parse_override, argv):
+        if key == "strategies":
+            strategies = value if isinstance(value, list) else [value]
+        elif key == "sparsities":
+            sparsities = value if isinstance(value, list) else [value]
+        elif key == "output_dir":
+            out = Path(str(value))
+        elif key == "overwrite":
+            overwrite = bool(value)
+        else:
+            shared.append((key, value))
+    if not strategies:
+        raise ConfigError("strategies: give a list, e.g. strategies=[subfit,shortgpt]")
+    if not sparsities or not all(isinstance(s, (int, float)) and 0 < s < 1 for s in sparsities):
+        raise ConfigError(f"sparsities: {sparsities!r}; give a list of numbers in (0, 1), e.g. sparsities=[0.125,0.25]")
+    return [str(s) for s in strategies], [float(s) for s in sparsities], out, overwrite, shared
+
+
+def strategy_config(name: str, sparsity: float, shared: list[tuple[str, object]], base: dict | None) -> dict:
+    data, _ = read_recipe(get_plugins(), name)
+    for key, value in shared:
+        set_dotted(data, key, value)
+    data.update({"sparsity": sparsity, "save": False})
+    cfg = validate(data)
+    if base is not None:  # model, data and evaluation settings are the same for every strategy
+        cfg.update({k: base[k] for k in SESSION_KEYS})
+    return cfg
+
+
+def row_from(name: str, sparsity: float, results: dict) -> dict:
+    kv = results["kv_cache_bytes_per_token"]
+    attn = sum(1 for r in results["replaced"] if r["type"] == "attn")
+    return {
+        "strategy": name, "sparsity": sparsity, "status": "ok",
+        "ppl_ratio": results["perplexity"]["ratio"], "ppl": results["perplexity"]["compressed"],
+        "achieved_layers": results["sparsity"]["achieved_layers"], "achieved_params": results["sparsity"]["achieved_params"],
+        "attn_removed": attn, "ffn_removed": len(results["replaced"]) - attn,
+        "kv_saving": 1 - kv["after"] / kv["before"],
+        "compression_s": results["timings"]["compression_s"],
+        "compression_over_dense_forward": results["timings"]["compression_over_dense_forward"],
+        "error": "", "replaced": [[r["layer"], r["type"]] for r in results["replaced"]],
+    }
+
+
+def markdown(rows: list[dict], meta: str) -> str:
+    lines = ["| strategy | sparsity | ppl ratio | achieved (layers) | achieved (params) | removed | KV-cache saving | compression / dense forward |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['strategy']} | {r['sparsity']:.3f} | failed: {r['error']} | | | | | |")
+            continue
+        lines.append(f"| {r['strategy']} | {r['sparsity']:.3f} | {r['ppl_ratio']:.2f}x | {r['achieved_layers']:.4f} | "
+                     f"{r['achieved_params']:.4f} | {r['attn_removed']} attn + {r['ffn_removed']} ffn | "
+                     f"{r['kv_saving']:.1%} | {r['compression_over_dense_forward']:.2f}x |")
+    return "\n".join(lines) + "\n\n" + meta + "\n"
+
+
+def csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def plot(rows: list[dict], layers: int, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in dict.fromkeys(r["strategy"] for r in ok):
+        pts = sorted((r["achieved_layers"], r["ppl_ratio"]) for r in ok if r["strategy"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("achieved sparsity (layer-equivalents / layers)")
+    ax.set_ylabel("perplexity ratio (compressed / dense)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "ppl_vs_sparsity.png", dpi=120)
+    plt.close(fig)
+
+    for sparsity in dict.fromkeys(r["sparsity"] for r in ok):
+        sel = [r for r in ok if r["sparsity"] == sparsity]
+        grid = [[0.0] * layers for _ in range(2 * len(sel))]
+        labels = []
+        for i, r in enumerate(sel):
+            labels += [f"{r['strategy']} attn", f"{r['strategy']} ffn"]
+            for layer, kind in r["replaced"]:
+                grid[2 * i + (0 if kind == "attn" else 1)][layer] = 1.0
+        fig, ax = plt.subplots(figsize=(max(6.0, layers * 0.28), 0.32 * len(labels) + 1.2))
+        ax.imshow(grid, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xticks(range(layers), [str(l) for l in range(layers)], fontsize=7)
+        ax.set_xlabel("layer (black: replaced or removed)")
+        ax.set_title(f"removed submodules at sparsity {sparsity:g}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(folder / f"removed_map_{sparsity:g}.png", dpi=120)
+        plt.close(fig)
+
+
+def compare(argv: list[str]) -> dict:
+    strategies, sparsities, out, overwrite, shared = parse_args(argv)
+    check_output_dir(out, overwrite)
+    base = strategy_config(strategies[0], sparsities[0], shared, None)
+    for name in strategies:  # unknown recipes and bad keys (shared overrides too) fail before any work
+        try:
+            build_components(get_plugins(), strategy_config(name, sparsities[0], shared, base))
+        except SubFitError as exc:
+            raise SubFitError(f"strategy {name}: {exc}") from None
+    session = open_session(base)
+    rows = []
+    for name in strategies:
+        for sparsity in sparsities:
+            t0 = time.perf_counter()
+            try:
+                rows.append(row_from(name, sparsity, compress(session, strategy_config(name, sparsity, shared, base)).results))
+            except Exception as exc:  # noqa: BLE001 - one failing strategy must not stop the comparison
+                line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                rows.append({"strategy": name, "sparsity": sparsity, "status": "failed",
+                             "error": f"{type(exc).__name__}: {line}", "traceback": traceback.format_exc(),
+                             "compression_s": time.perf_counter() - t0})
+            session.bench.restore()
+    meta = (f"Model {base['model']}; dense held-out perplexity {session.dense_ppl:.2f} on "
+            f"{base['eval']['windows']} x {base['eval']['seq_len']} tokens of {base['eval']['dataset'] or base['calib']['dataset']}; "
+            f"calibration {base['calib']['samples']} x {base['calib']['seq_len']}, scoring {base['scoring']['samples']} windows; "
+            f"device {session.device}. Dense statistics computed once and shared "
+            f"({session.stats_s:.1f} s, included in every strategy's compression time).")
+    summary = {"meta": meta, "strategies": strategies, "sparsities": sparsities, "shared_overrides": [f"{k}={v}" for k, v in shared],
+               "dense_ppl": session.dense_ppl, "rows": rows}
+
+    def write(tmp: Path) -> None:
+        (tmp / "results.json").write_text(json.dumps(summary, indent=2))
+        (tmp / "table.md").write_text(markdown(rows, meta))
+        (tmp / "table.csv").write_text(csv_text(rows))
+        plot(rows, session.adapter.num_layers, tmp)
+
+    atomic_dir(out, write)
+    summary["output_dir"] = str(out)
+    return summary
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print("usage: subfit-compare strategies=[subfit,shortgpt,...] sparsities=[0.125,0.25,0.375] "
+              "[output_dir=runs/compare] [overwrite=true] [key=value ...]\n"
+              "Runs every strategy at every sparsity in one process, sharing the dense statistics;\n"
+              "other key=value overrides apply to every strategy (e.g. calib.samples=32).")
+        return 0
+    try:
+        summary = compare(argv)
+    except SubFitError as exc:
+        print(f"subfit-compare: error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(summary["rows"], summary["meta"]))
+    print(f"written to {summary['output_dir']}")
+    return 0

@@ -1,0 +1,83 @@
+"""subfit-compare: several strategies and sparsities from one shared dense pass, with a failing
+strategy reported rather than fatal; also exercises a local model directory and a local text file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import pytest
+
+from subfit_core.compare import compare
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def local_model_and_text(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import build_tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny")
+    model = build_tiny_model("llama", seed=1, num_hidden_layers=6)
+    model.save_pretrained(folder / "model")
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(folder / "model")
+    rng = random.Random(0)
+    # a text with structure (each word predicts the next) so removals change the loss
+    lines = []
+    for _ in range(1500):
+        w = rng.randrange(120)
+        lines.append(" ".join(f"t{(w + 3 * k) % 120}" for k in range(8)))  # < 40 chars: kept although repeated
+    (folder / "text.txt").write_text("\n".join(lines))
+    (folder / "broken.yaml").write_text(  # rotation scores single submodules, not windows: fails at run time
+        "name: broken\nscorer: {name: rotation}\nselector: {name: contiguous}\nfitter: {name: identity}\n")
+    return folder
+
+
+def test_compare_shares_one_dense_pass_and_reports_failures(local_model_and_text, monkeypatch):
+    folder = local_model_and_text
+    from subfit_core import trace
+
+    passes = []
+    original = trace.Workbench._collect_calibration
+    monkeypatch.setattr(trace.Workbench, "_collect_calibration", lambda self: (passes.append(1), original(self))[1])
+    out = folder / "compare"
+    summary = compare([
+        "strategies=[subfit,shortgpt,sleb," + str(folder / "broken.yaml") + "]", "sparsities=[0.17,0.34]",
+        f"model={folder / 'model'}", f"calib.dataset={folder / 'text.txt'}", "calib.samples=6", "calib.seq_len=16",
+        "scoring.samples=2", "eval.windows=3", "eval.seq_len=16", "cache_stats=false",
+        f"output_dir={out}"])
+    assert len(passes) == 1  # one dense calibration pass for 8 (strategy, sparsity) runs
+    rows = summary["rows"]
+    assert [(r["strategy"], r["sparsity"]) for r in rows] == [
+        (s, x) for s in ["subfit", "shortgpt", "sleb", str(folder / "broken.yaml")] for x in (0.17, 0.34)]
+    failed = [r for r in rows if r["status"] != "ok"]
+    assert [r["strategy"] for r in failed] == [str(folder / "broken.yaml")] * 2
+    assert "NotImplementedError" in failed[0]["error"] and "\n" not in failed[0]["error"]
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["achieved_layers"] >= r["sparsity"] - 1e-9 and r["ppl_ratio"] > 0
+    shortgpt = [r for r in rows if r["strategy"] == "shortgpt"]
+    assert all(r["attn_removed"] == r["ffn_removed"] for r in shortgpt)  # whole layers only
+    names = {p.name for p in out.iterdir()}
+    assert {"results.json", "table.md", "table.csv", "ppl_vs_sparsity.png", "removed_map_0.17.png"} <= names
+    assert "failed: NotImplementedError" in (out / "table.md").read_text()
+    table = list(csv.DictReader((out / "table.csv").open()))
+    assert len(table) == 8 and table[0]["strategy"] == "subfit"
+    assert json.loads((out / "results.json").read_text())["sparsities"] == [0.17, 0.34]
+    assert (out / "ppl_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_shared_override_invalid_for_one_strategy_fails_before_any_work(local_model_and_text):
+    from subfit_core.errors import SubFitError
+
+    folder = local_model_and_text
+    with pytest.raises(SubFitError, match=r"strategy shortgpt: selector.rounds: unknown key"):
+        compare(["strategies=[subfit,shortgpt]", "sparsities=[0.2]", f"model={folder / 'model'}",
+                 "selector.rounds=2", f"output_dir={folder / 'never'}"])
+    assert not (folder / "never").exists()
