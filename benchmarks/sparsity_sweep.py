@@ -82,6 +82,8 @@ def main() -> int:
             "kv_saving": 1 - ours["kv_cache_bytes_per_token"]["after"] / ours["kv_cache_bytes_per_token"]["before"],
             "compression_over_dense_forward": ours["timings"]["compression_over_dense_forward"],
             "compression_s": ours["timings"]["compression_s"],
+            "statistics_s": ours["timings"]["statistics_s"],
+            "selection_s": ours["timings"]["selection_s"],
             "dense_forward_s": ours["timings"]["dense_calibration_forward_s"],
             "subfit_replaced": [f"L{r['layer']}.{r['type']}" for r in ours["replaced"]],
         }
