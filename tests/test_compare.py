@@ -81,3 +81,20 @@ def test_a_shared_override_invalid_for_one_strategy_fails_before_any_work(local_
         compare(["strategies=[subfit,shortgpt]", "sparsities=[0.2]", f"model={folder / 'model'}",
                  "selector.rounds=2", f"output_dir={folder / 'never'}"])
     assert not (folder / "never").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sparsities=[0.2]"], "strategies: give a list"),
+    (["strategies=[subfit]", "sparsities=[1.5]"], "sparsities: [1.5]; give a list of numbers in (0, 1)"),
+    (["strategies=[subfitt]", "sparsities=[0.2]"], "did you mean 'subfit'"),
+])
+def test_compare_cli_errors_are_one_line(args, message, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "subfit-compare"
+    done = subprocess.run([str(exe), *args, f"output_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("subfit-compare: error:") and message in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr

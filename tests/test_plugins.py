@@ -16,7 +16,6 @@ import textwrap  # noqa: E402
 import types  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import pluggy  # noqa: E402
 import pytest  # noqa: E402
 
 import subfit_core  # noqa: E402

@@ -37,10 +37,7 @@ class IterativeSelector(Selector):
         plan, achieved = Plan(), 0.0
         while achieved < budget.sparsity - 1e-9 and remaining:
             scores = dict(zip(remaining, scorer.score_groups(remaining, bench, fitter)))
-
-            def key(g):
-                return scores[g] / saving[g] if self.params.ratio else scores[g]
-
+            key = {g: scores[g] / saving[g] if self.params.ratio else scores[g] for g in remaining}.get
             gain = marginal(budget, fitter, plan.subs, remaining, dim)
             best = pick(remaining, key, scores, gain, budget.sparsity - achieved)
             remaining.remove(best)
