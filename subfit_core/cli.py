@@ -116,7 +116,8 @@ def summary(results: dict) -> str:
         ("decoder params", f"{results['decoder_params']['before']:,} -> {results['decoder_params']['after']:,}"),
         ("KV cache bytes/token", f"{kv['before']:,} -> {kv['after']:,}"),
         ("replaced", ", ".join(f"L{r['layer']}.{r['type']}" for r in results["replaced"])),
-        ("compression time", f"{t['compression_s']:.1f} s = {t['compression_over_dense_forward']:.2f}x a dense calibration forward"),
+        ("compression time", f"{t['compression_s']:.1f} s = {t['compression_over_dense_forward']:.2f}x a dense calibration forward"
+                             + (" (statistics read from the cache)" if t.get("statistics_from_cache") else "")),
         ("output_dir", results.get("output_dir", "(not saved)")),
     ]
     width = max(len(k) for k, _ in rows)
