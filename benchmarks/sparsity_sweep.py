@@ -26,15 +26,13 @@ from subfit_core.bypass import ZeroBypass  # noqa: E402
 from subfit_core.cli import resolve_recipe  # noqa: E402
 from subfit_core.metrics import perplexity  # noqa: E402
 from subfit_core.pipeline import compress, open_session  # noqa: E402
-from subfit_core.surgery import apply_bypasses  # noqa: E402
+from subfit_core.compare import strategy_config  # noqa: E402
 
 
 def plain_removal_ppl(session, subs, batch_size: int) -> float:
     """Perplexity with the same submodules removed outright (no bypass)."""
     session.bench.restore()
-    zero = {s: ZeroBypass() for s in subs}
-    apply_bypasses(session.adapter, zero)
-    session.bench.replaced.update(zero)
+    session.bench.apply({s: ZeroBypass() for s in subs})
     ppl = perplexity(session.model, session.windows.heldout, batch_size, session.device, "plain removal")
     session.bench.restore()
     return ppl
@@ -64,9 +62,7 @@ def main() -> int:
         chosen = {(r["layer"], r["type"]) for r in ours["replaced"]}
         subs = [s for s in session.bench.subs if (s.layer, s.kind) in chosen]
         removed = plain_removal_ppl(session, subs, cfg["eval"]["batch_size"])
-        bcfg = resolve_recipe([f"strategy={args.baseline}", "save=false", f"sparsity={level}"])
-        if not session.compatible(bcfg):
-            raise SystemExit(f"{args.baseline} uses other model/data settings than the SubFit recipe")
+        bcfg = strategy_config(args.baseline, level, [], base)  # same model, data and evaluation
         theirs = compress(session, bcfg).results
         dense = ours["perplexity"]["dense"]
         row = {

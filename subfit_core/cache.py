@@ -24,7 +24,8 @@ def cache_root() -> Path:
 def weights_fingerprint(model: torch.nn.Module) -> list[float]:
     """Cheap summary of the weights (a sum and an absolute sum per tensor), so statistics of a model
     retrained in place under the same name and config are not reused."""
-    return [round(float(v), 6) for p in model.parameters() for v in (p.double().sum(), p.double().abs().sum())]
+    return [round(float(v), 6) for p in model.parameters()
+            for v in (p.sum(dtype=torch.float64), torch.linalg.vector_norm(p, 1, dtype=torch.float64))]
 
 
 def stats_key(model_spec: str, model: torch.nn.Module, dtype: str, calib_ids: torch.Tensor) -> str:
@@ -52,7 +53,10 @@ def save_stats(path: Path, stats: dict[Submodule, SubStats], layer_cos: list[flo
 def load_stats(path: Path, subs: list[Submodule]) -> tuple[dict[Submodule, SubStats], list[float]] | None:
     if not path.exists():
         return None
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception:  # noqa: BLE001 - a truncated or foreign file is recomputed, not fatal
+        return None
     try:
         stats = {s: SubStats.from_state(s.name, {k: tensors[f"{s.name}.{k}"] for k in ("gram", "cross", "scalars")})
                  for s in subs}

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from .config import COMPONENT_SECTIONS, ConfigError, params_help, parse_override, schema_help, set_dotted, validate
+from .config import ConfigError, apply_overrides, params_help, parse_override, schema_help, validate
 from .errors import SubFitError
 
 USAGE = """usage: subfit-run [strategy=NAME|PATH.yaml] [key=value ...] [--help] [--list]
@@ -35,13 +35,7 @@ def resolve_recipe(args: list[str]) -> dict:
     overrides = [parse_override(a) for a in args]
     strategy = next((v for k, v in overrides if k == "strategy"), "subfit")
     data, _ = read_recipe(get_plugins(), str(strategy))
-    for key, value in overrides:
-        section = key.split(".")[0]
-        if key == f"{section}.name" and section in COMPONENT_SECTIONS and data.get(section, {}).get("name") != value:
-            data[section] = {}  # another component: the recipe's parameters were for the old one
-        if key != "strategy":
-            set_dotted(data, key, value)
-    return validate(data)
+    return validate(apply_overrides(data, [(k, v) for k, v in overrides if k != "strategy"]))
 
 
 def print_help(args: list[str]) -> None:

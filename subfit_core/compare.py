@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 
 from .artifact import atomic_dir, check_output_dir
-from .config import ConfigError, parse_override, set_dotted, validate
+from .config import ConfigError, apply_overrides, parse_override, validate
 from .errors import SubFitError
 from .pipeline import SESSION_KEYS, build_components, compress, open_session
 from .plugins import get_plugins
@@ -48,8 +48,7 @@ def parse_args(argv: list[str]) -> tuple[list[str], list[float], Path, bool, lis
 
 def strategy_config(name: str, sparsity: float, shared: list[tuple[str, object]], base: dict | None) -> dict:
     data, _ = read_recipe(get_plugins(), name)
-    for key, value in shared:
-        set_dotted(data, key, value)
+    apply_overrides(data, shared)
     data.update({"sparsity": sparsity, "save": False})
     cfg = validate(data)
     if base is not None:  # model, data and evaluation settings are the same for every strategy
@@ -158,7 +157,8 @@ def compare(argv: list[str]) -> dict:
             f"{base['eval']['windows']} x {base['eval']['seq_len']} tokens of {base['eval']['dataset'] or base['calib']['dataset']}; "
             f"calibration {base['calib']['samples']} x {base['calib']['seq_len']}, scoring {base['scoring']['samples']} windows; "
             f"device {session.device}. Dense statistics computed once and shared "
-            f"({session.stats_s:.1f} s, included in every strategy's compression time).")
+            f"({session.stats_s:.1f} s{', read from the cache' if session.stats_cached else ''}, "
+            "included in every strategy's compression time).")
     summary = {"meta": meta, "strategies": strategies, "sparsities": sparsities, "shared_overrides": [f"{k}={v}" for k, v in shared],
                "dense_ppl": session.dense_ppl, "rows": rows}
 

@@ -106,6 +106,19 @@ def set_dotted(cfg: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def apply_overrides(data: dict, overrides: list[tuple[str, Any]]) -> dict:
+    """Apply ``key=value`` overrides to a recipe in order. Naming a different component
+    (``scorer.name=rotation``) starts that section afresh: the recipe's parameters were for the old one."""
+    for key, value in overrides:
+        section = key.split(".")[0]
+        if key == f"{section}.name" and section in COMPONENT_SECTIONS:
+            current = data.get(section)
+            if not isinstance(current, dict) or current.get("name") != value:
+                data[section] = {}
+        set_dotted(data, key, value)
+    return data
+
+
 def merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in extra.items():

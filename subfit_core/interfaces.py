@@ -83,7 +83,10 @@ class Scorer(Component):
         """Scores of replacing each group (a whole layer, a window) at once. By default only
         single-submodule groups can be scored, from ``score``."""
         if any(len(g) != 1 for g in groups):
-            raise NotImplementedError(f"{type(self).__name__} scores single submodules only, not layers or windows")
+            from .errors import ConfigError
+
+            raise ConfigError(f"scorer.name: {type(self).__name__} scores single submodules only, not the layers "
+                              "or windows this selector asks for; use output or angular-distance")
         singles = self.score([g[0] for g in groups], bench, fitter)
         return [singles[g[0]] for g in groups]
 

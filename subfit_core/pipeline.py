@@ -25,7 +25,7 @@ from .metrics import forward_seconds, perplexity
 from .models import find_adapter, load_model, resolve_device
 from .plugins import Plugins, build_component, get_plugins
 from .progress import progress
-from .surgery import apply_bypasses, records, split_bypass_params
+from .surgery import records, split_bypass_params
 from .trace import Workbench
 
 # Keys that must agree for two runs to share a Session (model, data and the dense reference).
@@ -110,9 +110,8 @@ def open_session(cfg: dict) -> Session:
     if cfg["cache_stats"]:
         key = stats_key(cfg["model"], model, cfg["dtype"], windows.calib)
         cache = cache_root() / "stats" / f"{key}.safetensors"
-    cached = cache is not None and cache.exists()
     t0 = time.perf_counter()
-    bench.collect(cache)
+    cached = bench.collect(cache)
     return Session(cfg, model, tokenizer, source, adapter, windows, device, dtype, dense_ppl, dense_forward_s,
                    bench, stats_s=time.perf_counter() - t0, stats_cached=cached)
 
@@ -135,9 +134,7 @@ def compress(session: Session, cfg: dict) -> Outcome:
         bypasses = {s: comps.fitter.fit(s, bench.stats[s]).to(device, dtype)
                     for s in progress(selected, desc="fitting bypasses")}
     bench.restore()
-    apply_bypasses(adapter, bypasses)
-    for sub, bypass in bypasses.items():
-        bench.replaced[sub] = bypass  # so the next compress() on this session restores them
+    bench.apply(bypasses)
     compression_s = session.stats_s + time.perf_counter() - t0
 
     ppl = perplexity(session.model, session.windows.heldout, cfg["eval"]["batch_size"], device, "compressed perplexity")

@@ -57,7 +57,7 @@ class SubStats:
     @classmethod
     def from_state(cls, name: str, state: dict[str, torch.Tensor]) -> "SubStats":
         st = cls(state["cross"].shape[1], name)
-        st.gram, st.cross = state["gram"].clone(), state["cross"].clone()
+        st.gram, st.cross = state["gram"], state["cross"]
         tokens, st.y_sq, st.cos_sum, st.mag_sum = state["scalars"].tolist()
         st.tokens = int(tokens)
         return st

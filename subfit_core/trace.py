@@ -76,9 +76,9 @@ class Workbench:
 
     # ------------------------------------------------------------------ dense pass
     @torch.inference_mode()
-    def collect(self, cache: Path | None = None) -> None:
+    def collect(self, cache: Path | None = None) -> bool:
         """Dense statistics (read from ``cache`` when present, else streamed and written there)
-        and the scoring set's boundary states."""
+        and the scoring set's boundary states. Returns whether the statistics came from the cache."""
         cached = load_stats(cache, self.subs) if cache is not None else None
         if cached is not None:
             self.stats, self.layer_cos = cached
@@ -96,6 +96,7 @@ class Workbench:
         positions = self.windows.scoring.numel() // self.stride
         if positions * self.model.config.vocab_size * 4 <= _MAX_CACHED_REFERENCE_BYTES:
             self._dense_refs = [self._reference(h) for h in score]
+        return cached is not None
 
     def _collect_calibration(self) -> None:
         dim = self.adapter.hidden_size
@@ -182,6 +183,14 @@ class Workbench:
         self.replaced[sub] = module
         self._run(sub.index, self._states[sub.index], record=True)
 
+    def apply(self, bypasses: dict[Submodule, nn.Module]) -> None:
+        """Swap ``bypasses`` into the model (recorded, so ``restore`` undoes them) and fix the
+        KV-cache slots. The cached scoring boundaries are not refreshed (use ``commit`` for that)."""
+        for sub, module in bypasses.items():
+            self.adapter.replace(sub, module)
+            self.replaced[sub] = module
+        self.adapter.finalize()
+
     def restore(self) -> None:
         """Put every original module back: the model and the cached boundaries are dense again."""
         for sub in list(self.replaced):
@@ -221,7 +230,7 @@ class Workbench:
                 comp = [self._step(sub, fits[sub], hc) for hc in comp]
             elif fits:
                 comp = [self._step(sub, original, hc) for hc in comp]
-            else:  # nothing replaced yet: the compressed stream is still the dense one
-                comp = [h + y for h, y in zip(dense, targets)]
             dense = [h + y for h, y in zip(dense, targets)]
+            if not fits:  # nothing replaced yet: the compressed stream is still the dense one
+                comp = dense
         return fits

@@ -58,7 +58,7 @@ def test_compare_shares_one_dense_pass_and_reports_failures(local_model_and_text
         (s, x) for s in ["subfit", "shortgpt", "sleb", str(folder / "broken.yaml")] for x in (0.17, 0.34)]
     failed = [r for r in rows if r["status"] != "ok"]
     assert [r["strategy"] for r in failed] == [str(folder / "broken.yaml")] * 2
-    assert "NotImplementedError" in failed[0]["error"] and "\n" not in failed[0]["error"]
+    assert "ConfigError: scorer.name" in failed[0]["error"] and "\n" not in failed[0]["error"]
     for r in rows:
         if r["status"] == "ok":
             assert r["achieved_layers"] >= r["sparsity"] - 1e-9 and r["ppl_ratio"] > 0
@@ -66,7 +66,7 @@ def test_compare_shares_one_dense_pass_and_reports_failures(local_model_and_text
     assert all(r["attn_removed"] == r["ffn_removed"] for r in shortgpt)  # whole layers only
     names = {p.name for p in out.iterdir()}
     assert {"results.json", "table.md", "table.csv", "ppl_vs_sparsity.png", "removed_map_0.17.png"} <= names
-    assert "failed: NotImplementedError" in (out / "table.md").read_text()
+    assert "failed: ConfigError" in (out / "table.md").read_text()
     table = list(csv.DictReader((out / "table.csv").open()))
     assert len(table) == 8 and table[0]["strategy"] == "subfit"
     assert json.loads((out / "results.json").read_text())["sparsities"] == [0.17, 0.34]

@@ -201,7 +201,7 @@ def test_shared_basis_reproduces_targets_in_a_common_subspace():
     fitter.prepare(subs, stats)
     bypasses = {s: fitter.fit(s, stats[s]) for s in subs}
     for s, b in bypasses.items():
-        assert isinstance(b, SharedBasisBypass) and b.rank == r and b.group == "shared0"
+        assert isinstance(b, SharedBasisBypass) and b.rank == r and b.group == f"shared-{s.kind}"
         x, y = data[s]
         assert rel_err(predict(b, x), y) < 1e-4, s
     # the basis spans the planted subspace

@@ -80,7 +80,7 @@ class SharedBasisFitter(Fitter):
 
     def fit(self, sub: Submodule, stats: SubStats) -> SharedBasisBypass:
         if sub in self._members:
-            basis, shared, group = self._basis, self._shared, "shared0"
+            basis, shared, group = self._basis, self._shared, f"shared-{sub.kind}"
         else:  # alone (e.g. while candidates are scored): a basis of its own, same rank
             basis = self.basis_for([stats])
             shared, group = nn.Parameter(basis.T.contiguous().float(), requires_grad=False), f"own-{sub.name}"

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from subfit_core.interfaces import Plan, Replacement, Selector
 
+from .budget_fill import achieved as achieved_of
+
 
 @dataclass
 class WholeLayerParams:
@@ -27,11 +29,11 @@ class WholeLayerSelector(Selector):
             if achieved >= budget.sparsity - 1e-9:
                 break
             subs = [s for s in bench.subs if s.layer == layer]
-            gain = sum(budget.saving(s, fitter.estimate_params(s, dim)) for s in subs)
-            if not self.params.overshoot and achieved + gain > budget.sparsity + 1e-9:
+            after = achieved_of(budget, fitter, [*plan.subs, *subs], dim)
+            if not self.params.overshoot and after > budget.sparsity + 1e-9:
                 break
             plan.replacements.extend(Replacement(s, scores[s]) for s in subs)
-            achieved += gain
+            achieved = after
         plan.notes["layers_removed"] = sorted({r.sub.layer for r in plan.replacements})
         plan.notes["estimated_sparsity"] = achieved
         return plan
