@@ -46,7 +46,6 @@ class Workbench:
         self._states: list[list[torch.Tensor]] = []  # [boundary][batch] scoring residual stream
         self._contexts: dict = {}
         self._dense_refs: list[tuple[torch.Tensor, float]] | None = None
-        self._dense_final: list[torch.Tensor] = []
         self._fits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fitter -> {sub: bypass}
         self.evaluations = 0  # scoring-set evaluations run (for cost reports)
         self.layer_cos: list[float] = []
@@ -86,12 +85,8 @@ class Workbench:
             self._collect_calibration()
             if cache is not None:
                 save_stats(cache, self.stats, self.layer_cos)
-        score = [self.adapter.embed(b) for b in self._batches(self.windows.scoring)]
-        self._states = [score]
-        for sub in self.subs:
-            score = [self._step(sub, self.adapter.module(sub), h) for h in score]
-            self._states.append(score)
-        self._dense_final = score
+        self._states = [[self.adapter.embed(b) for b in self._batches(self.windows.scoring)]] + [[]] * len(self.subs)
+        score = self._run(0, self._states[0], record=True)
         self._dense_states = list(self._states)
         positions = self.windows.scoring.numel() // self.stride
         if positions * self.model.config.vocab_size * 4 <= _MAX_CACHED_REFERENCE_BYTES:
@@ -144,7 +139,7 @@ class Workbench:
                 labels = ids[:, 1:][:, :: self.stride]
                 value = lse.sum() - z.gather(-1, labels[..., None]).sum()
             else:
-                p, neg_entropy = self._dense_refs[j] if self._dense_refs else self._reference(self._dense_final[j])
+                p, neg_entropy = self._dense_refs[j] if self._dense_refs else self._reference(self._dense_states[-1][j])
                 if metric == "kl":
                     value = neg_entropy + lse.sum() - torch.dot(p.view(-1), z.view(-1))
                 else:
@@ -154,6 +149,10 @@ class Workbench:
             total += float(value)
             count += lse.numel()
         return total / count
+
+    def layer_groups(self) -> list[tuple[Submodule, ...]]:
+        """The submodules of each layer, in depth order (whole-layer and window selectors)."""
+        return [tuple(s for s in self.subs if s.layer == layer) for layer in range(self.adapter.num_layers)]
 
     def boundary(self, index: int) -> list[torch.Tensor]:
         """The current model's residual stream on the scoring windows in front of submodule

@@ -23,7 +23,7 @@ class ContiguousSelector(Selector):
     def select(self, bench, scorer, fitter, budget):
         dim = bench.adapter.hidden_size
         n_layers = bench.adapter.num_layers - (1 if self.params.keep_last else 0)
-        layer_subs = [[s for s in bench.subs if s.layer == layer] for layer in range(n_layers)]
+        layer_subs = bench.layer_groups()[:n_layers]
         def window_saving(start: int, n: int) -> float:
             return achieved(budget, fitter, [s for subs in layer_subs[start:start + n] for s in subs], dim)
 

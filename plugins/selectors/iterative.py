@@ -29,7 +29,7 @@ class IterativeSelector(Selector):
     def select(self, bench, scorer, fitter, budget):
         dim = bench.adapter.hidden_size
         if self.params.unit == "layer":
-            groups = [tuple(s for s in bench.subs if s.layer == layer) for layer in range(bench.adapter.num_layers)]
+            groups = bench.layer_groups()
         else:
             groups = [(s,) for s in bench.subs]
         saving = {g: sum(budget.saving(s, fitter.estimate_params(s, dim)) for s in g) for g in groups}

@@ -22,13 +22,13 @@ class WholeLayerSelector(Selector):
     def select(self, bench, scorer, fitter, budget):
         scores = scorer.score(bench.subs, bench, fitter)
         dim = bench.adapter.hidden_size
-        layers = sorted(range(bench.adapter.num_layers),
-                        key=lambda l: sum(scores[s] for s in bench.subs if s.layer == l) / 2)
+        groups = bench.layer_groups()
+        layers = sorted(range(len(groups)), key=lambda l: sum(scores[s] for s in groups[l]))
         plan, achieved = Plan(), 0.0
         for layer in layers:
             if achieved >= budget.sparsity - 1e-9:
                 break
-            subs = [s for s in bench.subs if s.layer == layer]
+            subs = list(groups[layer])
             after = achieved_of(budget, fitter, [*plan.subs, *subs], dim)
             if not self.params.overshoot and after > budget.sparsity + 1e-9:
                 break
