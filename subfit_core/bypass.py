@@ -89,6 +89,26 @@ class SharedBasisBypass(Bypass):
                 "bias": self.bias is not None, "group": self.group}
 
 
+class MLPBypass(Bypass):
+    """y = W_down (silu(W_gate x) * W_up x): a gated feed-forward network standing in for a whole
+    removed window (LLM-Streamline's lightweight replacement), trained rather than solved."""
+
+    kind = "mlp"
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
+        super().__init__()
+        self.gate = nn.Parameter(gate, requires_grad=False)  # hidden x d
+        self.up = nn.Parameter(up, requires_grad=False)  # hidden x d
+        self.down = nn.Parameter(down, requires_grad=False)  # d x hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = nn.functional
+        return f.linear(f.silu(f.linear(x, self.gate)) * f.linear(x, self.up), self.down)
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "dim": self.gate.shape[1], "hidden": self.gate.shape[0]}
+
+
 def unique_param_count(modules) -> int:
     """Parameters of ``modules`` with shared tensors (a shared basis) counted once."""
     seen, total = set(), 0
@@ -119,6 +139,10 @@ def build_bypasses(specs: list[dict], dtype: torch.dtype) -> list[Bypass]:
             if group not in shared:
                 shared[group] = nn.Parameter(torch.zeros(r, d, dtype=dtype), requires_grad=False)
             out.append(SharedBasisBypass(shared[group], torch.zeros(d, r, dtype=dtype), bias, group))
+        elif kind == "mlp":
+            hidden = spec["hidden"]
+            out.append(MLPBypass(torch.zeros(hidden, d, dtype=dtype), torch.zeros(hidden, d, dtype=dtype),
+                                 torch.zeros(d, hidden, dtype=dtype)))
         else:
             raise ValueError(f"unknown bypass kind '{kind}' in saved config")
     return out

@@ -10,9 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from torch import nn
+
 from .bypass import Bypass
+from .progress import progress
 
 if TYPE_CHECKING:
+    from .adapter import Adapter
     from .budget import Budget
     from .stats import SubStats
     from .trace import Workbench
@@ -54,8 +58,32 @@ class Component:
         self.plugins = plugins
 
 
+@dataclass
+class Fitted:
+    """What a fitter produced for a selection: a bypass per selected submodule, and ``edits``:
+    modules that replace *kept* submodules (same structure and shapes as the original, e.g. a
+    down-projection with a linear map folded in) to compensate for what was removed."""
+
+    bypasses: dict[Submodule, Bypass]
+    edits: dict[Submodule, nn.Module] = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)  # for the report (e.g. a training loss)
+
+
 class Fitter(Component):
     """Fits a bypass for a submodule from its statistics (closed form)."""
+
+    def fit_selection(self, selected: list[Submodule], bench: "Workbench", anchored: bool = False) -> Fitted:
+        """Fit the final selection. By default each bypass is fitted on its own from the dense
+        statistics (``anchored``: on the compressed model's inputs instead). Fitters that fit a
+        removed window as a whole from activations (ReplaceMe, LLM-Streamline) override this."""
+        self.prepare(selected, bench.stats)
+        if anchored:
+            return Fitted(bench.refit_anchored(self, selected))
+        return Fitted({s: self.fit(s, bench.stats[s]).to(bench.device, bench.dtype)
+                       for s in progress(selected, desc="fitting bypasses")})
+
+    def attach(self, adapter: "Adapter") -> None:
+        """Called once before selection, for fitters whose bypass size depends on the model."""
 
     def prepare(self, subs: list[Submodule], stats: dict[Submodule, "SubStats"]) -> None:
         """Called once with the final selection before ``fit``; e.g. to build a shared basis."""
@@ -99,10 +127,13 @@ class Replacement:
 
 @dataclass
 class Plan:
-    """An ordered selection of submodules to replace, plus notes for the report."""
+    """An ordered selection of submodules to replace, plus notes for the report. ``edits`` are
+    modules a selector built for kept submodules while searching (LaCo's merged layers); they are
+    applied with the bypasses."""
 
     replacements: list[Replacement] = field(default_factory=list)
     notes: dict = field(default_factory=dict)
+    edits: dict[Submodule, nn.Module] = field(default_factory=dict)
 
     @property
     def subs(self) -> list[Submodule]:

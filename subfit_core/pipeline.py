@@ -24,7 +24,6 @@ from .interfaces import Plan, Submodule
 from .metrics import forward_seconds, perplexity
 from .models import find_adapter, load_model, resolve_device
 from .plugins import Plugins, build_component, get_plugins
-from .progress import progress
 from .surgery import records, split_bypass_params
 from .trace import Workbench
 
@@ -119,27 +118,30 @@ def open_session(cfg: dict) -> Session:
 def compress(session: Session, cfg: dict) -> Outcome:
     """Select, fit and apply bypasses per ``cfg``; the session's model is left compressed."""
     comps = build_components(get_plugins(), cfg)
-    bench, adapter, device, dtype = session.bench, session.adapter, session.device, session.dtype
+    bench, adapter, device = session.bench, session.adapter, session.device
     bench.restore()
     budget = Budget(cfg["sparsity"], cfg["sparsity_unit"], adapter)
+    comps.fitter.attach(adapter)
     evaluations_before = bench.evaluations
     t0 = time.perf_counter()
     plan = comps.selector.select(bench, comps.scorer, comps.fitter, budget)
     t_select = time.perf_counter() - t0
-    selected = plan.subs
-    comps.fitter.prepare(selected, bench.stats)
-    if cfg["anchored"]:
-        bypasses = bench.refit_anchored(comps.fitter, selected)
-    else:
-        bypasses = {s: comps.fitter.fit(s, bench.stats[s]).to(device, dtype)
-                    for s in progress(selected, desc="fitting bypasses")}
     bench.restore()
-    bench.apply(bypasses)
+    fitted = comps.fitter.fit_selection(plan.subs, bench, anchored=cfg["anchored"])
+    edits = {**plan.edits, **fitted.edits}
+    clash = sorted(set(edits) & set(fitted.bypasses))
+    if clash:
+        raise SubFitError(f"fitter {cfg['fitter']['name']}: {clash[0]} is both replaced and edited")
+    bench.restore()
+    bench.apply({**fitted.bypasses, **edits})
     compression_s = session.stats_s + time.perf_counter() - t0
 
     ppl = perplexity(session.model, session.windows.heldout, cfg["eval"]["batch_size"], device, "compressed perplexity")
-    return Outcome(bypasses, plan, report(session, cfg, budget, plan, bypasses, ppl, compression_s, t_select,
-                                          bench.evaluations - evaluations_before))
+    results = report(session, cfg, budget, plan, fitted.bypasses, ppl, compression_s, t_select,
+                     bench.evaluations - evaluations_before)
+    results["edited"] = [s.name for s in sorted(edits)]
+    results["notes"].update(fitted.notes)
+    return Outcome(fitted.bypasses, plan, results)
 
 
 def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: dict, ppl: float,

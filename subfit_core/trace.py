@@ -18,12 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from .adapter import Adapter
 from .bypass import Bypass
 from .cache import load_stats, save_stats
 from .corpus import Windows
+from .errors import ConfigError
 from .interfaces import Fitter, Submodule
 from .progress import progress
 from .stats import SubStats
@@ -48,6 +51,7 @@ class Workbench:
         self._dense_refs: list[tuple[torch.Tensor, float]] | None = None
         self._fits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fitter -> {sub: bypass}
         self.evaluations = 0  # scoring-set evaluations run (for cost reports)
+        self._limit: int | None = None  # judge on the first _limit scoring windows only (``subset``)
         self.layer_cos: list[float] = []
 
     # ------------------------------------------------------------------ helpers
@@ -123,25 +127,28 @@ class Workbench:
     def _positions(self, t: torch.Tensor) -> torch.Tensor:
         return t[:, :-1][:, :: self.stride]
 
-    def _reference(self, h: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def _reference(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense next-token distribution p and, per window, sum p log p."""
         logp = F.log_softmax(self.adapter.logits(self._positions(h)).float(), dim=-1)
         p = logp.exp()
-        return p, float(torch.dot(p.view(-1), logp.view(-1)))
+        return p, (p * logp).flatten(1).sum(1)
 
     @torch.inference_mode()
     def _metric(self, finals: list[torch.Tensor], metric: str) -> float:
         self.evaluations += 1
         total, count = 0.0, 0
         for j, (h, ids) in enumerate(zip(finals, self._batches(self.windows.scoring))):
+            n = h.shape[0]  # a ``subset`` may cut the last batch short
             z = self.adapter.logits(self._positions(h)).float()
             lse = torch.logsumexp(z, dim=-1)
             if metric == "loss":
-                labels = ids[:, 1:][:, :: self.stride]
+                labels = ids[:n, 1:][:, :: self.stride]
                 value = lse.sum() - z.gather(-1, labels[..., None]).sum()
             else:
                 p, neg_entropy = self._dense_refs[j] if self._dense_refs else self._reference(self._dense_states[-1][j])
+                p, neg_entropy = p[:n], neg_entropy[:n].sum()
                 if metric == "kl":
-                    value = neg_entropy + lse.sum() - torch.dot(p.view(-1), z.view(-1))
+                    value = neg_entropy + lse.sum() - torch.dot(p.reshape(-1), z.view(-1))
                 else:
                     q = torch.softmax(z, dim=-1)
                     m = (p + q) / 2
@@ -154,26 +161,60 @@ class Workbench:
         """The submodules of each layer, in depth order (whole-layer and window selectors)."""
         return [tuple(s for s in self.subs if s.layer == layer) for layer in range(self.adapter.num_layers)]
 
+    @contextmanager
+    def subset(self, windows: int | None):
+        """Judge candidates on the first ``windows`` scoring windows only (None: all of them), e.g.
+        for an iterative method whose recipe asks for a smaller scoring set. Commits still refresh
+        every window's boundary states."""
+        available = self.windows.scoring.shape[0]
+        if windows is not None and not 1 <= windows <= available:
+            raise ConfigError(f"selector.scoring_samples: {windows} windows requested, allowed 1..{available} "
+                              "(scoring.samples)")
+        previous, self._limit = self._limit, windows
+        try:
+            yield self
+        finally:
+            self._limit = previous
+
+    def _take(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self._limit is None:
+            return hs
+        out, left = [], self._limit
+        for h in hs:
+            if left <= 0:
+                break
+            out.append(h[:left])
+            left -= h.shape[0]
+        return out
+
     def boundary(self, index: int) -> list[torch.Tensor]:
         """The current model's residual stream on the scoring windows in front of submodule
         ``index`` (``len(subs)``: after the last one), one tensor per batch."""
-        return self._states[index]
+        return self._take(self._states[index])
+
+    def dense_boundary(self, index: int) -> list[torch.Tensor]:
+        """Like ``boundary``, for the dense model."""
+        return self._take(self._dense_states[index])
 
     def metric(self, metric: str) -> float:
         """The current (partially compressed) model's metric on the scoring set."""
-        return self._metric(self._states[-1], metric)
+        return self._metric(self.boundary(len(self.subs)), metric)
 
     def metric_with(self, sub: Submodule, module: nn.Module, metric: str) -> float:
         """The metric if ``sub`` were replaced by ``module``, re-running only what follows it."""
         return self.metric_with_many({sub: module}, metric)
 
     @torch.inference_mode()
+    def states_with(self, modules: dict[Submodule, nn.Module]) -> list[torch.Tensor]:
+        """The final residual stream on the scoring windows if every submodule in ``modules`` were
+        replaced, re-running from the first of them onward."""
+        start = min(s.index for s in modules)
+        return self._run(start, self.boundary(start), modules)
+
     def metric_with_many(self, modules: dict[Submodule, nn.Module], metric: str) -> float:
         """The metric if every submodule in ``modules`` were replaced (e.g. a whole layer or a
         window), re-running from the first of them onward."""
-        start = min(s.index for s in modules)
-        hs = self._run(start, self._states[start], modules)
-        return self._metric(hs, metric)
+        return self._metric(self.states_with(modules), metric)
 
     # ------------------------------------------------------------------ changing the model
     @torch.inference_mode()
@@ -198,6 +239,21 @@ class Workbench:
         self.adapter.finalize()
         if self._states:
             self._states = list(self._dense_states)
+
+    @torch.inference_mode()
+    def calibration_trace(self, stop: int, visit: Callable[[int, Submodule, torch.Tensor, torch.Tensor], None]) -> None:
+        """Run the calibration windows through the current model up to submodule ``stop`` (exclusive),
+        one batch at a time, calling ``visit(batch, sub, h, y)`` with the residual stream ``h`` in
+        front of each submodule and its contribution ``y``. Only one batch's state is alive at a
+        time; window-level fitters keep what they need (a few boundaries, or Gram matrices)."""
+        for b, ids in enumerate(self._batches(self.windows.calib)):
+            h = self.adapter.embed(ids)
+            for sub in self.subs[:stop]:
+                y = self.adapter.contribution(sub, h, self._ctx(h))
+                visit(b, sub, h, y)
+                h = h + y
+            if stop == len(self.subs):
+                visit(b, None, h, None)  # the final residual stream
 
     def fit(self, fitter: Fitter, sub: Submodule) -> Bypass:
         """Fit from dense statistics, memoised: the same fitter and submodule always give the same bypass."""

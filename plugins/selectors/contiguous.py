@@ -14,6 +14,7 @@ from .budget_fill import achieved
 @dataclass
 class ContiguousParams:
     keep_last: bool = False  # never include the final layer in the window
+    keep_first: bool = False  # never include layer 0 (ReplaceMe folds its map into the layer in front)
 
 
 class ContiguousSelector(Selector):
@@ -22,8 +23,9 @@ class ContiguousSelector(Selector):
 
     def select(self, bench, scorer, fitter, budget):
         dim = bench.adapter.hidden_size
-        n_layers = bench.adapter.num_layers - (1 if self.params.keep_last else 0)
-        layer_subs = bench.layer_groups()[:n_layers]
+        lo = 1 if self.params.keep_first else 0
+        layer_subs = bench.layer_groups()[lo:bench.adapter.num_layers - (1 if self.params.keep_last else 0)]
+        n_layers = len(layer_subs)
         def window_saving(start: int, n: int) -> float:
             return achieved(budget, fitter, [s for subs in layer_subs[start:start + n] for s in subs], dim)
 

@@ -3,7 +3,8 @@ whole layer, or one attention/FFN submodule) is tried on the current model with 
 bypass in place, the one the scorer likes best is committed, and the rest are tried again.
 
 Every trial re-runs only the submodules after the candidate, from the workbench's cached boundary
-states, on the scoring windows (``scoring.samples``, ``scoring.stride``)."""
+states, on the scoring windows (``scoring.samples``, ``scoring.stride``), or on the first
+``scoring_samples`` of them when the recipe asks for a smaller subset."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .budget_fill import marginal, pick
 class IterativeParams:
     unit: Literal["submodule", "layer"] = "submodule"
     ratio: bool = False  # rank by score / budget saved (the published methods rank by score)
+    scoring_samples: int | None = None  # judge trials on the first N scoring windows (None: all)
 
 
 class IterativeSelector(Selector):
@@ -27,6 +29,10 @@ class IterativeSelector(Selector):
     description = "re-score every remaining layer or submodule after each removal (SLEB, BlockPruner, FinerCut)"
 
     def select(self, bench, scorer, fitter, budget):
+        with bench.subset(self.params.scoring_samples):
+            return self._select(bench, scorer, fitter, budget)
+
+    def _select(self, bench, scorer, fitter, budget):
         dim = bench.adapter.hidden_size
         if self.params.unit == "layer":
             groups = bench.layer_groups()
