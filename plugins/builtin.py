@@ -35,6 +35,7 @@ def subfit_selectors():
         "whole-layer": f"{P}.selectors.whole_layer:WholeLayerSelector",
         "iterative": f"{P}.selectors.iterative:IterativeSelector",
         "contiguous": f"{P}.selectors.contiguous:ContiguousSelector",
+        "laco": f"{P}.selectors.laco:LaCoSelector",
     }
 
 
@@ -46,6 +47,8 @@ def subfit_fitters():
         "low-rank": f"{P}.fitters.linear:LowRankFitter",
         "shared-basis": f"{P}.fitters.shared_basis:SharedBasisFitter",
         "per-type": f"{P}.fitters.per_type:PerTypeFitter",
+        "replaceme": f"{P}.fitters.replaceme:ReplaceMeFitter",
+        "llm-streamline": f"{P}.fitters.streamline:StreamlineFitter",
     }
 
 

@@ -98,3 +98,51 @@ def test_compare_cli_errors_are_one_line(args, message, tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("subfit-compare: error:") and message in done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def tiny_args(folder) -> list[str]:
+    return [f"model={folder / 'model'}", f"calib.dataset={folder / 'text.txt'}", "calib.samples=6",
+            "calib.seq_len=16", "scoring.samples=2", "eval.windows=3", "eval.seq_len=16", "cache_stats=false"]
+
+
+def test_every_shipped_strategy_runs_and_meets_its_budget(local_model_and_text):
+    import subfit_strategies
+    from pathlib import Path
+
+    folder = local_model_and_text
+    names = sorted(p.stem for p in Path(subfit_strategies.__file__).parent.glob("*.yaml"))
+    assert {"replaceme", "replaceme-cosine", "llm-streamline", "laco", "blockpruner", "finercut"} <= set(names)
+    summary = compare([f"strategies=[{','.join(names)}]", "sparsities=[0.34]",
+                       f"output_dir={folder / 'all'}", *tiny_args(folder)])
+    rows = {r["strategy"]: r for r in summary["rows"]}
+    assert {n: rows[n]["status"] for n in names} == {n: "ok" for n in names}
+    for r in rows.values():
+        assert r["achieved_layers"] >= 0.34 - 1e-9 and r["ppl_ratio"] > 0
+
+
+@pytest.mark.parametrize("strategy", ["replaceme", "llm-streamline", "laco"])
+def test_window_strategies_save_and_load_with_identical_logits(local_model_and_text, tmp_path, strategy):
+    """ReplaceMe and LaCo edit kept layers, LLM-Streamline adds a trained FFN: all survive save/load."""
+    import torch
+
+    from subfit_core import load_compressed
+    from subfit_core.artifact import save_compressed
+    from subfit_core.cli import resolve_recipe
+    from subfit_core.pipeline import compress, open_session
+    from subfit_core.surgery import records
+
+    folder = local_model_and_text
+    extra = ["fitter.epochs=1"] if strategy == "llm-streamline" else []
+    cfg = resolve_recipe([f"strategy={strategy}", "sparsity=0.34", *extra, *tiny_args(folder)])
+    session = open_session(cfg)
+    outcome = compress(session, cfg)
+    assert outcome.results["edited"] == {"replaceme": [f"L{outcome.plan.subs[0].layer - 1}.ffn"],
+                                         "llm-streamline": [], "laco": outcome.results["edited"]}[strategy]
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = session.model(input_ids=ids).logits
+    save_compressed(session.model, session.tokenizer, records(outcome.bypasses), tmp_path / "out", cfg,
+                    outcome.results)
+    loaded, _ = load_compressed(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, before)
