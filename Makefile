@@ -10,7 +10,9 @@ STAMP   = $(VENV)/.subfit-installed
 OFFLINE = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 RUN_ARGS ?= strategy=subfit output_dir=runs/subfit overwrite=true
 
-.PHONY: setup run test bench clean
+COMPARE_STRATEGIES ?= subfit,subfit-delete,subfit-contiguous,shortgpt,uidl,sleb,blockpruner,finercut,replaceme,replaceme-cosine,llm-streamline,laco
+
+.PHONY: setup run test bench compare clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +33,11 @@ test: setup
 
 bench: setup
 	$(OFFLINE) $(PY) benchmarks/sparsity_sweep.py
+
+# Every strategy at 12.5/25/37.5% in one process (dense statistics shared); writes docs/results/compare
+compare: setup
+	$(OFFLINE) $(VENV)/bin/subfit-compare strategies=[$(COMPARE_STRATEGIES)] sparsities=[0.125,0.25,0.375] \
+		cache_stats=false output_dir=docs/results/compare overwrite=true
 
 clean:
 	rm -rf $(VENV) runs

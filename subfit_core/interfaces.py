@@ -102,14 +102,18 @@ class Fitter(Component):
 
 
 class Scorer(Component):
-    """Scores candidates; lower = cheaper to replace."""
+    """Scores candidates; lower = cheaper to replace. A scorer implements ``score`` (single
+    submodules), or ``score_groups`` and sets ``scores_groups`` (then ``score`` comes free)."""
+
+    scores_groups: ClassVar[bool] = False  # can score a group (a whole layer, a window) at once
 
     def score(self, candidates: list[Submodule], bench: "Workbench", fitter: Fitter) -> dict[Submodule, float]:
-        raise NotImplementedError
+        if not self.scores_groups:
+            raise NotImplementedError
+        return dict(zip(candidates, self.score_groups([(s,) for s in candidates], bench, fitter)))
 
     def score_groups(self, groups: list[tuple[Submodule, ...]], bench: "Workbench", fitter: Fitter) -> list[float]:
-        """Scores of replacing each group (a whole layer, a window) at once. By default only
-        single-submodule groups can be scored, from ``score``."""
+        """Scores of replacing each group at once. By default only single-submodule groups, from ``score``."""
         if any(len(g) != 1 for g in groups):
             from .errors import ConfigError
 
@@ -145,3 +149,7 @@ class Selector(Component):
 
     def select(self, bench: "Workbench", scorer: Scorer, fitter: Fitter, budget: "Budget") -> Plan:
         raise NotImplementedError
+
+    def needs_group_scores(self) -> bool:
+        """Whether this selector asks the scorer for whole layers or windows (checked before any work)."""
+        return False

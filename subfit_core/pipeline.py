@@ -19,7 +19,7 @@ from .budget import Budget
 from .cache import cache_root, stats_key
 from .bypass import Bypass
 from .corpus import CorpusText, Windows, make_windows
-from .errors import SubFitError
+from .errors import ConfigError, SubFitError
 from .interfaces import Plan, Submodule
 from .metrics import forward_seconds, perplexity
 from .models import find_adapter, load_model, resolve_device
@@ -66,12 +66,17 @@ class Outcome:
 
 
 def build_components(plugins: Plugins, cfg: dict) -> Components:
-    """Validate every component's parameters before any expensive work starts."""
-    return Components(
+    """Validate every component's parameters, and that they work together, before any expensive work."""
+    comps = Components(
         scorer=build_component(plugins, "scorer", cfg["scorer"], "scorer"),
         selector=build_component(plugins, "selector", cfg["selector"], "selector"),
         fitter=build_component(plugins, "fitter", cfg["fitter"], "fitter"),
     )
+    if comps.selector.needs_group_scores() and not comps.scorer.scores_groups:
+        able = [n for n in plugins.scorer.names() if getattr(plugins.scorer.get(n), "scores_groups", False)]
+        raise ConfigError(f"scorer.name: {cfg['scorer']['name']} scores single submodules only, but selector "
+                          f"{cfg['selector']['name']} asks for whole layers or windows; use one of: {', '.join(able)}")
+    return comps
 
 
 def load_text(plugins: Plugins, name: str) -> CorpusText:
@@ -134,7 +139,9 @@ def compress(session: Session, cfg: dict) -> Outcome:
         raise SubFitError(f"fitter {cfg['fitter']['name']}: {clash[0]} is both replaced and edited")
     bench.restore()
     bench.apply({**fitted.bypasses, **edits})
-    compression_s = session.stats_s + time.perf_counter() - t0
+    # A selector that replayed scores computed by an earlier run of this session says how long they
+    # took; they count here, so the time is what a standalone run would take.
+    compression_s = session.stats_s + time.perf_counter() - t0 + plan.notes.get("scores_reused", {}).get("seconds", 0.0)
 
     ppl = perplexity(session.model, session.windows.heldout, cfg["eval"]["batch_size"], device, "compressed perplexity")
     results = report(session, cfg, budget, plan, fitted.bypasses, ppl, compression_s, t_select,

@@ -52,6 +52,9 @@ class Workbench:
         self._fits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fitter -> {sub: bypass}
         self.evaluations = 0  # scoring-set evaluations run (for cost reports)
         self._limit: int | None = None  # judge on the first _limit scoring windows only (``subset``)
+        # Selectors' own memo for the session (the dense model never changes within it), e.g. the
+        # iterative selector's scores per step, which a later run at a higher sparsity replays.
+        self.memo: dict = {}
         self.layer_cos: list[float] = []
 
     # ------------------------------------------------------------------ helpers

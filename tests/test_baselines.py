@@ -119,3 +119,18 @@ def test_uidl_picks_the_contiguous_window_of_near_identity_layers(setup):
     plan = ContiguousSelector().select(bench, AngularDistanceScorer(), IdentityFitter(), budget)
     assert plan.notes["window"] == [3, 4]
     assert sorted(plan.subs) == [Submodule(3, "attn"), Submodule(3, "ffn"), Submodule(4, "attn"), Submodule(4, "ffn")]
+
+
+def test_iterative_replays_scores_from_an_earlier_run_with_the_same_answer(setup):
+    model, windows = setup
+    selector, scorer = IterativeSelector(IterativeParams(unit="layer")), OutputScorer(OutputParams(metric="loss"))
+    shared = bench_for(model, windows)
+    low = selector.select(shared, scorer, IdentityFitter(), Budget(1 / LAYERS, "layers", shared.adapter))
+    shared.restore()
+    high = selector.select(shared, scorer, IdentityFitter(), Budget(3 / LAYERS, "layers", shared.adapter))
+    shared.restore()
+    fresh = bench_for(model, windows)
+    alone = selector.select(fresh, scorer, IdentityFitter(), Budget(3 / LAYERS, "layers", fresh.adapter))
+    assert high.subs == alone.subs and high.subs[:2] == low.subs
+    assert high.notes["scores_reused"]["steps"] == 1 and "scores_reused" not in alone.notes
+    assert shared.evaluations == fresh.evaluations  # both runs together cost what the high one costs alone

@@ -34,8 +34,8 @@ def local_model_and_text(tmp_path_factory):
         w = rng.randrange(120)
         lines.append(" ".join(f"t{(w + 3 * k) % 120}" for k in range(8)))  # < 40 chars: kept although repeated
     (folder / "text.txt").write_text("\n".join(lines))
-    (folder / "broken.yaml").write_text(  # rotation scores single submodules, not windows: fails at run time
-        "name: broken\nscorer: {name: rotation}\nselector: {name: contiguous}\nfitter: {name: identity}\n")
+    (folder / "broken.yaml").write_text(  # greedy picks single submodules, replaceme needs whole layers: fails at fit time
+        "name: broken\nscorer: {name: output}\nselector: {name: greedy}\nfitter: {name: replaceme}\n")
     return folder
 
 
@@ -58,7 +58,7 @@ def test_compare_shares_one_dense_pass_and_reports_failures(local_model_and_text
         (s, x) for s in ["subfit", "shortgpt", "sleb", str(folder / "broken.yaml")] for x in (0.17, 0.34)]
     failed = [r for r in rows if r["status"] != "ok"]
     assert [r["strategy"] for r in failed] == [str(folder / "broken.yaml")] * 2
-    assert "ConfigError: scorer.name" in failed[0]["error"] and "\n" not in failed[0]["error"]
+    assert "ConfigError: fitter.name: replaceme replaces windows of whole layers" in failed[0]["error"] and "\n" not in failed[0]["error"]
     for r in rows:
         if r["status"] == "ok":
             assert r["achieved_layers"] >= r["sparsity"] - 1e-9 and r["ppl_ratio"] > 0

@@ -212,6 +212,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["sparsty=0.3"], "did you mean 'sparsity'"),
     (["strategy=subfitt"], "did you mean 'subfit'"),
     (["--verbose"], "--verbose"),
+    (["strategy=uidl", "scorer.name=rotation"],  # caught before the model loads
+     "scorer.name: rotation scores single submodules only, but selector contiguous asks for whole layers or "
+     "windows; use one of: angular-distance, output"),
 ])
 def test_cli_errors_are_one_line_without_traceback(args, needle):
     proc = run_cli(*args)

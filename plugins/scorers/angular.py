@@ -20,9 +20,7 @@ def angular_distance(before: list[torch.Tensor], after: list[torch.Tensor]) -> f
 
 class AngularDistanceScorer(Scorer):
     description = "arccos(cos(block input, block output)) / pi on the scoring windows"
-
-    def score(self, candidates, bench, fitter):
-        return dict(zip(candidates, self.score_groups([(s,) for s in candidates], bench, fitter)))
+    scores_groups = True
 
     def score_groups(self, groups, bench, fitter):
         out = []

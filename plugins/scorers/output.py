@@ -25,9 +25,7 @@ class OutputParams:
 class OutputScorer(Scorer):
     Params = OutputParams
     description = "change in output KL (or loss, JS) on the scoring windows with the bypass in place"
-
-    def score(self, candidates, bench, fitter):
-        return dict(zip(candidates, self.score_groups([(s,) for s in candidates], bench, fitter)))
+    scores_groups = True
 
     def score_groups(self, groups, bench, fitter):
         base = bench.metric(self.params.metric)

@@ -21,6 +21,9 @@ class ContiguousSelector(Selector):
     Params = ContiguousParams
     description = "one window of consecutive layers, the best-scored of the smallest size that meets the budget"
 
+    def needs_group_scores(self):
+        return True
+
     def select(self, bench, scorer, fitter, budget):
         dim = bench.adapter.hidden_size
         lo = 1 if self.params.keep_first else 0
