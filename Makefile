@@ -10,7 +10,7 @@ STAMP   = $(VENV)/.subfit-installed
 OFFLINE = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 RUN_ARGS ?= strategy=subfit output_dir=runs/subfit overwrite=true
 
-COMPARE_STRATEGIES ?= subfit,subfit-delete,subfit-contiguous,shortgpt,uidl,sleb,blockpruner,finercut,replaceme,replaceme-cosine,llm-streamline,laco
+COMPARE_STRATEGIES ?= subfit,subfit-delete,subfit-contiguous,replaceme,replaceme-cosine,llm-streamline,laco,shortgpt,uidl,sleb,blockpruner,finercut
 
 .PHONY: setup run test bench compare clean
 

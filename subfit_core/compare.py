@@ -3,7 +3,8 @@
 The model, the windows, the dense reference and the dense calibration statistics are computed
 once (one Session) and shared by every strategy; each (strategy, sparsity) is then only its own
 selection and fitting. A strategy that fails is reported as failed, with its error, and the
-others still run. Writes results.json, table.md, table.csv and PNG plots, atomically.
+others still run. Writes results.json, table.md, table.csv and PNG plots, atomically; finished
+runs are journalled as they end, so an interrupted comparison resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -140,19 +142,28 @@ def compare(argv: list[str]) -> dict:
             build_components(get_plugins(), strategy_config(name, sparsities[0], shared, base))
         except SubFitError as exc:
             raise SubFitError(f"strategy {name}: {exc}") from None
+    journal = Journal(out, {"strategies": strategies, "sparsities": sparsities,
+                            "shared": [[k, v] for k, v in shared]})
     session = open_session(base)
-    rows = []
-    for name in strategies:
-        for sparsity in sparsities:
-            t0 = time.perf_counter()
-            try:
-                rows.append(row_from(name, sparsity, compress(session, strategy_config(name, sparsity, shared, base)).results))
-            except Exception as exc:  # noqa: BLE001 - one failing strategy must not stop the comparison
-                line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                rows.append({"strategy": name, "sparsity": sparsity, "status": "failed",
-                             "error": f"{type(exc).__name__}: {line}", "traceback": traceback.format_exc(),
-                             "compression_s": time.perf_counter() - t0})
-            session.bench.restore()
+    rows, todo = [], [(name, sparsity) for name in strategies for sparsity in sparsities]
+    for i, (name, sparsity) in enumerate(todo, 1):
+        if (name, sparsity) in journal.done:
+            rows.append(journal.done[name, sparsity])
+            continue
+        t0 = time.perf_counter()
+        try:
+            row = row_from(name, sparsity, compress(session, strategy_config(name, sparsity, shared, base)).results)
+        except Exception as exc:  # noqa: BLE001 - one failing strategy must not stop the comparison
+            line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            row = {"strategy": name, "sparsity": sparsity, "status": "failed",
+                   "error": f"{type(exc).__name__}: {line}", "traceback": traceback.format_exc(),
+                   "compression_s": time.perf_counter() - t0}
+        session.bench.restore()
+        rows.append(row)
+        journal.add(row)
+        outcome = f"{row['ppl_ratio']:.2f}x" if row["status"] == "ok" else row["error"]
+        print(f"[{i}/{len(todo)}] {name} @ {sparsity:g}: {outcome} ({time.perf_counter() - t0:.0f} s)",
+              file=sys.stderr, flush=True)
     meta = (f"Model {base['model']}; dense held-out perplexity {session.dense_ppl:.2f} on "
             f"{base['eval']['windows']} x {base['eval']['seq_len']} tokens of {base['eval']['dataset'] or base['calib']['dataset']}; "
             f"calibration {base['calib']['samples']} x {base['calib']['seq_len']}, scoring {base['scoring']['samples']} windows; "
@@ -166,16 +177,50 @@ def compare(argv: list[str]) -> dict:
         (tmp / "results.json").write_text(json.dumps(summary, indent=2))
         (tmp / "table.md").write_text(markdown(rows, meta))
         (tmp / "table.csv").write_text(csv_text(rows))
-        plot(rows, session.adapter.num_layers, tmp)
+        try:
+            plot(rows, session.adapter.num_layers, tmp)
+        except Exception as exc:  # noqa: BLE001 - the tables are the result; a plotting problem must not lose them
+            summary["plot_error"] = f"{type(exc).__name__}: {exc}"
+            (tmp / "results.json").write_text(json.dumps(summary, indent=2))
 
     atomic_dir(out, write)
+    journal.close()
     summary["output_dir"] = str(out)
     return summary
 
 
-def compare_main(argv: list[str] | None = None) -> int:
-    import sys
+class Journal:
+    """Finished rows of an unfinished comparison, one JSON line each, next to the output folder, so
+    the same command run again skips them (failed rows are retried). Removed once the results
+    are written."""
 
+    def __init__(self, out: Path, args: dict):
+        self.path = out.parent / f".{out.name}.journal.jsonl"
+        self.done: dict[tuple[str, float], dict] = {}
+        header = json.dumps(args, sort_keys=True)
+        if self.path.exists():
+            lines = self.path.read_text().splitlines()
+            if lines and lines[0] == header:
+                for line in lines[1:]:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short by the interruption
+                        continue
+                    if row.get("status") == "ok":
+                        self.done[row["strategy"], row["sparsity"]] = row
+                print(f"resuming: {len(self.done)} finished runs from {self.path}", file=sys.stderr)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(header + "\n" + "".join(json.dumps(r) + "\n" for r in self.done.values()))
+
+    def add(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def compare_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
         print("usage: subfit-compare strategies=[subfit,shortgpt,...] sparsities=[0.125,0.25,0.375] "
@@ -188,6 +233,10 @@ def compare_main(argv: list[str] | None = None) -> int:
     except SubFitError as exc:
         print(f"subfit-compare: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("subfit-compare: interrupted; finished runs are kept, run the same command again to resume",
+              file=sys.stderr)
+        return 130
     print(markdown(summary["rows"], summary["meta"]))
     print(f"written to {summary['output_dir']}")
     return 0

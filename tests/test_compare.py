@@ -146,3 +146,32 @@ def test_window_strategies_save_and_load_with_identical_logits(local_model_and_t
     loaded, _ = load_compressed(tmp_path / "out")
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, before)
+
+
+def test_an_interrupted_comparison_resumes_where_it_stopped(local_model_and_text, monkeypatch):
+    from subfit_core import compare as compare_module
+
+    folder, calls = local_model_and_text, []
+    real = compare_module.compress
+
+    def interrupted_on_third(session, cfg):
+        calls.append((cfg["name"], cfg["sparsity"]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(session, cfg)
+
+    args = ["strategies=[shortgpt,uidl]", "sparsities=[0.17,0.34]", f"output_dir={folder / 'resumed'}",
+            *tiny_args(folder)]
+    monkeypatch.setattr(compare_module, "compress", interrupted_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        compare(args)
+    journal = folder / ".resumed.journal.jsonl"
+    assert len(journal.read_text().splitlines()) == 3  # header + two finished runs
+    assert not (folder / "resumed").exists()  # nothing half-written
+    calls.clear()
+    monkeypatch.setattr(compare_module, "compress", lambda s, c: (calls.append((c["name"], c["sparsity"])), real(s, c))[1])
+    summary = compare(args)
+    assert calls == [("uidl", 0.17), ("uidl", 0.34)]  # the shortgpt runs were not repeated
+    assert [(r["strategy"], r["sparsity"], r["status"]) for r in summary["rows"]] == [
+        ("shortgpt", 0.17, "ok"), ("shortgpt", 0.34, "ok"), ("uidl", 0.17, "ok"), ("uidl", 0.34, "ok")]
+    assert not journal.exists() and (folder / "resumed" / "table.md").exists()

@@ -75,6 +75,9 @@ class LaCoSelector(Selector):
         coefs: dict[int, Coefs] = {l: {l: 1.0} for l in kept}
         dense_final = bench.dense_boundary(len(bench.subs))
         plan, merges, threshold = Plan(), [], p.threshold
+        # A merge's similarity depends only on the current layers and the merge, so a descent repeated
+        # with a lower threshold (or a later run at a higher sparsity, same session) looks it up.
+        seen = bench.memo.setdefault(("laco", repr(p)), {})
         whole = lambda layers: [Submodule(l, k) for l in layers for k in ("attn", "ffn")]
         need = lambda extra: budget.sparsity - achieved(budget, fitter, plan.subs + whole(extra), dim)
 
@@ -87,10 +90,12 @@ class LaCoSelector(Selector):
                     rears = rears[:-1]
                 base = kept[l]
                 new = merge_coefs(coefs[base], [coefs[r] for r in rears])
-                modules = {Submodule(base, k): merged_module(bench.originals, k, base, new) for k in ("attn", "ffn")}
-                modules.update({s: ZeroBypass() for s in whole(rears)})
-                sim = similarity(bench.states_with(modules), dense_final)
+                key = (tuple(tuple(sorted(coefs[k].items())) for k in kept), base, tuple(rears))
+                if key not in seen:
+                    seen[key] = similarity(bench.states_with(self._modules(bench, base, new, rears)), dense_final)
+                sim = seen[key]
                 if sim > threshold:
+                    modules = self._modules(bench, base, new, rears)
                     for sub, module in modules.items():
                         bench.commit(sub, module)
                     plan.replacements += [Replacement(s, 1.0 - sim) for s in whole(rears)]
@@ -110,3 +115,9 @@ class LaCoSelector(Selector):
         if need([]) > 1e-9:
             plan.notes["warning"] = f"budget not reached: {plan.notes['estimated_sparsity']:.4f} < {budget.sparsity}"
         return plan
+
+    @staticmethod
+    def _modules(bench, base: int, coefs: Coefs, rears: list[int]) -> dict:
+        modules = {Submodule(base, k): merged_module(bench.originals, k, base, coefs) for k in ("attn", "ffn")}
+        modules.update({Submodule(r, k): ZeroBypass() for r in rears for k in ("attn", "ffn")})
+        return modules
