@@ -57,8 +57,20 @@ def test_replaceme_cosine_fit_reaches_a_planted_map():
     x, attn = torch.randn(512, 8, generator=gen), torch.randn(512, 8, generator=gen)
     target = attn + x @ (torch.eye(8) + 0.3 * torch.randn(8, 8, generator=gen))
     cos_loss = lambda t: float((1 - torch.cosine_similarity(attn + x @ t.float(), target, dim=-1)).mean())
-    t = fit_cosine(x, attn, target, ReplaceMeParams(loss="cosine", epochs=150, lr=1e-2, batch_tokens=128), "t")
+    t = fit_cosine(x, attn, target, ReplaceMeParams(loss="cosine", init="identity", epochs=150, lr=1e-2, batch_tokens=128), "t")
     assert cos_loss(torch.eye(8)) > 0.02 and cos_loss(t) < 1e-3
+
+
+def test_replaceme_cosine_from_least_squares_improves_the_cosine_loss():
+    gen = torch.Generator().manual_seed(4)
+    x, attn = torch.randn(1024, 8, generator=gen), torch.randn(1024, 8, generator=gen)
+    target = attn + x @ torch.randn(8, 8, generator=gen) + torch.randn(1024, 8, generator=gen) ** 3  # not linear
+    normal = NormalEquations(8)
+    normal.add(x, attn + x, target)
+    t_ls = solve_transform(*normal.result("t"), ridge=1e-6, name="t")
+    cos_loss = lambda t: float((1 - torch.cosine_similarity(attn + x @ t.float(), target, dim=-1)).mean())
+    t = fit_cosine(x, attn, target, ReplaceMeParams(loss="cosine", epochs=20, lr=1e-3, batch_tokens=256), "t", t_ls)
+    assert cos_loss(t) < cos_loss(t_ls)
 
 
 def test_folding_into_down_proj_multiplies_the_mlp_output(bench):

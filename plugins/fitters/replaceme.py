@@ -7,7 +7,9 @@ by the attention part of h_i plus the transformed MLP output:
     h_{i+n} ~ (h_i - X) + X T.
 Least squares ("ls"):  T = (X^T X + a I)^-1 X^T Y  with  Y = h_{i+n} - h_i + X,  streamed as
 float64 Gram matrices over the calibration windows (a = ridge * mean diagonal of X^T X).
-Cosine ("cosine"):  minimise mean_t 1 - cos((h_i - X) + X T, h_{i+n}) with Adam from T = I.
+Cosine ("cosine"):  minimise mean_t 1 - cos((h_i - X) + X T, h_{i+n}) with Adam, starting from
+the least-squares T (``init: ls``) or from T = I (``init: identity``, i.e. from plain removal;
+with few Adam steps that start stays close to removal).
 Folding: X = a W^T for the MLP's last activation a, so X T = a (T^T W)^T and W_down' = T^T W_down.
 """
 
@@ -32,6 +34,7 @@ from .windows import removed_windows, rows
 class ReplaceMeParams:
     loss: Literal["ls", "cosine"] = "ls"
     ridge: float = 1e-4  # least squares: a = ridge * mean diagonal of X^T X
+    init: Literal["ls", "identity"] = "ls"  # cosine: start from the least-squares map, or from T = I
     epochs: int = 10  # cosine: passes over the calibration tokens
     lr: float = 1e-4  # cosine: Adam learning rate
     batch_tokens: int = 1024  # cosine: tokens per Adam step
@@ -49,10 +52,11 @@ def solve_transform(gram: torch.Tensor, cross: torch.Tensor, ridge: float, name:
 
 
 def fit_cosine(x: torch.Tensor, attn: torch.Tensor, target: torch.Tensor, p: ReplaceMeParams,
-               name: str) -> torch.Tensor:
-    """T minimising mean 1 - cos(attn + x T, target) (rows are tokens), Adam from the identity."""
+               name: str, start: torch.Tensor | None = None) -> torch.Tensor:
+    """T minimising mean 1 - cos(attn + x T, target) (rows are tokens), Adam from ``start`` (default I)."""
     d = x.shape[1]
-    t = torch.eye(d, dtype=torch.float32, device=x.device, requires_grad=True)
+    t0 = torch.eye(d) if start is None else start
+    t = t0.to(device=x.device, dtype=torch.float32).clone().requires_grad_(True)
     opt = torch.optim.Adam([t], lr=p.lr)
     gen = torch.Generator().manual_seed(0)
     with torch.enable_grad():
@@ -109,7 +113,13 @@ class ReplaceMeFitter(Fitter):
                 batches = []  # the cosine loss is not quadratic: its fit needs the rows themselves
                 window_rows(bench, first, last, lambda *r: batches.append(r))
                 x, h_i, h_out = (torch.cat(col) for col in zip(*batches))
-                t = fit_cosine(x, h_i - x, h_out, self.params, name)
+                start = None
+                if self.params.init == "ls":
+                    normal = NormalEquations(bench.adapter.hidden_size)
+                    for row in batches:
+                        normal.add(*row)
+                    start = solve_transform(*normal.result(name), self.params.ridge, name)
+                t = fit_cosine(x, h_i - x, h_out, self.params, name, start)
             mlp = Submodule(first - 1, "ffn")
             edits[mlp] = fold_into_down_proj(bench.originals[mlp], t.to(bench.device))
         return Fitted({s: ZeroBypass() for s in selected}, edits)
