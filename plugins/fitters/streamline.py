@@ -4,7 +4,8 @@ feed-forward network trained to reproduce the window's effect on the residual st
 For a window of layers i..j with h_i the stream in front of it and h_{j+1} behind it, the
 replacement stands at layer i's attention (reading its pre-norm input x = norm(h_i)) and is
 trained with MSE:  min || (h_i + FFN(x)) - h_{j+1} ||^2  on the calibration windows, by AdamW,
-starting from layer i's own FFN weights. Its parameters are charged to the budget.
+starting from layer i's own FFN weights with the output projection zeroed, so training starts
+from plain removal and only improves on it. Its parameters are charged to the budget.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from .windows import removed_windows, rows
 
 @dataclass
 class StreamlineParams:
-    epochs: int = 5  # passes over the calibration tokens
-    lr: float = 1e-4  # AdamW learning rate (cosine schedule)
+    epochs: int = 10  # passes over the calibration tokens
+    lr: float = 1e-3  # AdamW learning rate (cosine schedule)
     batch_tokens: int = 1024  # tokens per step
     weight_decay: float = 0.0
 
@@ -110,10 +111,12 @@ class StreamlineFitter(Fitter):
 
 
 def initial_weights(mlp: nn.Module, dim: int, hidden: int) -> tuple[torch.Tensor, ...]:
-    """The first removed layer's gated FFN weights, or a small random init for other FFN shapes."""
-    names = ("gate_proj", "up_proj", "down_proj")
-    if all(hasattr(mlp, n) for n in names):
-        return tuple(getattr(mlp, n).weight for n in names)
-    gen = torch.Generator().manual_seed(0)
-    return (torch.randn(hidden, dim, generator=gen) / dim**0.5, torch.randn(hidden, dim, generator=gen) / dim**0.5,
-            torch.zeros(dim, hidden))
+    """The first removed layer's gate and up projections (a small random init for other FFN shapes)
+    and a zero output projection: the untrained replacement adds nothing, like plain removal (the
+    layer's own FFN read through the attention's pre-norm would add a large wrong term instead)."""
+    if hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj"):
+        gate, up = mlp.gate_proj.weight, mlp.up_proj.weight
+    else:
+        gen = torch.Generator().manual_seed(0)
+        gate, up = (torch.randn(hidden, dim, generator=gen) / dim**0.5 for _ in range(2))
+    return gate, up, torch.zeros(dim, hidden, dtype=gate.dtype, device=gate.device)
