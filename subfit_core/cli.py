@@ -71,6 +71,12 @@ def print_plugins() -> None:
     print("recipes")
     for name, path in available(plugins).items():
         print(f"  {name:<20} {path}")
+    from .evaluate import STANDARD_TASKS, local_tasks
+
+    print("eval tasks (eval.tasks=[...])")
+    for name, config in local_tasks(plugins).items():
+        print(f"  {name:<28} {config.get('output_type', '')}")
+    print(f"  {'(with dataset hub access)':<28} {', '.join(STANDARD_TASKS)}, or any lm-eval task")
 
 
 def run_main(argv: list[str] | None = None) -> int:
