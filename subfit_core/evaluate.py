@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from pathlib import Path
 
 import yaml
@@ -92,6 +93,10 @@ def run_tasks(model, tokenizer, names: list[str], limit: int | None, batch_size:
 
     for noisy in ("lm_eval", "lm-eval"):  # its INFO/WARNING lines would bury the run's own output
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if os.environ.get("SUBFIT_PROGRESS", "1") == "0":  # lm-eval's own request bars still show
+        import datasets
+
+        datasets.disable_progress_bars()
     local = local_tasks(plugins)
     specs = [local.get(n, n) for n in names]
     manager = TaskManager(include_defaults=any(isinstance(s, str) for s in specs))
