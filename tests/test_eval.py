@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -50,12 +51,11 @@ def test_shipped_tasks_are_registered_with_absolute_data_files():
     assert set(SHIPPED) <= set(tasks)
     for name in SHIPPED:
         path = tasks[name]["dataset_kwargs"]["data_files"]["test"]
-        assert path.endswith(f"{name}.jsonl") and __import__("pathlib").Path(path).is_file()
+        assert path.endswith(f"{name}.jsonl") and Path(path).is_file()
 
 
 def test_shipped_task_data_is_what_the_script_builds():
     import importlib.util
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("build_eval_tasks", root / "scripts" / "build_eval_tasks.py")
