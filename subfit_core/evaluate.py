@@ -19,6 +19,7 @@ import copy
 import logging
 import math
 import os
+import random
 from pathlib import Path
 
 import yaml
@@ -87,6 +88,8 @@ def check_tasks(names: list[str], plugins) -> None:
 
 def run_tasks(model, tokenizer, names: list[str], limit: int | None, batch_size: int, plugins) -> dict[str, dict]:
     """Zero-shot lm-eval scores of ``model`` on ``names``: task -> {metric: value, "items": n}."""
+    import numpy
+    import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -102,11 +105,16 @@ def run_tasks(model, tokenizer, names: list[str], limit: int | None, batch_size:
     manager = TaskManager(include_defaults=any(isinstance(s, str) for s in specs))
     was_training = model.training
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # simple_evaluate seeds the global RNGs; keep the run's own random state as it was
+    py_state, np_state = random.getstate(), numpy.random.get_state()
     try:
-        out = simple_evaluate(model=lm, tasks=specs, num_fewshot=0, limit=limit, task_manager=manager,
-                              log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+        with torch.random.fork_rng():
+            out = simple_evaluate(model=lm, tasks=specs, num_fewshot=0, limit=limit, task_manager=manager,
+                                  log_samples=False, bootstrap_iters=0, verbosity="ERROR")
     finally:
         model.train(was_training)
+        random.setstate(py_state)
+        numpy.random.set_state(np_state)
     scores = {}
     for name in names:
         raw = out["results"].get(name)
