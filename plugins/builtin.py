@@ -73,3 +73,9 @@ def subfit_recipe_dirs():
     import subfit_strategies
 
     return [Path(subfit_strategies.__file__).parent]
+
+
+@hookimpl
+def subfit_eval_task_dirs():
+    # offline lm-eval tasks cut from held-out bundled text; rebuilt by scripts/build_eval_tasks.py
+    return [Path(__file__).resolve().parent / "eval_tasks"]

@@ -71,6 +71,12 @@ def print_plugins() -> None:
     print("recipes")
     for name, path in available(plugins).items():
         print(f"  {name:<20} {path}")
+    from .evaluate import STANDARD_TASKS, local_tasks
+
+    print("eval tasks (eval.tasks=[...])")
+    for name, config in local_tasks(plugins).items():
+        print(f"  {name:<28} {config.get('output_type', '')}")
+    print(f"  {'(with dataset hub access)':<28} {', '.join(STANDARD_TASKS)}, or any lm-eval task")
 
 
 def run_main(argv: list[str] | None = None) -> int:
@@ -114,6 +120,20 @@ def summary(results: dict) -> str:
                              + (" (statistics read from the cache)" if t.get("statistics_from_cache") else "")),
         ("output_dir", results.get("output_dir", "(not saved)")),
     ]
+    if "downstream" in results:
+        ds = results["downstream"]
+        for name, row in ds["tasks"].items():
+            m = row["metric"]
+            ratio = row.get("retained", row.get("degradation"))
+            rows.insert(-1, (f"{name} ({m})", f"{row['dense'][m]:.4g} -> {row['compressed'][m]:.4g}"
+                             + (f" ({ratio:.3f}x)" if ratio is not None else "")))
+        if ds["retained_accuracy"] is not None:
+            rows.insert(-1, ("retained accuracy (mean)", f"{ds['retained_accuracy']:.3f}"))
+    if "deployment" in results:
+        r = results["deployment"]["ratios"]
+        rows.insert(-1, ("deployment (compressed/dense)",
+                         f"TTFT speed-up {r['ttft_speedup']:.2f}x, decode tok/s {r['decode_tokens_per_s']:.2f}x, "
+                         f"KV cache {r['kv_cache']:.3f}x ({results['deployment']['device']})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"| {k:<{width}} | {v} |" for k, v in rows)
 

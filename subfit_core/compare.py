@@ -20,12 +20,14 @@ from pathlib import Path
 from .artifact import atomic_dir, check_output_dir
 from .config import ConfigError, apply_overrides, parse_override, validate
 from .errors import SubFitError
+from .evaluate import check_tasks
 from .pipeline import SESSION_KEYS, build_components, compress, open_session
 from .plugins import get_plugins
 from .recipes import read_recipe
 
 COLUMNS = ["strategy", "sparsity", "status", "ppl_ratio", "ppl", "achieved_layers", "achieved_params",
-           "attn_removed", "ffn_removed", "kv_saving", "compression_s", "compression_over_dense_forward", "error"]
+           "attn_removed", "ffn_removed", "kv_saving", "compression_s", "compression_over_dense_forward",
+           "retained_accuracy", "ttft_speedup", "error"]
 
 
 def parse_args(argv: list[str]) -> tuple[list[str], list[float], Path, bool, list[tuple[str, object]]]:
@@ -69,6 +71,8 @@ def row_from(name: str, sparsity: float, results: dict) -> dict:
         "kv_saving": 1 - kv["after"] / kv["before"],
         "compression_s": results["timings"]["compression_s"],
         "compression_over_dense_forward": results["timings"]["compression_over_dense_forward"],
+        "retained_accuracy": results.get("downstream", {}).get("retained_accuracy"),
+        "ttft_speedup": results.get("deployment", {}).get("ratios", {}).get("ttft_speedup"),
         "error": "", "replaced": [[r["layer"], r["type"]] for r in results["replaced"]],
     }
 
@@ -142,6 +146,7 @@ def compare(argv: list[str]) -> dict:
             build_components(get_plugins(), strategy_config(name, sparsities[0], shared, base))
         except SubFitError as exc:
             raise SubFitError(f"strategy {name}: {exc}") from None
+    check_tasks(base["eval"]["tasks"], get_plugins())
     journal = Journal(out, {"strategies": strategies, "sparsities": sparsities,
                             "shared": [[k, v] for k, v in shared]})
     session = open_session(base)

@@ -29,6 +29,7 @@ class Field:
     min: float | None = None
     max: float | None = None
     nullable: bool = False
+    items: type | None = None  # for list fields: the type every element must have
 
 
 COMPONENT_SECTIONS = ("scorer", "selector", "fitter")
@@ -63,7 +64,18 @@ SCHEMA: dict[str, Any] = {
         "dataset": Field(str, None, "text source for held-out perplexity (default: calib.dataset)", nullable=True),
         "windows": Field(int, 30, "held-out windows for perplexity", min=1),
         "seq_len": Field(int, 256, "tokens per held-out window", min=8),
-        "batch_size": Field(int, 8, "windows per forward batch", min=1),
+        "batch_size": Field(int, 8, "windows per forward batch (also lm-eval's batch size)", min=1),
+        "tasks": Field(list, [], "lm-eval tasks, zero-shot, dense and compressed (bundled: subfit_kjv_cloze, "
+                                 "subfit_shakespeare_nextline, subfit_heldout_ppl; online: arc_easy, hellaswag, ...)",
+                       items=str),
+        "limit": Field(int, None, "at most this many items per lm-eval task (null: all)", min=1, nullable=True),
+        "speed": Field(bool, False, "measure deployment speed, memory and KV cache, dense and compressed (see bench.*)"),
+    },
+    "bench": {
+        "prompt_lengths": Field(list, [64, 256], "prompt lengths (tokens) for time to first token", items=int),
+        "batch_sizes": Field(list, [1, 4], "batch sizes for time to first token and decoding", items=int),
+        "new_tokens": Field(int, 32, "tokens generated to time decoding", min=2),
+        "repeats": Field(int, 3, "timed repeats per setting (median reported), after one warm-up", min=1),
     },
     "scorer": {"name": Field(str, "output", "registered scorer")},
     "selector": {"name": Field(str, "greedy", "registered selector")},
@@ -148,6 +160,13 @@ def coerce(key: str, value: Any, field: Field) -> Any:
         value, ok = float(value), True
     if not ok:
         raise ConfigError(f"{key}: {value!r} is not a {field.type.__name__}")
+    if field.items is not None:
+        bad = [v for v in value if not isinstance(v, field.items) or isinstance(v, bool)]
+        if bad:
+            raise ConfigError(f"{key}: {bad[0]!r} is not a {field.items.__name__}; give a list of "
+                              f"{field.items.__name__}s, e.g. [{'a,b' if field.items is str else '1,2'}]")
+        if field.items is int and any(v < 1 for v in value):
+            raise ConfigError(f"{key}: {value!r}; every entry must be at least 1")
     if field.choices is not None and value not in field.choices:
         raise ConfigError(f"{key}: {value!r} is not allowed; {did_you_mean(value, field.choices)}")
     if field.min is not None and value < field.min:

@@ -51,3 +51,10 @@ def subfit_models() -> dict:
 @hookspec
 def subfit_recipe_dirs() -> list:
     """Folders holding recipe YAML files, searched for ``strategy=<name>``."""
+
+
+@hookspec
+def subfit_eval_task_dirs() -> list:
+    """Folders of lm-evaluation-harness task YAMLs (one task per file, named by its ``task`` key) that
+    ``eval.tasks=[...]`` finds by name. A relative ``dataset_kwargs.data_files`` path in a YAML is read
+    relative to that YAML's folder, so a plugin can ship its task data next to it."""

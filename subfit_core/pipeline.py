@@ -19,7 +19,9 @@ from .budget import Budget
 from .cache import cache_root, stats_key
 from .bypass import Bypass
 from .corpus import CorpusText, Windows, make_windows
+from .deploy import BenchSettings, benchmark, ratios
 from .errors import ConfigError, SubFitError
+from .evaluate import check_tasks, compare_tasks, run_tasks
 from .interfaces import Plan, Submodule
 from .metrics import forward_seconds, perplexity
 from .models import find_adapter, load_model, resolve_device
@@ -28,7 +30,7 @@ from .surgery import records, split_bypass_params
 from .trace import Workbench
 
 # Keys that must agree for two runs to share a Session (model, data and the dense reference).
-SESSION_KEYS = ("model", "device", "dtype", "seed", "trust_remote_code", "calib", "scoring", "eval")
+SESSION_KEYS = ("model", "device", "dtype", "seed", "trust_remote_code", "calib", "scoring", "eval", "bench")
 
 
 @dataclass
@@ -53,6 +55,9 @@ class Session:
     bench: Workbench
     stats_s: float = 0.0
     stats_cached: bool = False
+    # dense downstream scores and deployment measurements, computed once on first request (eval.tasks, eval.speed)
+    dense_tasks: dict | None = None
+    dense_speed: dict | None = None
 
     def compatible(self, cfg: dict) -> bool:
         return all(self.cfg[k] == cfg[k] for k in SESSION_KEYS)
@@ -120,11 +125,36 @@ def open_session(cfg: dict) -> Session:
                    bench, stats_s=time.perf_counter() - t0, stats_cached=cached)
 
 
+def evaluate_dense(session: Session, cfg: dict) -> None:
+    """Dense downstream scores and deployment measurements, once per Session (the model must be dense)."""
+    ev = cfg["eval"]
+    if ev["tasks"] and session.dense_tasks is None:
+        session.dense_tasks = run_tasks(session.model, session.tokenizer, ev["tasks"], ev["limit"], ev["batch_size"],
+                                        get_plugins())
+    if ev["speed"] and session.dense_speed is None:
+        session.dense_speed = benchmark({"dense": session.model}, BenchSettings.from_config(cfg["bench"]), session.device)
+
+
+def evaluate_compressed(session: Session, cfg: dict, results: dict) -> None:
+    """Add downstream accuracy and deployment ratios of the (compressed) session model to ``results``."""
+    ev = cfg["eval"]
+    t0 = time.perf_counter()
+    if ev["tasks"]:
+        compressed = run_tasks(session.model, session.tokenizer, ev["tasks"], ev["limit"], ev["batch_size"], get_plugins())
+        results["downstream"] = {**compare_tasks(session.dense_tasks, compressed), "limit": ev["limit"]}
+    if ev["speed"]:
+        measured = benchmark({"compressed": session.model}, BenchSettings.from_config(cfg["bench"]), session.device)
+        both = {**session.dense_speed, "models": {**session.dense_speed["models"], **measured["models"]}}
+        results["deployment"] = {**both, "ratios": ratios(both)}
+    results["timings"]["evaluation_s"] = time.perf_counter() - t0
+
+
 def compress(session: Session, cfg: dict) -> Outcome:
     """Select, fit and apply bypasses per ``cfg``; the session's model is left compressed."""
     comps = build_components(get_plugins(), cfg)
     bench, adapter, device = session.bench, session.adapter, session.device
     bench.restore()
+    evaluate_dense(session, cfg)
     budget = Budget(cfg["sparsity"], cfg["sparsity_unit"], adapter)
     comps.fitter.attach(adapter)
     evaluations_before = bench.evaluations
@@ -148,6 +178,7 @@ def compress(session: Session, cfg: dict) -> Outcome:
                      bench.evaluations - evaluations_before)
     results["edited"] = [s.name for s in sorted(edits)]
     results["notes"].update(fitted.notes)
+    evaluate_compressed(session, cfg, results)
     return Outcome(fitted.bypasses, plan, results)
 
 
@@ -191,6 +222,7 @@ def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: di
 def run(cfg: dict) -> dict:
     t_start = time.perf_counter()
     build_components(get_plugins(), cfg)  # bad component parameters fail before the model loads
+    check_tasks(cfg["eval"]["tasks"], get_plugins())  # and so do unknown task names
     out_dir = check_output_dir(cfg["output_dir"], cfg["overwrite"]) if cfg["save"] else None
     session = open_session(cfg)
     outcome = compress(session, cfg)

@@ -40,6 +40,7 @@ class Plugins:
         self.registries = {kind: Registry(kind, key) for kind, key in COMPONENT_HOOKS.values()}
         self.info: dict[str, PluginInfo] = {}
         self.recipe_dirs: list[tuple[Path, str]] = []  # (folder, origin)
+        self.eval_task_dirs: list[tuple[Path, str]] = []  # (folder of lm-eval task YAMLs, origin)
         self._collect()
 
     def __getattr__(self, kind: str) -> Registry:
@@ -62,10 +63,11 @@ class Plugins:
                 for comp_name, target in (impl.function() or {}).items():
                     self.registries[kind].add(comp_name, target, origin)
                     info.registers.setdefault(kind, []).append(comp_name)
-        for impl in self.pm.hook.subfit_recipe_dirs.get_hookimpls():
-            info = self.info[impl.plugin_name]
-            origin = f"plugin '{impl.plugin_name}' ({info.distribution} {info.version})"
-            self.recipe_dirs.extend((Path(d), origin) for d in impl.function() or [])
+        for hook_name, folders in (("subfit_recipe_dirs", self.recipe_dirs), ("subfit_eval_task_dirs", self.eval_task_dirs)):
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                info = self.info[impl.plugin_name]
+                origin = f"plugin '{impl.plugin_name}' ({info.distribution} {info.version})"
+                folders.extend((Path(d), origin) for d in impl.function() or [])
 
 
 class PluginManager(pluggy.PluginManager):
