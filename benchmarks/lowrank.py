@@ -118,7 +118,12 @@ def main() -> int:
             cfg = resolve_recipe([*argv, "save=false", *args.overrides])
             cfg.update({k: base[k] for k in SESSION_KEYS})
             t0 = time.perf_counter()
-            res = compress(session, cfg).results
+            try:
+                res = compress(session, cfg).results
+            except Exception as exc:  # noqa: BLE001 - one failing method must not lose the others
+                print(f"failed {ratio} {label}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                session.bench.restore()
+                continue
             session.bench.restore()
             rows.append(row_of(label, ratio, res, time.perf_counter() - t0))
             print(f"done {ratio} {label}: {rows[-1]['ppl_ratio']:.2f}x in {rows[-1]['wall_s']:.0f} s", file=sys.stderr, flush=True)

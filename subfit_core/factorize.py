@@ -226,7 +226,7 @@ class Factorization:
     def _install(self, site: Site, lin: nn.Linear, f: Factors) -> FactoredLinear:
         dtype, device = lin.weight.dtype, lin.weight.device
         bias = lin.bias.detach().clone() if lin.bias is not None else None
-        module = FactoredLinear(f.down.to(device, dtype), f.up.to(device, dtype), bias)
+        module = FactoredLinear(f.down.to(device, dtype).contiguous(), f.up.to(device, dtype).contiguous(), bias)
         set_child(self.bench.originals[site.sub], site.path, module)
         self.bench.factored[(site.sub, site.path)] = lin
         self.result.factored[site] = module

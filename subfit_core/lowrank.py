@@ -122,8 +122,11 @@ def factor_plain(weight: torch.Tensor, rank: int) -> Factors:
 
 
 def factor_whitened(weight: torch.Tensor, gram: torch.Tensor, rank: int, name: str = "linear") -> Factors:
-    """SVD-LLM: truncation-aware with the dense inputs' Gram G = X^T X."""
-    return factor_anchored(weight, gram, gram, rank, alpha=1.0, name=name)
+    """SVD-LLM: truncation-aware with the dense inputs' Gram G = X^T X = S S^T: SVD of W S."""
+    S_chol, shift = regularised_cholesky(gram, name)
+    up, root_vh, S = _truncate(weight.double() @ S_chol, rank)
+    down = torch.linalg.solve_triangular(S_chol, root_vh, upper=False, left=False)  # S^1/2 V^T S^-1
+    return Factors(up, down, S, shift)
 
 
 def factor_anchored(weight: torch.Tensor, gram_hat: torch.Tensor, cross: torch.Tensor, rank: int,
