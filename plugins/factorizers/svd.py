@@ -35,7 +35,9 @@ class SVDLLMFactorizer(Factorizer):
 
 @dataclass
 class AASVDParams(FactorizerParams):
-    alpha: float = 1.0  # blend alpha X^T X_hat + (1 - alpha) X_hat^T X_hat: 1 = match the dense outputs
+    # blend alpha X^T X_hat + (1 - alpha) X_hat^T X_hat: 1 = match the dense outputs, 0 = the layer's own
+    # output on the shifted inputs. 0.5 measured best on SmolLM2 (docs/guide.md, low-rank section).
+    alpha: float = 0.5
 
     def __post_init__(self):
         super().__post_init__()
