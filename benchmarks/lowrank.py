@@ -99,8 +99,13 @@ def main() -> int:
     parser.add_argument("--removal-share", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results" / "lowrank")
+    parser.add_argument("--replot", action="store_true", help="only rewrite the table and plot from the JSON")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads((args.out / "lowrank.json").read_text())
+        write_docs(saved["rows"], saved["meta"], args.docs)
+        return 0
 
     base = resolve_recipe(["strategy=svd", "save=false", *args.overrides])
     session = open_session(base)
@@ -129,11 +134,16 @@ def main() -> int:
             print(f"done {ratio} {label}: {rows[-1]['ppl_ratio']:.2f}x in {rows[-1]['wall_s']:.0f} s", file=sys.stderr, flush=True)
             (args.out / "lowrank.json").write_text(json.dumps({"meta": meta, "overrides": args.overrides, "rows": rows}, indent=2))
             (args.out / "lowrank.md").write_text(table(rows) + "\n\n" + meta + "\n")
-    plot(rows, args.docs / "ppl_vs_kept.png")
-    (args.docs / "table.md").write_text(table(rows) + "\n\n" + meta + "\n")
+    write_docs(rows, meta, args.docs)
+    return 0
+
+
+def write_docs(rows: list[dict], meta: str, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    plot(rows, folder / "ppl_vs_kept.png")
+    (folder / "table.md").write_text(table(rows) + "\n\n" + meta + "\n")
     print(table(rows))
     print(meta)
-    return 0
 
 
 if __name__ == "__main__":
