@@ -184,7 +184,7 @@ class Factorization:
         kind = factorizer.statistics
         if kind not in STATISTICS:
             raise ValueError(f"factorizer statistics {kind!r}; one of {STATISTICS}")
-        self.need_dense_gram = kind in ("dense", "anchored")
+        self.need_stats = kind in ("dense", "anchored")  # streamed Gram statistics
         self.need_comp = kind == "anchored" or self.refine
 
     # ------------------------------------------------------------------ ranks
@@ -250,7 +250,7 @@ class Factorization:
         t0 = time.perf_counter()
         ranks = self.ranks()
         t_ranks = time.perf_counter()
-        if not self.need_dense_gram and not self.need_comp:
+        if not self.need_stats and not self.need_comp:
             for sub in self.subs:
                 self._factor_sub(sub, ranks, None)
         else:
@@ -272,8 +272,10 @@ class Factorization:
                 layer_in, params = comp, []
             original, current = b.originals[sub], ad.module(sub)
             sites = self.sites.get(sub, [])
-            grams = GramSet([s for s, _ in sites], dense=self.need_dense_gram and self.fz.statistics == "dense",
-                            anchored=self.fz.statistics == "anchored") if sites and self.need_dense_gram else None
+            grams = None
+            if sites and self.need_stats:
+                grams = GramSet([s for s, _ in sites], dense=self.fz.statistics == "dense",
+                                anchored=self.fz.statistics == "anchored")
             targets = []
             with torch.no_grad():
                 for j, h in enumerate(dense):
@@ -311,7 +313,9 @@ class Factorization:
         and the dense layer's output. Keeps the result only if it lowers the loss on all windows."""
         p = self.fz.params
         t0 = time.perf_counter()
-        mse = lambda outs: sum(float(F.mse_loss(o.float(), t.float(), reduction="sum")) for o, t in zip(outs, targets))
+        def mse(outs):
+            return sum(float(F.mse_loss(o.float(), t.float(), reduction="sum")) for o, t in zip(outs, targets))
+
         before = mse(outputs)
         saved = [q.detach().clone() for q in params]
         chunks = [(x, t) for xs, ts in zip(inputs, targets) for x, t in zip(xs.split(p.refine_batch), ts.split(p.refine_batch))]

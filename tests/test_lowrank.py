@@ -12,8 +12,7 @@ import torch
 from subfit_core.artifact import load_compressed, save_compressed
 from subfit_core.config import validate
 from subfit_core.errors import ConfigError, SubFitError
-from subfit_core.factorize import factorize, linear_params, total_sparsity
-from subfit_core.interfaces import Submodule
+from subfit_core.factorize import factorize, total_sparsity
 from subfit_core.lowrank import (FactoredLinear, allocate_ranks, factor_anchored, factor_plain, factor_whitened,
                                  regularised_cholesky, uniform_rank)
 from subfit_core.models import find_adapter
