@@ -53,6 +53,15 @@ def subfit_fitters():
 
 
 @hookimpl
+def subfit_factorizers():
+    return {
+        "svd": f"{P}.factorizers.svd:SVDFactorizer",
+        "svd-llm": f"{P}.factorizers.svd:SVDLLMFactorizer",
+        "aa-svd": f"{P}.factorizers.svd:AASVDFactorizer",
+    }
+
+
+@hookimpl
 def subfit_datasets():
     return {
         "kjv": f"{P}.datasets:kjv",

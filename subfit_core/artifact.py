@@ -2,7 +2,8 @@
 
 Layout of ``output_dir``: ``config.json`` (the original config plus a ``subfit`` entry listing
 each replaced submodule and its bypass), ``model.safetensors`` (no weights for removed
-submodules), the tokenizer, ``recipe.yaml`` (the resolved recipe) and ``results.json``.
+submodules; linears factored by the factorization stage as two matrices ``down``/``up``), the
+tokenizer, ``recipe.yaml`` (the resolved recipe) and ``results.json``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from safetensors.torch import load_model, save_model
 
 from .bypass import build_bypasses
 from .errors import SubFitError
+from .factorize import set_child
 from .interfaces import Submodule
+from .lowrank import FactoredLinear
 from .surgery import apply_bypasses
 
 FORMAT = 1
@@ -50,8 +53,10 @@ def atomic_dir(target: Path, write) -> None:
         raise
 
 
-def save_compressed(model, tokenizer, replacements: list[dict], output_dir: Path, recipe: dict, results: dict) -> None:
-    model.config.subfit = {"format": FORMAT, "replacements": replacements}
+def save_compressed(model, tokenizer, replacements: list[dict], output_dir: Path, recipe: dict, results: dict,
+                    factored: list[dict] | None = None) -> None:
+    """``factored``: one record per linear stored as two low-rank factors (layer, kind, linear path, shape)."""
+    model.config.subfit = {"format": FORMAT, "replacements": replacements, **({"factored": factored} if factored else {})}
 
     def write(tmp: Path) -> None:
         model.config.save_pretrained(tmp)
@@ -85,6 +90,9 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype:
     reps = info["replacements"]
     bypasses = build_bypasses([r["bypass"] for r in reps], dtype)
     apply_bypasses(adapter, {Submodule(r["layer"], r["kind"]): b for r, b in zip(reps, bypasses)})
+    for r in info.get("factored", []):  # low-rank linears: empty factors of the recorded shapes
+        empty = FactoredLinear.empty(r["in"], r["out"], r["rank"], r["bias"], dtype)
+        set_child(adapter.module(Submodule(r["layer"], r["kind"])), r["linear"], empty)
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise SubFitError(f"load_compressed: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")

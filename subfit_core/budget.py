@@ -39,13 +39,20 @@ class Budget:
         """Sparsity of a selection ``{sub: bypass params charged}``."""
         return sum(self.saving(s, p) for s, p in removed.items())
 
-    def report(self, removed: dict[Submodule, int], shared_params: int = 0) -> dict:
-        """Achieved sparsity in both units (shared bypass tensors charged once via ``shared_params``)."""
+    def report(self, removed: dict[Submodule, int], shared_params: int = 0,
+               saved_per_layer: dict[int, int] | None = None) -> dict:
+        """Achieved sparsity in both units (shared bypass tensors charged once via ``shared_params``;
+        ``saved_per_layer``: parameters saved inside kept submodules, e.g. by factorization)."""
         out = {"requested": self.sparsity, "unit": self.unit}
+        saved_per_layer = saved_per_layer or {}
         for unit in UNITS:
             b = Budget(self.sparsity, unit, self.adapter)
             extra = shared_params / b.decoder_params if unit == "params" else (
                 shared_params / (b.decoder_params / self.adapter.num_layers) / self.adapter.num_layers)
-            out[f"achieved_{unit}"] = b.achieved(removed) - extra
+            if unit == "params":
+                inside = sum(saved_per_layer.values()) / b.decoder_params
+            else:
+                inside = sum(n / self.adapter.layer_param_count(l) for l, n in saved_per_layer.items()) / self.adapter.num_layers
+            out[f"achieved_{unit}"] = b.achieved(removed) - extra + inside
         out["layer_equivalents"] = out["achieved_layers"] * self.adapter.num_layers
         return out

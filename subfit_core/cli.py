@@ -51,8 +51,12 @@ def print_help(args: list[str]) -> None:
         return
     plugins = get_plugins()
     print(f"\nComponent keys of recipe '{cfg['name']}':")
-    for section in ("scorer", "selector", "fitter"):
-        cls = plugins.registries[section].get(cfg[section]["name"])
+    kinds = {"scorer": "scorer", "selector": "selector", "fitter": "fitter", "factorize": "factorizer"}
+    for section, kind in kinds.items():
+        if cfg[section]["name"] == "none":
+            print(f"  {section}.name = none")
+            continue
+        cls = plugins.registries[kind].get(cfg[section]["name"])
         given = {k: v for k, v in cfg[section].items() if k != "name"}
         print(f"  {section}.name = {cfg[section]['name']}  ({cls.description})")
         for key, default in params_help(cls.Params):

@@ -1,7 +1,7 @@
 """Recipe schema: validated nested settings, ``key=value`` overrides, errors that name the key.
 
 A recipe is YAML read with ``yaml.safe_load``. Engine-level keys are declared in ``SCHEMA``; the
-``scorer``, ``selector`` and ``fitter`` sections hold ``name`` plus the parameters of that
+``scorer``, ``selector``, ``fitter`` and ``factorize`` sections hold ``name`` plus the parameters of that
 component, validated against the component's own ``Params`` dataclass.
 """
 
@@ -32,7 +32,7 @@ class Field:
     items: type | None = None  # for list fields: the type every element must have
 
 
-COMPONENT_SECTIONS = ("scorer", "selector", "fitter")
+COMPONENT_SECTIONS = ("scorer", "selector", "fitter", "factorize")
 
 SCHEMA: dict[str, Any] = {
     "name": Field(str, "custom", "recipe name"),
@@ -80,6 +80,7 @@ SCHEMA: dict[str, Any] = {
     "scorer": {"name": Field(str, "output", "registered scorer")},
     "selector": {"name": Field(str, "greedy", "registered selector")},
     "fitter": {"name": Field(str, "per-type", "registered fitter")},
+    "factorize": {"name": Field(str, "none", "registered factorizer of the remaining linears, or none")},
 }
 
 

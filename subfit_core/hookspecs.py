@@ -39,6 +39,11 @@ def subfit_fitters() -> dict:
 
 
 @hookspec
+def subfit_factorizers() -> dict:
+    """Low-rank factorizers of linear layers (``subfit_core.interfaces.Factorizer`` subclasses)."""
+
+
+@hookspec
 def subfit_datasets() -> dict:
     """Text sources: callables returning ``subfit_core.corpus.CorpusText``."""
 

@@ -8,7 +8,7 @@ instance to ``__init__``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from torch import nn
 
@@ -16,8 +16,12 @@ from .bypass import Bypass
 from .progress import progress
 
 if TYPE_CHECKING:
+    import torch
+
     from .adapter import Adapter
     from .budget import Budget
+    from .factorize import LinearStats
+    from .lowrank import Factors
     from .stats import SubStats
     from .trace import Workbench
 
@@ -153,3 +157,41 @@ class Selector(Component):
     def needs_group_scores(self) -> bool:
         """Whether this selector asks the scorer for whole layers or windows (checked before any work)."""
         return False
+
+
+@dataclass
+class FactorizerParams:
+    """Budget and refinement settings every factorizer has (recipe section ``factorize``)."""
+
+    kept_ratio: float = 0.8  # total budget: share of the decoder's linear-layer weights kept
+    removal_share: float = 0.0  # share of the removed parameters taken by submodule removal (hybrid)
+    ranks: Literal["uniform", "adaptive"] = "uniform"
+    refine_steps: int = 0  # AdamW steps per decoder layer (0: no block refinement)
+    refine_lr: float = 1e-4
+    refine_batch: int = 2  # windows per refinement step
+
+    def __post_init__(self):
+        if not 0.0 < self.kept_ratio < 1.0:
+            raise ValueError(f"kept_ratio: {self.kept_ratio} must be in (0, 1)")
+        if not 0.0 <= self.removal_share < 1.0:
+            raise ValueError(f"removal_share: {self.removal_share} must be in [0, 1)")
+        if self.refine_steps < 0 or self.refine_batch < 1 or self.refine_lr <= 0:
+            raise ValueError("refine_steps must be >= 0, refine_batch >= 1 and refine_lr > 0")
+
+
+class Factorizer(Component):
+    """Factors a linear layer into two low-rank matrices (closed form), from the statistics it asks for.
+
+    ``statistics``: ``none`` (weights only), ``dense`` (G = X^T X of the dense model's inputs) or
+    ``anchored`` (C = X_hat^T X_hat and M = X^T X_hat, X_hat from the partially compressed model).
+    """
+
+    Params: ClassVar[type] = FactorizerParams
+    statistics: ClassVar[str] = "none"
+
+    def factor(self, name: str, weight: "torch.Tensor", stats: "LinearStats | None", rank: int) -> "Factors":
+        raise NotImplementedError
+
+    def spectrum(self, name: str, weight: "torch.Tensor", gram: "torch.Tensor | None") -> "torch.Tensor":
+        """Singular values whose dropped squares measure the truncation loss (for adaptive ranks)."""
+        raise NotImplementedError

@@ -22,7 +22,8 @@ from .corpus import CorpusText, Windows, make_windows
 from .deploy import BenchSettings, benchmark, ratios
 from .errors import ConfigError, SubFitError
 from .evaluate import check_tasks, compare_tasks, run_tasks
-from .interfaces import Plan, Submodule
+from .factorize import FactorizeResult, factorize_rest, total_sparsity
+from .interfaces import Fitted, Plan, Submodule
 from .metrics import forward_seconds, perplexity
 from .models import find_adapter, load_model, resolve_device
 from .plugins import Plugins, build_component, get_plugins
@@ -38,6 +39,7 @@ class Components:
     scorer: object
     selector: object
     fitter: object
+    factorizer: object | None = None  # None: no factorization stage
 
 
 @dataclass
@@ -68,6 +70,10 @@ class Outcome:
     bypasses: dict[Submodule, Bypass]
     plan: Plan
     results: dict
+    factored: FactorizeResult | None = None
+
+    def factored_records(self) -> list[dict]:
+        return self.factored.records() if self.factored is not None else []
 
 
 def build_components(plugins: Plugins, cfg: dict) -> Components:
@@ -76,12 +82,22 @@ def build_components(plugins: Plugins, cfg: dict) -> Components:
         scorer=build_component(plugins, "scorer", cfg["scorer"], "scorer"),
         selector=build_component(plugins, "selector", cfg["selector"], "selector"),
         fitter=build_component(plugins, "fitter", cfg["fitter"], "fitter"),
+        factorizer=build_factorizer(plugins, cfg["factorize"]),
     )
     if comps.selector.needs_group_scores() and not comps.scorer.scores_groups:
         able = [n for n in plugins.scorer.names() if getattr(plugins.scorer.get(n), "scores_groups", False)]
         raise ConfigError(f"scorer.name: {cfg['scorer']['name']} scores single submodules only, but selector "
                           f"{cfg['selector']['name']} asks for whole layers or windows; use one of: {', '.join(able)}")
     return comps
+
+
+def build_factorizer(plugins: Plugins, section: dict):
+    if section["name"] != "none":
+        return build_component(plugins, "factorizer", section, "factorize")
+    extra = sorted(k for k in section if k != "name")
+    if extra:
+        raise ConfigError(f"factorize.{extra[0]}: set factorize.name first (it is none: no factorization)")
+    return None
 
 
 def load_text(plugins: Plugins, name: str) -> CorpusText:
@@ -150,46 +166,56 @@ def evaluate_compressed(session: Session, cfg: dict, results: dict) -> None:
 
 
 def compress(session: Session, cfg: dict) -> Outcome:
-    """Select, fit and apply bypasses per ``cfg``; the session's model is left compressed."""
+    """Select, fit and apply bypasses per ``cfg``, then factor the remaining linears if a factorizer
+    is named; the session's model is left compressed."""
     comps = build_components(get_plugins(), cfg)
     bench, adapter, device = session.bench, session.adapter, session.device
     bench.restore()
     evaluate_dense(session, cfg)
-    budget = Budget(cfg["sparsity"], cfg["sparsity_unit"], adapter)
+    fz = comps.factorizer
+    if fz is None:
+        budget = removal = Budget(cfg["sparsity"], cfg["sparsity_unit"], adapter)
+    else:  # one total budget, split between removal and factorization (see factorize.total_sparsity)
+        budget = Budget(total_sparsity(bench, fz.params.kept_ratio), "params", adapter)
+        removal = Budget(fz.params.removal_share * budget.sparsity, "params", adapter)
     comps.fitter.attach(adapter)
     evaluations_before = bench.evaluations
     t0 = time.perf_counter()
-    plan = comps.selector.select(bench, comps.scorer, comps.fitter, budget)
+    if removal.sparsity > 0:
+        plan = comps.selector.select(bench, comps.scorer, comps.fitter, removal)
+    else:
+        plan = Plan(notes={"estimated_sparsity": 0.0})
     t_select = time.perf_counter() - t0
     bench.restore()
-    fitted = comps.fitter.fit_selection(plan.subs, bench, anchored=cfg["anchored"])
+    fitted = comps.fitter.fit_selection(plan.subs, bench, anchored=cfg["anchored"]) if plan.subs else Fitted({})
     edits = {**plan.edits, **fitted.edits}
     clash = sorted(set(edits) & set(fitted.bypasses))
     if clash:
         raise SubFitError(f"fitter {cfg['fitter']['name']}: {clash[0]} is both replaced and edited")
     bench.restore()
     bench.apply({**fitted.bypasses, **edits})
+    factored = factorize_rest(bench, fz, budget, fitted.bypasses) if fz is not None else None
     # A selector that replayed scores computed by an earlier run of this session says how long they
     # took; they count here, so the time is what a standalone run would take.
     compression_s = session.stats_s + time.perf_counter() - t0 + plan.notes.get("scores_reused", {}).get("seconds", 0.0)
 
     ppl = perplexity(session.model, session.windows.heldout, cfg["eval"]["batch_size"], device, "compressed perplexity")
     results = report(session, cfg, budget, plan, fitted.bypasses, ppl, compression_s, t_select,
-                     bench.evaluations - evaluations_before)
+                     bench.evaluations - evaluations_before, factored)
     results["edited"] = [s.name for s in sorted(edits)]
     results["notes"].update(fitted.notes)
     evaluate_compressed(session, cfg, results)
-    return Outcome(fitted.bypasses, plan, results)
+    return Outcome(fitted.bypasses, plan, results, factored)
 
 
 def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: dict, ppl: float,
-           compression_s: float, select_s: float, evaluations: int) -> dict:
+           compression_s: float, select_s: float, evaluations: int, factored: FactorizeResult | None = None) -> dict:
     adapter, selected = session.adapter, plan.subs
     own, shared = split_bypass_params(bypasses)
     n_layers = adapter.num_layers
     kept_attn = n_layers - sum(1 for s in selected if s.kind == "attn")
     before = budget.decoder_params
-    sparsity = budget.report(own, shared)
+    sparsity = budget.report(own, shared, factored.saved_per_layer() if factored is not None else None)
     bypass_params = sum(own.values()) + shared
     specs = {s: bypasses[s].spec() for s in selected}
     return {
@@ -216,6 +242,7 @@ def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: di
                     "compression_over_dense_forward": compression_s / session.dense_forward_s,
                     "scoring_evaluations": evaluations},
         "notes": plan.notes,
+        **({"factorization": {"factorizer": cfg["factorize"]["name"], **factored.summary()}} if factored is not None else {}),
     }
 
 
@@ -230,5 +257,6 @@ def run(cfg: dict) -> dict:
     results["timings"]["total_s"] = time.perf_counter() - t_start
     if out_dir is not None:
         results["output_dir"] = str(out_dir)
-        save_compressed(session.model, session.tokenizer, records(outcome.bypasses), out_dir, cfg, results)
+        save_compressed(session.model, session.tokenizer, records(outcome.bypasses), out_dir, cfg, results,
+                        outcome.factored_records())
     return results

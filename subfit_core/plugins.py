@@ -19,6 +19,7 @@ COMPONENT_HOOKS = {
     "subfit_scorers": ("scorer", "scorer.name"),
     "subfit_selectors": ("selector", "selector.name"),
     "subfit_fitters": ("fitter", "fitter.name"),
+    "subfit_factorizers": ("factorizer", "factorize.name"),
     "subfit_datasets": ("dataset", "calib.dataset"),
     "subfit_models": ("model", "model"),
 }

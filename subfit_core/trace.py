@@ -46,6 +46,7 @@ class Workbench:
         self.originals = {s: adapter.module(s) for s in self.subs}
         self.stats: dict[Submodule, SubStats] = {}
         self.replaced: dict[Submodule, nn.Module] = {}
+        self.factored: dict[tuple[Submodule, str], nn.Module] = {}  # (sub, linear path) -> the original linear
         self._states: list[list[torch.Tensor]] = []  # [boundary][batch] scoring residual stream
         self._contexts: dict = {}
         self._dense_refs: list[tuple[torch.Tensor, float]] | None = None
@@ -239,6 +240,10 @@ class Workbench:
         for sub in list(self.replaced):
             self.adapter.replace(sub, self.originals[sub])
         self.replaced.clear()
+        for (sub, path), linear in self.factored.items():  # undo a factorization stage
+            parent, _, child = path.rpartition(".")
+            setattr(self.originals[sub].get_submodule(parent) if parent else self.originals[sub], child, linear)
+        self.factored.clear()
         self.adapter.finalize()
         if self._states:
             self._states = list(self._dense_states)

@@ -1,0 +1,57 @@
+"""Low-rank factorizers: plain SVD, SVD-LLM (whitened, truncation-aware) and AA-SVD (anchored).
+
+The closed forms are in ``subfit_core.lowrank``; these classes say which statistics each needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from subfit_core.interfaces import Factorizer, FactorizerParams
+from subfit_core.lowrank import factor_anchored, factor_plain, factor_whitened, spectrum_plain, spectrum_whitened
+
+
+class SVDFactorizer(Factorizer):
+    description = "truncated SVD of each weight (no calibration data)"
+    statistics = "none"
+
+    def factor(self, name, weight, stats, rank):
+        return factor_plain(weight, rank)
+
+    def spectrum(self, name, weight, gram):
+        return spectrum_plain(weight)
+
+
+class SVDLLMFactorizer(Factorizer):
+    description = "SVD-LLM: SVD of W chol(X^T X) on dense inputs, truncation loss = sqrt(sum dropped sigma^2)"
+    statistics = "dense"
+
+    def factor(self, name, weight, stats, rank):
+        return factor_whitened(weight, stats.gram, rank, name)
+
+    def spectrum(self, name, weight, gram):
+        return spectrum_whitened(weight, gram, name)
+
+
+@dataclass
+class AASVDParams(FactorizerParams):
+    # blend alpha X^T X_hat + (1 - alpha) X_hat^T X_hat: 1 = match the dense outputs, 0 = the layer's own
+    # output on the shifted inputs. 0.5 measured best on SmolLM2 (docs/guide.md, low-rank section).
+    alpha: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha: {self.alpha} must be in [0, 1]")
+
+
+class AASVDFactorizer(Factorizer):
+    Params = AASVDParams
+    description = "AA-SVD: fit each linear to the dense outputs from the compressed model's inputs"
+    statistics = "anchored"
+
+    def factor(self, name, weight, stats, rank):
+        return factor_anchored(weight, stats.gram_hat, stats.cross, rank, self.params.alpha, name)
+
+    def spectrum(self, name, weight, gram):
+        return spectrum_whitened(weight, gram, name)

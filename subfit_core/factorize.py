@@ -1,0 +1,400 @@
+"""The factorization stage: every remaining linear layer of the decoder becomes two low-rank factors.
+
+Runs after the removal/bypass stage, on whatever the model is then (dense, or with bypasses). A
+*site* is one ``nn.Linear`` inside a submodule that was not replaced (q/k/v/o, gate/up/down on
+the Llama family; found generically, not by name). The factorizer named in the recipe says which
+statistics it needs and computes each site's factors; this module streams the statistics,
+allocates ranks, installs the factors and, optionally, refines each decoder layer end to end.
+
+Streaming (calibration windows, submodule by submodule in depth order, like the Workbench): two
+residual streams are carried, the dense model's and the compressed model's (layers before the
+current one already factored, bypasses in place). For each submodule, forward pre-hooks on its
+linears capture their inputs X (dense stream) and X_hat (compressed stream) batch by batch, and
+float64 accumulators receive
+
+    G = X^T X        C = X_hat^T X_hat        M = X^T X_hat
+
+(each batch's product formed in float32 on the device, as in ``stats.py``). Linears that read the
+same tensor (q/k/v, gate/up) share one set. Activations are never stored beyond one batch; the
+streams themselves are held as in the anchored refit. Within a submodule all linears are fitted
+from one pass (the o/down inputs come from the submodule with its original q/k/v, gate/up); the
+next submodule sees the factored one. Block refinement then trains each layer's factors to map
+the compressed stream onto the dense layer's output.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import NumericalError
+from .interfaces import Submodule
+from .lowrank import FactoredLinear, Factors, allocate_ranks, uniform_rank
+from .progress import progress
+
+STATISTICS = ("none", "dense", "anchored")
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """One linear layer inside a submodule: ``path`` is relative to the submodule's module."""
+
+    sub: Submodule
+    path: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.sub.name}.{self.path}"
+
+
+@dataclass
+class LinearStats:
+    """Float64 statistics of one linear's input (shared by linears that read the same tensor)."""
+
+    gram: torch.Tensor | None = None  # G = X^T X, dense inputs
+    gram_hat: torch.Tensor | None = None  # C = X_hat^T X_hat, compressed-model inputs
+    cross: torch.Tensor | None = None  # M = X^T X_hat
+    tokens: int = 0
+
+
+@dataclass
+class FactorizeResult:
+    factored: dict[Site, FactoredLinear] = field(default_factory=dict)
+    kept_ratio: float = 1.0  # the ratio asked of the factorizer (over the sites it factored)
+    dense_params: int = 0  # parameters of the factored linears before
+    factor_params: int = 0  # and after
+    regularised: list[dict] = field(default_factory=list)  # Gram matrices that needed a diagonal shift
+    refinement: list[dict] = field(default_factory=list)  # per layer: loss before / after, steps, seconds
+    truncation_loss: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def saved_per_layer(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for site, f in self.factored.items():
+            saved = f.in_features * f.out_features - f.rank * (f.in_features + f.out_features)
+            out[site.sub.layer] = out.get(site.sub.layer, 0) + saved
+        return out
+
+    def records(self) -> list[dict]:
+        """What config.json stores to rebuild the factored linears, in depth order."""
+        return [{"layer": s.sub.layer, "kind": s.sub.kind, "linear": s.path, **self.factored[s].spec()}
+                for s in sorted(self.factored)]
+
+    def summary(self) -> dict:
+        ranks = {s.name: f.rank for s, f in sorted(self.factored.items())}
+        return {"kept_ratio": self.kept_ratio, "linears": len(self.factored),
+                "linear_params_before": self.dense_params, "linear_params_after": self.factor_params,
+                "achieved_kept_ratio": self.factor_params / max(self.dense_params, 1),
+                "ranks": ranks, "regularised": self.regularised, "refinement": self.refinement,
+                "seconds": self.seconds}
+
+
+# ----------------------------------------------------------------------------- sites
+
+
+def set_child(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def linear_sites(module: nn.Module, sub: Submodule) -> list[tuple[Site, nn.Linear]]:
+    return [(Site(sub, path), m) for path, m in module.named_modules() if isinstance(m, nn.Linear)]
+
+
+def linear_params(module: nn.Module) -> int:
+    """Weights of the linear layers in ``module`` (what factorization can shrink; biases stay)."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+@contextmanager
+def capture_inputs(sites: list[tuple[Site, nn.Linear]], store: dict):
+    """Forward pre-hooks that put each linear's input tensor in ``store[site]``."""
+    handles = [lin.register_forward_pre_hook(lambda _m, args, site=site: store.__setitem__(site, args[0]))
+               for site, lin in sites]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class GramSet:
+    """Accumulators for the sites of one submodule; sites fed the same tensor share one entry."""
+
+    def __init__(self, sites: list[Site], dense: bool, anchored: bool):
+        self.sites, self.dense, self.anchored = sites, dense, anchored
+        self.owner: dict[Site, Site] = {}  # site -> the first site that read the same tensor
+        self.stats: dict[Site, LinearStats] = {}
+
+    def _group(self, inputs: dict) -> None:
+        if self.owner:
+            return
+        first: dict[int, Site] = {}
+        for site in self.sites:
+            self.owner[site] = first.setdefault(id(inputs[site]), site)
+        for site in set(self.owner.values()):
+            self.stats[site] = LinearStats()
+
+    @staticmethod
+    def _add(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        prod = (a.T @ b).to("cpu", torch.float64)
+        return prod if acc is None else acc + prod
+
+    def add(self, x: dict, x_hat: dict | None) -> None:
+        self._group(x)
+        for site, st in self.stats.items():
+            a = x[site].reshape(-1, x[site].shape[-1]).float()
+            if self.dense:
+                st.gram = self._add(st.gram, a, a)
+            if self.anchored:
+                b = a if x_hat is None else x_hat[site].reshape(-1, a.shape[-1]).float()
+                st.gram_hat = self._add(st.gram_hat, b, b)
+                st.cross = self._add(st.cross, a, b)
+            st.tokens += a.shape[0]
+
+    def of(self, site: Site) -> LinearStats:
+        st = self.stats[self.owner[site]]
+        for name in ("gram", "gram_hat", "cross"):
+            t = getattr(st, name)
+            if t is not None and not torch.isfinite(t).all():
+                raise NumericalError(f"{site.name}: input statistics contain NaN/Inf")
+        return st
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+class Factorization:
+    """One factorization run on a Workbench's model (``bench``), skipping replaced submodules."""
+
+    def __init__(self, bench, factorizer, kept_ratio: float, skip: set[Submodule]):
+        self.bench, self.fz, self.kept_ratio = bench, factorizer, kept_ratio
+        self.adapter = bench.adapter
+        self.subs = [s for s in bench.subs if s not in skip]
+        self.sites = {s: linear_sites(bench.originals[s], s) for s in self.subs}
+        self.result = FactorizeResult(kept_ratio=kept_ratio)
+        p = factorizer.params
+        self.refine = p.refine_steps > 0
+        kind = factorizer.statistics
+        if kind not in STATISTICS:
+            raise ValueError(f"factorizer statistics {kind!r}; one of {STATISTICS}")
+        self.need_stats = kind in ("dense", "anchored")  # streamed Gram statistics
+        self.need_comp = kind == "anchored" or self.refine
+
+    # ------------------------------------------------------------------ ranks
+    def _shapes(self) -> dict[Site, tuple[int, int]]:
+        return {site: tuple(lin.weight.shape) for subs in self.sites.values() for site, lin in subs}
+
+    def ranks(self) -> dict[Site, int]:
+        shapes = self._shapes()
+        if self.fz.params.ranks == "uniform":
+            return {site: uniform_rank(self.kept_ratio, m, n) for site, (m, n) in shapes.items()}
+        spectra = {}
+        if self.fz.statistics == "none":
+            for subs in self.sites.values():
+                for site, lin in subs:
+                    spectra[site] = self.fz.spectrum(site.name, lin.weight, None)
+        else:  # a dense pre-pass: each layer's Gram gives its spectra, then is dropped
+            self._dense_pass(lambda site, lin, st: spectra.__setitem__(site, self.fz.spectrum(site.name, lin.weight, st.gram)))
+        return allocate_ranks(spectra, shapes, self.kept_ratio)
+
+    @torch.no_grad()
+    def _dense_pass(self, visit) -> None:
+        b = self.bench
+        hs = [self.adapter.embed(x) for x in b._batches(b.windows.calib)]
+        for sub in progress(b.subs, desc="rank allocation statistics"):
+            original = b.originals[sub]
+            sites = self.sites.get(sub, [])
+            grams = GramSet([s for s, _ in sites], dense=True, anchored=False)
+            for j, h in enumerate(hs):
+                seen: dict = {}
+                with capture_inputs(sites, seen):
+                    y = self.adapter.contribution(sub, h, b._ctx(h), original)
+                if sites:
+                    grams.add(seen, None)
+                hs[j] = h + y
+            for site, lin in sites:
+                visit(site, lin, grams.of(site))
+
+    # ------------------------------------------------------------------ factors
+    def _install(self, site: Site, lin: nn.Linear, f: Factors) -> FactoredLinear:
+        dtype, device = lin.weight.dtype, lin.weight.device
+        bias = lin.bias.detach().clone() if lin.bias is not None else None
+        module = FactoredLinear(f.down.to(device, dtype).contiguous(), f.up.to(device, dtype).contiguous(), bias)
+        set_child(self.bench.originals[site.sub], site.path, module)
+        self.bench.factored[(site.sub, site.path)] = lin
+        self.result.factored[site] = module
+        self.result.dense_params += lin.weight.numel()
+        self.result.factor_params += f.rank * (f.up.shape[0] + f.down.shape[1])
+        self.result.truncation_loss[site.name] = f.truncation_loss
+        if f.shift:
+            self.result.regularised.append({"linear": site.name, "shift": f.shift})
+        return module
+
+    def _factor_sub(self, sub: Submodule, ranks: dict, grams: GramSet | None) -> list[FactoredLinear]:
+        out = []
+        for site, lin in self.sites.get(sub, []):
+            st = grams.of(site) if grams is not None else None
+            f = self.fz.factor(site.name, lin.weight.detach(), st, ranks[site])
+            out.append(self._install(site, lin, f))
+        return out
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> FactorizeResult:
+        t0 = time.perf_counter()
+        ranks = self.ranks()
+        t_ranks = time.perf_counter()
+        if not self.need_stats and not self.need_comp:
+            for sub in self.subs:
+                self._factor_sub(sub, ranks, None)
+        else:
+            self._stream(ranks)
+        t_end = time.perf_counter()
+        self.result.seconds = {"ranks_s": t_ranks - t0, "factorize_s": t_end - t_ranks,
+                               "refine_s": sum(r["seconds"] for r in self.result.refinement), "total_s": t_end - t0}
+        return self.result
+
+    def _stream(self, ranks: dict) -> None:
+        b, ad = self.bench, self.adapter
+        with torch.no_grad():
+            dense = [ad.embed(x) for x in b._batches(b.windows.calib)]
+        comp, same = dense, True  # the compressed stream equals the dense one until something changes
+        layer_in = comp
+        params: list[nn.Parameter] = []
+        for i, sub in enumerate(progress(b.subs, desc="factorizing")):
+            if i == 0 or b.subs[i - 1].layer != sub.layer:
+                layer_in, params = comp, []
+            original, current = b.originals[sub], ad.module(sub)
+            sites = self.sites.get(sub, [])
+            grams = None
+            if sites and self.need_stats:
+                grams = GramSet([s for s, _ in sites], dense=self.fz.statistics == "dense",
+                                anchored=self.fz.statistics == "anchored")
+            targets = []
+            with torch.no_grad():
+                for j, h in enumerate(dense):
+                    x, x_hat = {}, {}
+                    with capture_inputs(sites if grams else [], x):
+                        y = ad.contribution(sub, h, b._ctx(h), original)
+                    if grams is not None and self.need_comp and not same:
+                        with capture_inputs(sites, x_hat):
+                            ad.contribution(sub, comp[j], b._ctx(comp[j]), original)
+                    if grams is not None:
+                        grams.add(x, x_hat or None)
+                    targets.append(y)
+                params += [p for m in self._factor_sub(sub, ranks, grams) for p in m.parameters()]
+                if self.need_comp:
+                    if sites or current is not original or not same:
+                        comp = [hc + ad.contribution(sub, hc, b._ctx(hc), current) for hc in comp]
+                        same = False
+                dense = [h + y for h, y in zip(dense, targets)]
+                if same:
+                    comp = dense
+            last_of_layer = i + 1 == len(b.subs) or b.subs[i + 1].layer != sub.layer
+            if last_of_layer and self.refine and params and not same:
+                comp = self._refine_layer(sub.layer, params, layer_in, dense, comp)
+
+    # ------------------------------------------------------------------ block refinement
+    def _layer_forward(self, layer: int, h: torch.Tensor, ctx) -> torch.Tensor:
+        for sub in self.bench.subs:
+            if sub.layer == layer:
+                h = h + self.adapter.contribution(sub, h, ctx, self.adapter.module(sub))
+        return h
+
+    def _refine_layer(self, layer: int, params: list[nn.Parameter], inputs: list[torch.Tensor],
+                      targets: list[torch.Tensor], outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """AdamW on this layer's factors: MSE between the compressed layer on the compressed stream
+        and the dense layer's output. Keeps the result only if it lowers the loss on all windows."""
+        p = self.fz.params
+        t0 = time.perf_counter()
+        def mse(outs):
+            return sum(float(F.mse_loss(o.float(), t.float(), reduction="sum")) for o, t in zip(outs, targets))
+
+        before = mse(outputs)
+        saved = [q.detach().clone() for q in params]
+        chunks = [(x, t) for xs, ts in zip(inputs, targets) for x, t in zip(xs.split(p.refine_batch), ts.split(p.refine_batch))]
+        model_params = list(self.bench.model.parameters())
+        grad_flags = [q.requires_grad for q in model_params]
+        for q in model_params:
+            q.requires_grad_(False)
+        for q in params:
+            q.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=p.refine_lr, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / p.refine_steps)))
+        contexts: dict = {}
+        try:
+            with torch.enable_grad():
+                for step in range(p.refine_steps):
+                    x, t = chunks[step % len(chunks)]
+                    key = tuple(x.shape[:2])
+                    if key not in contexts:  # built outside inference mode, so autograd can use it
+                        with torch.no_grad():
+                            contexts[key] = self.adapter.context(x)
+                    loss = F.mse_loss(self._layer_forward(layer, x, contexts[key]).float(), t.float())
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    opt.step()
+                    schedule.step()
+        finally:
+            for q in params:
+                q.requires_grad_(False)
+                q.grad = None
+            for q, flag in zip(model_params, grad_flags):
+                q.requires_grad_(flag)
+        with torch.no_grad():
+            refined = [self._layer_forward(layer, x, self.bench._ctx(x)) for x in inputs]
+            after = mse(refined)
+            kept = after < before
+            if not kept:
+                for q, old in zip(params, saved):
+                    q.copy_(old)
+        tokens = sum(t.shape[0] * t.shape[1] for t in targets)
+        self.result.refinement.append({"layer": layer, "mse_before": before / tokens, "mse_after": after / tokens,
+                                       "kept": kept, "steps": p.refine_steps, "seconds": time.perf_counter() - t0})
+        return refined if kept else outputs
+
+
+def factorize(bench, factorizer, kept_ratio: float, skip: set[Submodule]) -> FactorizeResult:
+    """Factor every linear of every submodule not in ``skip``; the model is left factored
+    (``bench.restore()`` undoes it)."""
+    return Factorization(bench, factorizer, kept_ratio, skip).run()
+
+
+# ----------------------------------------------------------------------------- the budget split
+
+
+def total_sparsity(bench, kept_ratio: float) -> float:
+    """The total budget of a run with a factorizer, as a share of decoder parameters (``params`` unit):
+    keeping ``kept_ratio`` of the decoder's linear-layer weights removes (1 - kept_ratio) of them.
+    Embeddings and lm_head are not decoder parameters and are never factored."""
+    linear = sum(linear_params(bench.originals[s]) for s in bench.subs)
+    decoder = sum(bench.adapter.layer_param_count(l) for l in range(bench.adapter.num_layers))
+    return (1.0 - kept_ratio) * linear / decoder
+
+
+def factorize_rest(bench, factorizer, budget, bypasses: dict) -> FactorizeResult:
+    """Factor the linears of the submodules that were not replaced so that, together with the
+    removal already done (net of bypass parameters), the total reaches ``budget`` (``params`` unit):
+    the factorizer's kept ratio over those linears is 1 - (still to remove) / (their weights)."""
+    from .surgery import split_bypass_params
+
+    own, shared = split_bypass_params(bypasses)
+    removed = budget.report(own, shared)["achieved_params"] * budget.decoder_params
+    to_remove = budget.sparsity * budget.decoder_params - removed
+    remaining = sum(linear_params(bench.originals[s]) for s in bench.subs if s not in bypasses)
+    if to_remove <= 0 or remaining == 0:
+        return FactorizeResult(kept_ratio=1.0)
+    kept = 1.0 - to_remove / remaining
+    if kept <= 0.0:
+        from .errors import SubFitError
+
+        raise SubFitError(f"factorize.removal_share: removal left {remaining:,} linear weights, "
+                          f"fewer than the {to_remove:,.0f} still to remove")
+    return factorize(bench, factorizer, kept, set(bypasses))

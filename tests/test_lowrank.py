@@ -1,0 +1,268 @@
+"""Low-rank factorization: the closed forms against brute force, SVD-LLM's truncation loss, anchoring
+with identical streams, non-positive-definite Gram matrices, the streamed stage on tiny models
+(ranks, refinement, restore), the hybrid budget split, save/load and parameter accounting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from subfit_core.artifact import load_compressed, save_compressed
+from subfit_core.config import validate
+from subfit_core.errors import ConfigError, SubFitError
+from subfit_core.factorize import factorize, total_sparsity
+from subfit_core.lowrank import (FactoredLinear, allocate_ranks, factor_anchored, factor_plain, factor_whitened,
+                                 regularised_cholesky, uniform_rank)
+from subfit_core.models import find_adapter
+from subfit_core.pipeline import Session, build_components, compress
+from subfit_core.plugins import build_component, get_plugins
+from subfit_core.surgery import records
+from subfit_core.trace import Workbench
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def anchored_objective(W, X, X_hat, W_prime):
+    return float((X @ W.T - X_hat @ W_prime.T).square().sum())
+
+
+def random_streams(n=6, m=5, tokens=40, drift=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    X = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
+    X_hat = X + drift * torch.randn(tokens, n, generator=g, dtype=torch.float64)
+    return W, X, X_hat
+
+
+def brute_force(W, X, X_hat, rank, starts=4):
+    """min over W' = B A (m x k, k x n) by L-BFGS from random starts: no closed form involved."""
+    best = float("inf")
+    g = torch.Generator().manual_seed(1)
+    for _ in range(starts):
+        B = torch.randn(W.shape[0], rank, generator=g, dtype=torch.float64).requires_grad_()
+        A = torch.randn(rank, W.shape[1], generator=g, dtype=torch.float64).requires_grad_()
+        opt = torch.optim.LBFGS([A, B], max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-15,
+                                line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = (X @ W.T - X_hat @ (B @ A).T).square().sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        best = min(best, anchored_objective(W, X, X_hat, (B @ A).detach()))
+    return best
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_anchored_closed_form_is_the_brute_force_optimum(rank):
+    W, X, X_hat = random_streams()
+    f = factor_anchored(W, X_hat.T @ X_hat, X.T @ X_hat, rank)
+    closed = anchored_objective(W, X, X_hat, f.weight())
+    searched = brute_force(W, X, X_hat, rank)
+    assert f.rank == rank and torch.linalg.matrix_rank(f.weight()) == rank
+    assert closed <= searched * (1 + 1e-9)  # nothing found beats it
+    assert searched == pytest.approx(closed, rel=1e-6)  # and the search reaches it
+    # the excess over the unconstrained least-squares optimum is the sum of the dropped sigma^2
+    full = torch.linalg.lstsq(X_hat, X @ W.T).solution.T
+    excess = closed - anchored_objective(W, X, X_hat, full)
+    assert excess == pytest.approx(f.truncation_loss**2, rel=1e-8)
+
+
+def test_blending_interpolates_to_the_shifted_only_objective():
+    W, X, X_hat = random_streams(seed=2)
+    C, M = X_hat.T @ X_hat, X.T @ X_hat
+    shifted_only = factor_anchored(W, C, M, 2, alpha=0.0)  # target W X_hat: SVD-LLM on the shifted inputs
+    torch.testing.assert_close(shifted_only.weight(), factor_whitened(W, C, 2).weight())
+    half = factor_anchored(W, C, M, 2, alpha=0.5).weight()
+    target = 0.5 * X @ W.T + 0.5 * X_hat @ W.T  # alpha M + (1 - alpha) C is the cross-Gram of this target
+    assert float((target - X_hat @ half.T).square().sum()) <= float((target - X_hat @ shifted_only.weight().T).square().sum())
+
+
+def test_whitened_truncation_loss_is_the_root_of_the_dropped_squared_singular_values():
+    W, X, _ = random_streams(n=8, m=7, tokens=50, seed=3)
+    for rank in (1, 4, 6):
+        f = factor_whitened(W, X.T @ X, rank)
+        direct = float((X @ W.T - X @ f.weight().T).norm())
+        assert direct == pytest.approx(float(f.sigma[rank:].square().sum().sqrt()), rel=1e-9)
+        assert direct == pytest.approx(f.truncation_loss, rel=1e-9)
+    # whitening is what makes it truncation-aware: plain SVD of W is worse on these inputs
+    assert float((X @ W.T - X @ factor_plain(W, 4).weight().T).norm()) > factor_whitened(W, X.T @ X, 4).truncation_loss
+
+
+def test_anchoring_with_identical_streams_is_svd_llm():
+    W, X, _ = random_streams(seed=4)
+    G = X.T @ X
+    for rank in (2, 5):
+        a, b = factor_anchored(W, G, G, rank), factor_whitened(W, G, rank)
+        torch.testing.assert_close(a.weight(), b.weight(), rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(a.sigma, b.sigma)
+
+
+def test_non_positive_definite_gram_is_regularised_and_reported():
+    W, X, _ = random_streams(seed=5)
+    X[:, 2] = 0.0  # a dead input feature: the Gram matrix is singular
+    G = X.T @ X
+    assert torch.linalg.cholesky_ex(G).info > 0
+    L, shift = regularised_cholesky(G, "L0.attn.q_proj")
+    assert shift > 0 and torch.isfinite(L).all()
+    f = factor_anchored(W, G, G, 3, name="L0.attn.q_proj")
+    assert f.shift == shift and torch.isfinite(f.weight()).all()
+    # the fit on the live features is still truncation-aware (no worse than plain SVD)
+    assert float((X @ W.T - X @ f.weight().T).norm()) <= float((X @ W.T - X @ factor_plain(W, 3).weight().T).norm())
+
+
+def test_uniform_rank_formula_and_adaptive_allocation_within_budget():
+    assert uniform_rank(0.8, 576, 576) == int(0.8 * 576 * 576 / 1152)
+    assert uniform_rank(0.6, 1536, 576) == int(0.6 * 1536 * 576 / 2112)
+    g = torch.Generator().manual_seed(0)
+    shapes = {"flat": (40, 30), "steep": (40, 30), "wide": (60, 30)}
+    spectra = {"flat": torch.ones(30), "steep": 0.5 ** torch.arange(30.0), "wide": torch.rand(30, generator=g).sort(descending=True).values}
+    ranks = allocate_ranks(spectra, shapes, 0.5)
+    assert sum(ranks[k] * sum(shapes[k]) for k in ranks) <= 0.5 * sum(m * n for m, n in shapes.values())
+    assert ranks["flat"] > ranks["steep"]  # a flat spectrum needs more rank to keep the same share
+
+
+# ----------------------------------------------------------------------------- the stage on tiny models
+
+
+def bench_for(tiny_model, random_windows, calib=8, seq_len=16):
+    model = tiny_model()
+    bench = Workbench(model, find_adapter(get_plugins(), model), random_windows(calib=calib, seq_len=seq_len), 4,
+                      torch.device("cpu"))
+    bench.collect()
+    return bench
+
+
+def factorizer(name, **params):
+    return build_component(get_plugins(), "factorizer", {"name": name, **params}, "factorize")
+
+
+def test_first_anchored_linears_equal_svd_llm_and_later_ones_see_the_drift(tiny_model, random_windows):
+    bench = bench_for(tiny_model, random_windows)
+    model = bench.model
+    factored = {}
+    for name in ("svd-llm", "aa-svd"):
+        res = factorize(bench, factorizer(name), 0.5, set())
+        factored[name] = {s.name: f.up.detach() @ f.down.detach() for s, f in res.factored.items()}
+        bench.restore()
+    a, b = factored["aa-svd"], factored["svd-llm"]
+    for proj in ("q_proj", "k_proj", "v_proj"):  # nothing is compressed in front of layer 0's attention
+        torch.testing.assert_close(a[f"L0.attn.{proj}"], b[f"L0.attn.{proj}"], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(a["L2.ffn.down_proj"], b["L2.ffn.down_proj"], atol=1e-4)
+    assert all(isinstance(m, torch.nn.Linear) for m in model.model.layers[0].self_attn.children())  # restored
+
+
+def test_stage_reports_a_regularised_gram_and_refinement_lowers_the_layer_loss(tiny_model, random_windows):
+    # 1 window of 8 tokens: fewer tokens than the 32 input features, so no Gram matrix is positive definite
+    bench = bench_for(tiny_model, random_windows, calib=1, seq_len=8)
+    res = factorize(bench, factorizer("aa-svd"), 0.5, set())
+    assert res.regularised and all(r["shift"] > 0 for r in res.regularised)
+    assert all(torch.isfinite(p).all() for f in res.factored.values() for p in f.parameters())
+    bench.restore()
+
+    bench = bench_for(tiny_model, random_windows)
+    res = factorize(bench, factorizer("aa-svd", refine_steps=30, refine_lr=1e-3), 0.5, set())
+    assert len(res.refinement) == 4
+    assert all(r["mse_after"] <= r["mse_before"] for r in res.refinement)
+    assert any(r["kept"] and r["mse_after"] < 0.99 * r["mse_before"] for r in res.refinement)
+    assert not any(p.requires_grad for p in bench.model.parameters() if p.grad is not None)
+    assert res.seconds["refine_s"] > 0
+
+
+def make_session(tiny_model, random_windows, **cfg_overrides):
+    model = tiny_model()
+    adapter = find_adapter(get_plugins(), model)
+    windows = random_windows(calib=8, seq_len=16)
+    bench = Workbench(model, adapter, windows, 4, torch.device("cpu"))
+    bench.collect()
+    cfg = validate({"eval": {"batch_size": 2}, **cfg_overrides})
+    return cfg, Session(cfg, model, None, "tiny", adapter, windows, torch.device("cpu"), torch.float32,
+                        dense_ppl=100.0, dense_forward_s=1.0, bench=bench)
+
+
+def decoder_param_count(model) -> int:
+    return sum(p.numel() for p in model.model.layers.parameters())
+
+
+@pytest.mark.parametrize("name,extra", [("svd", {}), ("svd-llm", {"ranks": "adaptive"}), ("aa-svd", {})])
+def test_standalone_budget_and_parameter_accounting(tiny_model, random_windows, name, extra):
+    cfg, session = make_session(tiny_model, random_windows, factorize={"name": name, "kept_ratio": 0.6, **extra})
+    before = decoder_param_count(session.model)
+    total = total_sparsity(session.bench, 0.6)
+    outcome = compress(session, cfg)
+    res = outcome.results
+    after = decoder_param_count(session.model)
+    assert res["replaced"] == [] and res["decoder_params"]["before"] == before
+    assert res["decoder_params"]["after"] == after  # the factors are counted, shared nothing
+    fz = res["factorization"]
+    assert fz["linears"] == 4 * 7 and fz["linear_params_after"] <= 0.6 * fz["linear_params_before"]
+    assert res["sparsity"]["achieved_params"] == pytest.approx(1 - after / before)
+    assert res["sparsity"]["achieved_params"] >= res["sparsity"]["requested"] - 1e-12  # ranks are rounded down
+    assert res["sparsity"]["requested"] == pytest.approx(total)
+    session.bench.restore()
+    assert decoder_param_count(session.model) == before
+
+
+def test_hybrid_splits_one_total_budget(tiny_model, random_windows):
+    cfg, session = make_session(tiny_model, random_windows, sparsity_unit="params",
+                                fitter={"name": "per-type", "attn": {"name": "low-rank", "rank": 4},
+                                        "ffn": {"name": "shared-basis", "rank": 8}},
+                                selector={"name": "greedy", "rounds": 1},
+                                factorize={"name": "aa-svd", "kept_ratio": 0.6, "removal_share": 0.5})
+    before = decoder_param_count(session.model)
+    res = compress(session, cfg).results
+    assert res["replaced"], "removal took part of the budget"
+    replaced = {(r["layer"], r["type"]) for r in res["replaced"]}
+    factored_subs = {tuple(k.split(".")[:2]) for k in res["factorization"]["ranks"]}
+    assert not factored_subs & {(f"L{l}", t) for l, t in replaced}  # a replaced submodule is not factored
+    total = res["sparsity"]["requested"]
+    # ranks are rounded down, which on 32-wide matrices overshoots by a few percent
+    assert total - 1e-9 <= res["sparsity"]["achieved_params"] <= total + 0.03
+    assert res["decoder_params"]["after"] == decoder_param_count(session.model)
+    assert decoder_param_count(session.model) < before
+    session.bench.restore()
+
+
+def test_factored_model_saves_and_loads_with_identical_logits(tiny_model, random_windows, tmp_path):
+    from test_surgery import tiny_tokenizer
+
+    cfg, session = make_session(tiny_model, random_windows, sparsity_unit="params",
+                                fitter={"name": "per-type", "attn": {"name": "low-rank", "rank": 4},
+                                        "ffn": {"name": "linear"}},
+                                selector={"name": "greedy", "rounds": 1},
+                                factorize={"name": "aa-svd", "kept_ratio": 0.7, "removal_share": 0.3})
+    outcome = compress(session, cfg)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        before = session.model(input_ids=ids).logits
+    out = tmp_path / "model"
+    save_compressed(session.model, tiny_tokenizer(), records(outcome.bypasses), out, cfg, outcome.results,
+                    outcome.factored_records())
+    saved = json.loads((out / "config.json").read_text())["subfit"]["factored"]
+    assert len(saved) == outcome.results["factorization"]["linears"]
+    assert {"layer", "kind", "linear", "in", "out", "rank", "bias"} <= set(saved[0])
+    loaded, _ = load_compressed(out)
+    assert sum(isinstance(m, FactoredLinear) for m in loaded.modules()) == len(saved)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, before)
+    assert decoder_param_count(loaded) == outcome.results["decoder_params"]["after"]
+    session.bench.restore()
+
+
+def test_factorize_section_is_validated():
+    plugins = get_plugins()
+    with pytest.raises(ConfigError, match=r"factorize.kept_ratio: .*set factorize.name first"):
+        build_components(plugins, validate({"factorize": {"kept_ratio": 0.5}}))
+    with pytest.raises(ConfigError, match=r"factorize: kept_ratio: 1.5 must be in \(0, 1\)"):
+        build_components(plugins, validate({"factorize": {"name": "svd", "kept_ratio": 1.5}}))
+    with pytest.raises(ConfigError, match=r"factorize.alpha: unknown key.*svd-llm|factorize.alpha: unknown key"):
+        build_components(plugins, validate({"factorize": {"name": "svd-llm", "alpha": 0.5}}))
+    with pytest.raises(ConfigError, match=r"factorize.ranks: 'greedy' is not allowed; allowed: adaptive, uniform"):
+        build_components(plugins, validate({"factorize": {"name": "aa-svd", "ranks": "greedy"}}))
+    with pytest.raises(SubFitError, match="factorize.name: unknown factorizer 'aasvd'.*did you mean 'aa-svd'"):
+        build_components(plugins, validate({"factorize": {"name": "aasvd"}}))
+    assert build_components(plugins, validate({})).factorizer is None
