@@ -80,6 +80,7 @@ SCHEMA: dict[str, Any] = {
         "validation_windows": Field(int, 16, "windows of the calibration text, disjoint from calib/scoring", min=1),
         "heartbeat_s": Field(int, 30, "RDB storages: a worker silent for 2x this long is dead; its trial is retried",
                              min=1),
+        "enqueue_base": Field(bool, True, "first trial of a new study: the recipe's own values (a baseline)"),
         "space": Field(dict, {}, "dotted recipe key -> {int|float: [lo, hi], log, step} or {categorical: [...]}"),
     },
     "scorer": {"name": Field(str, "output", "registered scorer")},

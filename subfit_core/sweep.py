@@ -182,6 +182,21 @@ def open_study(cfg: dict):
     return study
 
 
+def base_values(cfg: dict, space: dict[str, dict]) -> dict:
+    """The recipe's own value of each swept key, where the recipe sets one inside the space."""
+    out = {}
+    for key, spec in space.items():
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        kind = next(k for k in spec if k in DISTRIBUTIONS)
+        inside = node in spec[kind] if kind == "categorical" else (
+            isinstance(node, (int, float)) and not isinstance(node, bool) and spec[kind][0] <= node <= spec[kind][1])
+        if node is not None and inside:
+            out[key] = node
+    return out
+
+
 def counts(study) -> tuple[int, int]:
     """(finished, running) trials of the study, over all workers."""
     trials = study.get_trials(deepcopy=False)
@@ -276,6 +291,8 @@ def run_worker(cfg: dict, on_trial=None) -> dict:
     sweep = cfg["sweep"]
     space = check_space(cfg)
     study = open_study(cfg)  # a wrong storage fails before the model loads
+    if sweep["enqueue_base"] and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(base_values(cfg, space))  # trial 0: the recipe as written, for comparison
     session = open_session(trial_config(cfg, []), validation_windows=sweep["validation_windows"])
     dense_val = perplexity(session.model, session.windows.validation, cfg["eval"]["batch_size"], session.device,
                            "dense validation perplexity")

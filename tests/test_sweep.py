@@ -80,6 +80,8 @@ def test_one_worker_pays_for_dense_statistics_once_and_its_best_recipe_reproduce
     assert summary["finished"] == 5 and len(summary["trials"]) == 5
     assert (tmp_path / "sweep.db").exists()  # the default storage: an SQLite file next to the output
     assert {"results.json", "trials.md", "trials.csv", "best.yaml", "history.png"} <= {p.name for p in out.iterdir()}
+    first = next(r for r in summary["trials"] if r["trial"] == 0)  # trial 0: the recipe as written
+    assert first["params"]["fitter.attn.rank"] == 8
     best = next(r for r in summary["trials"] if r["trial"] == summary["best"][0])
     complete = [r for r in summary["trials"] if r["state"] == "complete"]
     assert best["val_ratio"] == min(r["val_ratio"] for r in complete)
@@ -116,16 +118,46 @@ def test_validation_windows_are_disjoint_and_leave_the_other_windows_unchanged(t
     ("sweep.space={selektor.ratio: {categorical: [true]}}", "did you mean 'selector'"),
     ("sweep.space={calib.samples: {int: [4, 8]}}", "'calib' is shared by every trial"),
     ("sweep.space={fitter.attn.rank: {int: [8, 2]}}", "give [low, high] ints with low <= high"),
+    ("sweep.space={fitter.attn.rank: {int: [0, 8]}}", "sweep.space: fitter.attn: rank: 0 must be at least 1"),
     ("sweep.space={fitter.attn.rank: {uniform: [2, 8]}}", "expected one of"),
     ("sweep.objectives=[ppl,speed]", "sweep.objectives: ['ppl', 'speed']"),
     ("sweep.sampler=cmaes", "sweep.sampler: 'cmaes' is not allowed"),
+    ("sweep.storage=nosuchdb://x", "sweep.storage: cannot open 'nosuchdb://x'"),
 ])
-def test_bad_sweep_sections_fail_in_one_line_before_any_work(tiny, tmp_path, override, message):
-    done = subprocess.run([str(EXE), f"strategy={tiny / 'recipe.yaml'}", override, f"sweep.output_dir={tmp_path / 'o'}"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("subfit-sweep: error:") and message in done.stderr, done.stderr
-    assert done.stderr.count("\n") == 1 and not (tmp_path / "o").exists() and not (tmp_path / "o.db").exists()
+def test_bad_sweep_sections_fail_in_one_line_before_any_work(tiny, tmp_path, capsys, override, message):
+    from subfit_core.sweep import sweep_main
+
+    assert sweep_main([f"strategy={tiny / 'recipe.yaml'}", override, f"sweep.output_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("subfit-sweep: error:") and message in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "o").exists() and not (tmp_path / "o.db").exists()
+
+
+def test_the_shipped_sweep_recipe_is_valid():
+    from subfit_core.cli import resolve_recipe
+    from subfit_core.sweep import base_values, check_space
+
+    cfg = resolve_recipe(["strategy=subfit-sweep"])
+    space = check_space(cfg)
+    assert base_values(cfg, space) == {"fitter.attn.rank": 64, "fitter.ffn.rank": 256, "scorer.metric": "kl",
+                                       "selector.ratio": True, "selector.rescore": True, "anchored": False}
+
+
+def test_two_objectives_write_a_pareto_front(tiny, tmp_path):
+    from subfit_core.sweep import run_worker
+
+    out = tmp_path / "pareto"
+    summary = run_worker(cfg_for(tiny, "sweep.trials=4", "sweep.objectives=[ppl,sparsity]", f"sweep.output_dir={out}",
+                                 "sweep.space={sparsity: {float: [0.1, 0.4]}, fitter.attn.rank: {int: [2, 8]}}"))
+    rows = [r for r in summary["trials"] if r["state"] == "complete"]
+    front = [r for r in rows if r["trial"] in summary["best"]]
+    assert front and len(rows) == 4
+    for r in front:  # nothing on the front is dominated
+        assert not any(o["val_ratio"] <= r["val_ratio"] and o["achieved_sparsity"] >= r["achieved_sparsity"]
+                       and (o["val_ratio"], o["achieved_sparsity"]) != (r["val_ratio"], r["achieved_sparsity"])
+                       for o in rows)
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Pareto front" in (out / "pareto.md").read_text() and (out / "pareto.csv").exists()
 
 
 def worker(tiny: Path, storage: str, out: Path, trials: int, *extra: str) -> subprocess.Popen:
