@@ -296,6 +296,8 @@ def run_worker(cfg: dict, on_trial=None) -> dict:
     session = open_session(trial_config(cfg, []), validation_windows=sweep["validation_windows"])
     dense_val = perplexity(session.model, session.windows.validation, cfg["eval"]["batch_size"], session.device,
                            "dense validation perplexity")
+    study.set_user_attr("dense_val_ppl", dense_val)
+    study.set_user_attr("dense_test_ppl", session.dense_ppl)
     worker = Worker(cfg, session, dense_val, space)
     durations: list[float] = []
     while True:
@@ -316,7 +318,7 @@ def run_worker(cfg: dict, on_trial=None) -> dict:
         note(study, ran[-1], sweep["trials"])
         if on_trial is not None:
             on_trial(study, ran[-1])
-    return write_outputs(cfg, study, session, dense_val)
+    return write_outputs(cfg, study)
 
 
 def note(study, trial, total: int) -> None:
@@ -440,23 +442,25 @@ def best_recipe(cfg: dict, trial) -> dict:
     return recipe
 
 
-def write_outputs(cfg: dict, study, session: Session, dense_val: float) -> dict:
+def write_outputs(cfg: dict, study) -> dict:
+    """Tables, plots and the best recipe of the study as it stands (from the storage alone)."""
     sweep = cfg["sweep"]
     objectives = sweep["objectives"]
     rows = rows_of(study)
     params = list(sweep["space"])
     best = best_trials(study, objectives)
     front = [r for r in rows if r["trial"] in {t.number for t in best}]
+    dense = study.user_attrs
     meta = (f"Study '{sweep['study_name']}' of recipe {cfg['name']} on {cfg['model']} at sparsity {cfg['sparsity']} "
-            f"({cfg['sparsity_unit']}); objective(s): {', '.join(objectives)}. Validation: "
+            f"({cfg['sparsity_unit']}); objective(s): {', '.join(objectives)}; {len(rows)} finished trials. Validation: "
             f"{sweep['validation_windows']} x {cfg['calib']['seq_len']} tokens of the calibration text, disjoint from "
-            f"calibration and scoring (dense {dense_val:.2f}); test: {cfg['eval']['windows']} x {cfg['eval']['seq_len']} "
-            f"held-out tokens (dense {session.dense_ppl:.2f}), never optimised. Dense statistics "
-            f"{'read from the cache' if session.stats_cached else f'computed once ({session.stats_s:.0f} s)'} "
-            "and shared by every trial of this worker.")
+            f"calibration and scoring (dense perplexity {dense.get('dense_val_ppl', float('nan')):.2f}); test: "
+            f"{cfg['eval']['windows']} x {cfg['eval']['seq_len']} held-out tokens (dense "
+            f"{dense.get('dense_test_ppl', float('nan')):.2f}), never optimised. Ratios are compressed / dense on the "
+            "same split.")
     summary = {"meta": meta, "study_name": sweep["study_name"], "objectives": objectives, "space": sweep["space"],
-               "dense_val_ppl": dense_val, "dense_test_ppl": session.dense_ppl, "trials": rows,
-               "best": [r["trial"] for r in front],
+               "dense_val_ppl": dense.get("dense_val_ppl"), "dense_test_ppl": dense.get("dense_test_ppl"),
+               "trials": rows, "best": [r["trial"] for r in front],
                "finished": len(rows), "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     out = Path(sweep["output_dir"])
 
@@ -470,7 +474,8 @@ def write_outputs(cfg: dict, study, session: Session, dense_val: float) -> dict:
             (tmp / "pareto.md").write_text(markdown(front, params, meta, "Pareto front"))
             (tmp / "pareto.csv").write_text(csv_text(front, params))
         try:
-            plot_history(rows, tmp / "history.png")
+            if rows:
+                plot_history(rows, tmp / "history.png")
             if len(objectives) > 1 and front:
                 plot_pareto(rows, front, objectives, tmp / "pareto.png")
         except Exception as exc:  # noqa: BLE001 - the tables are the result; a plotting problem must not lose them
@@ -482,6 +487,15 @@ def write_outputs(cfg: dict, study, session: Session, dense_val: float) -> dict:
     return summary
 
 
+def report_only(cfg: dict) -> dict:
+    """``--report``: write the outputs of a study in progress or stopped, without loading the model."""
+    check_space(cfg)
+    study = open_study(cfg)
+    if not study.get_trials(deepcopy=False):
+        raise SubFitError(f"sweep.study_name: study '{cfg['sweep']['study_name']}' has no trials in this storage yet")
+    return write_outputs(cfg, study)
+
+
 # ----------------------------------------------------------------------------- command line
 
 USAGE = """usage: subfit-sweep strategy=NAME|PATH.yaml [sweep.trials=N] [sweep.storage=URL|FILE] [key=value ...]
@@ -491,6 +505,7 @@ on one machine or many, join one study by running the same command against the s
 (an SQLite file by default; any Optuna storage URL; a .log path is a journal file); a killed
 sweep resumes when run again. Writes trials.md/.csv, history.png, best.yaml (a plain recipe for
 subfit-run) and, with two objectives, pareto.md/.csv/.png under sweep.output_dir.
+  --report    write those outputs for the study as it stands (no model is loaded, no trial runs)
 Example:
   subfit-sweep strategy=subfit-sweep sweep.trials=30 sweep.storage=runs/sweep.db
 """
@@ -508,10 +523,11 @@ def sweep_main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     try:
-        unknown = [a for a in argv if a.startswith("-")]
+        unknown = [a for a in argv if a.startswith("-") and a != "--report"]
         if unknown:
-            raise ConfigError(f"option '{unknown[0]}' is not known; allowed: --help, key=value")
-        summary = run_worker(resolve_recipe(argv))
+            raise ConfigError(f"option '{unknown[0]}' is not known; allowed: --help, --report, key=value")
+        cfg = resolve_recipe([a for a in argv if a != "--report"])
+        summary = report_only(cfg) if "--report" in argv else run_worker(cfg)
     except SubFitError as exc:
         print(f"subfit-sweep: error: {exc}", file=sys.stderr)
         return 2

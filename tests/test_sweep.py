@@ -87,6 +87,14 @@ def test_one_worker_pays_for_dense_statistics_once_and_its_best_recipe_reproduce
     assert best["val_ratio"] == min(r["val_ratio"] for r in complete)
     assert best["val_ratio"] != best["test_ratio"]  # two different splits
 
+    # --report rewrites the outputs from the storage alone (no model is loaded)
+    from subfit_core.sweep import sweep_main
+
+    monkeypatch.setattr("subfit_core.sweep.open_session", lambda *a, **k: pytest.fail("--report loaded the model"))
+    assert sweep_main([f"strategy={tiny / 'recipe.yaml'}", "--report", f"sweep.storage={tmp_path / 'sweep.db'}",
+                       f"sweep.output_dir={tmp_path / 'report'}"]) == 0
+    assert (tmp_path / "report" / "trials.csv").read_text() == (out / "trials.csv").read_text()
+
     recipe = yaml.safe_load((out / "best.yaml").read_text())
     assert "sweep" not in recipe and recipe["fitter"]["attn"]["rank"] == best["params"]["fitter.attn.rank"]
     recipe.update({"save": False})
