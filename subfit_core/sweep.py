@@ -265,17 +265,37 @@ class Worker:
         return tuple(measured[o] for o in sweep["objectives"]) if not single else measured["ppl"]
 
 
-def fail_stale_journal_trials(study, stale_after_s: float) -> None:
-    """Storages without a heartbeat (journal files): a trial running for longer than ``stale_after_s``
-    belongs to a dead worker; mark it failed and queue its parameters again."""
-    import optuna
-    from optuna.storages import RDBStorage
+def has_heartbeat(study) -> bool:
+    return getattr(study._storage, "get_heartbeat_interval", lambda: None)() is not None
 
-    if isinstance(study._storage, RDBStorage) or not math.isfinite(stale_after_s):
+
+def fail_stale_trials(study) -> None:
+    """SQL storages: fail the trials of workers whose heartbeat stopped (their parameters are re-queued)."""
+    import warnings
+
+    import optuna
+
+    if has_heartbeat(study):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+
+
+def fail_stale_journal_trials(study) -> None:
+    """Storages without a heartbeat (journal files): a trial running for more than 3x the longest
+    finished trial belongs to a dead worker; mark it failed and queue its parameters again."""
+    import optuna
+
+    if has_heartbeat(study):
+        return
+    trials = study.get_trials(deepcopy=False)
+    took = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials
+            if t.state.name == "COMPLETE" and t.datetime_start and t.datetime_complete]
+    if not took:
         return
     now = datetime.now()
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if t.datetime_start is not None and (now - t.datetime_start).total_seconds() > stale_after_s:
+    for t in trials:
+        if t.state.name == "RUNNING" and t.datetime_start and (now - t.datetime_start).total_seconds() > 3 * max(took):
             try:
                 study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
             except Exception:  # noqa: BLE001 - another worker got there first
@@ -286,8 +306,6 @@ def fail_stale_journal_trials(study, stale_after_s: float) -> None:
 def run_worker(cfg: dict, on_trial=None) -> dict:
     """Join (or create) the study and run trials until it holds ``sweep.trials`` finished ones;
     then write the study's tables and best recipe. ``on_trial(study, trial)`` after each trial."""
-    import optuna
-
     sweep = cfg["sweep"]
     space = check_space(cfg)
     study = open_study(cfg)  # a wrong storage fails before the model loads
@@ -299,22 +317,19 @@ def run_worker(cfg: dict, on_trial=None) -> dict:
     study.set_user_attr("dense_val_ppl", dense_val)
     study.set_user_attr("dense_test_ppl", session.dense_ppl)
     worker = Worker(cfg, session, dense_val, space)
-    durations: list[float] = []
     while True:
         finished, running = counts(study)
         if finished >= sweep["trials"]:
             break
         if finished + running >= sweep["trials"]:
             # the last trials are running elsewhere: wait for them (or for their worker to be declared dead)
-            optuna.storages.fail_stale_trials(study)
-            fail_stale_journal_trials(study, 3 * max(durations) if durations else math.inf)
+            fail_stale_trials(study)
+            fail_stale_journal_trials(study)
             time.sleep(min(5.0, sweep["heartbeat_s"] / 2))
             continue
-        t0 = time.perf_counter()
         ran: list = []
         study.optimize(worker.objective, n_trials=1, catch=(Surplus,), gc_after_trial=False,
                        callbacks=[lambda _, trial: ran.append(trial)])
-        durations.append(time.perf_counter() - t0)
         note(study, ran[-1], sweep["trials"])
         if on_trial is not None:
             on_trial(study, ran[-1])
