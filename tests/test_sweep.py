@@ -276,3 +276,24 @@ def test_optuna_selector_finds_the_brute_force_optimum_on_a_small_case(bench):
         bench, OutputScorer(), fitter, budget)
     assert plan.notes["best_metric"] == pytest.approx(optimum)
     assert bench.metric_with_many({s: bench.fit(fitter, s) for s in plan.subs}, "kl") == pytest.approx(optimum)
+
+
+def test_clearly_worse_trials_are_pruned_before_their_test_evaluation(tiny, tmp_path, monkeypatch):
+    from subfit_core import sweep
+
+    # A random tiny model's perplexity hardly depends on what is removed, so the validation
+    # perplexity is made 10x worse for the 60% trials; the pruning machinery is the real one.
+    current = {}
+    real_compress, real_ppl = sweep.compress, sweep.perplexity
+    monkeypatch.setattr(sweep, "compress", lambda session, cfg, **kw: (current.update(s=cfg["sparsity"]),
+                                                                     real_compress(session, cfg, **kw))[1])
+    monkeypatch.setattr(sweep, "perplexity", lambda model, w, b, d, desc: real_ppl(model, w, b, d, desc) * (
+        10.0 if desc == "validation perplexity" and current.get("s") == 0.6 else 1.0))
+    summary = sweep.run_worker(cfg_for(tiny, "sweep.trials=12", "sweep.sampler=random", "sweep.seed=0",
+                                       f"sweep.output_dir={tmp_path / 'p'}",
+                                       "sweep.space={sparsity: {categorical: [0.1, 0.6]}}"))
+    rows = summary["trials"]
+    pruned = [r for r in rows if r["state"] == "pruned"]
+    assert len(rows) == 12 and pruned
+    assert all(r["params"]["sparsity"] == 0.6 and r["test_ppl"] is None for r in pruned)  # no held-out evaluation
+    assert all(r["val_ratio"] < 2 for r in rows if r["state"] == "complete" and r["params"]["sparsity"] == 0.1)
