@@ -180,7 +180,7 @@ def test_two_workers_on_one_journal_file_finish_n_trials_together(tiny, tmp_path
 
     log = tmp_path / "study.log"
     procs = [worker(tiny, str(log), tmp_path / f"out{i}", 8, "sweep.pruner=none") for i in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
+    outs = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     trials = finished(JournalStorage(JournalFileBackend(str(log))))
     assert len(trials) == 8 and len({t.number for t in trials}) == 8  # none lost, none run twice
@@ -194,7 +194,7 @@ def test_a_killed_sweep_resumes_and_keeps_its_finished_trials(tiny, tmp_path):
     db = tmp_path / "study.db"
     url = f"sqlite:///{db}"
     proc = worker(tiny, url, tmp_path / "out", 10, "sweep.pruner=none")
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while time.time() < deadline:
         if db.exists():
             try:
@@ -208,7 +208,7 @@ def test_a_killed_sweep_resumes_and_keeps_its_finished_trials(tiny, tmp_path):
     before = {t.number: t.values for t in finished(url)}
     assert 2 <= len(before) < 10
     again = worker(tiny, url, tmp_path / "out", 10, "sweep.pruner=none")
-    out, err = again.communicate(timeout=300)
+    out, err = again.communicate(timeout=900)  # generous: a loaded machine, not a hang
     assert again.returncode == 0, err[-2000:]
     after = {t.number: t.values for t in finished(url)}
     assert len(after) == 10
