@@ -147,7 +147,8 @@ def test_the_shipped_sweep_recipe_is_valid():
 
     cfg = resolve_recipe(["strategy=subfit-sweep"])
     space = check_space(cfg)
-    assert base_values(cfg, space) == {"fitter.attn.rank": 64, "fitter.ffn.rank": 256, "scorer.metric": "kl",
+    assert base_values(cfg, space) == {"fitter.attn.rank": 64, "fitter.ffn.rank": 256, "fitter.ffn.ridge": 1e-3,
+                                       "scorer.metric": "kl",
                                        "selector.ratio": True, "selector.rescore": True, "anchored": False}
 
 
