@@ -36,6 +36,7 @@ def subfit_selectors():
         "iterative": f"{P}.selectors.iterative:IterativeSelector",
         "contiguous": f"{P}.selectors.contiguous:ContiguousSelector",
         "laco": f"{P}.selectors.laco:LaCoSelector",
+        "optuna": f"{P}.selectors.optuna_search:OptunaSearchSelector",
     }
 
 

@@ -24,6 +24,9 @@ class Windows:
     heldout: torch.Tensor  # from the held-out text only
     source: str
     heldout_source: str = ""
+    # Sweeps only: windows for choosing between recipes, disjoint from calib, scoring and heldout,
+    # so the reported (held-out) number is never the one that was optimised.
+    validation: torch.Tensor | None = None
 
 
 def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
@@ -44,13 +47,15 @@ def cut(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 def make_windows(corpus: CorpusText, tokenizer, *, calib_samples: int, scoring_samples: int, seq_len: int,
-                 heldout: CorpusText, eval_windows: int, eval_seq_len: int, seed: int) -> Windows:
+                 heldout: CorpusText, eval_windows: int, eval_seq_len: int, seed: int,
+                 validation_samples: int = 0) -> Windows:
     train = cut(tokenize(tokenizer, corpus.train), seq_len)
     need = calib_samples + scoring_samples
-    if train.shape[0] < need:
+    if train.shape[0] < need + validation_samples:
+        extra = f" + sweep.validation_windows = {need + validation_samples}" if validation_samples else f" = {need}"
         raise SubFitError(
             f"calib.samples: {corpus.name} gives {train.shape[0]} windows of {seq_len} tokens; "
-            f"calib.samples + scoring.samples = {need} is more than that")
+            f"calib.samples + scoring.samples{extra} is more than that")
     order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
     held = cut(tokenize(tokenizer, heldout.heldout, eval_windows * eval_seq_len), eval_seq_len)
     if held.shape[0] < eval_windows:
@@ -63,4 +68,7 @@ def make_windows(corpus: CorpusText, tokenizer, *, calib_samples: int, scoring_s
         heldout=held[:eval_windows],  # fixed, seed-independent: the same reference for every run
         source=corpus.source,
         heldout_source=heldout.source,
+        # carved after calib and scoring from the same permutation: those two stay exactly as they
+        # are without validation windows, so cached statistics and selections remain valid
+        validation=train[order[need:need + validation_samples]] if validation_samples else None,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -113,8 +114,9 @@ def load_text(plugins: Plugins, name: str) -> CorpusText:
     raise AssertionError("unreachable")
 
 
-def open_session(cfg: dict) -> Session:
-    """Load the model and data, measure the dense model, and stream the dense statistics."""
+def open_session(cfg: dict, validation_windows: int = 0) -> Session:
+    """Load the model and data, measure the dense model, and stream the dense statistics.
+    ``validation_windows``: also carve that many validation windows (sweeps choose on these)."""
     plugins = get_plugins()
     torch.manual_seed(cfg["seed"])
     device = resolve_device(cfg["device"])
@@ -127,7 +129,7 @@ def open_session(cfg: dict) -> Session:
     windows = make_windows(
         calib_text, tokenizer, calib_samples=cfg["calib"]["samples"], scoring_samples=cfg["scoring"]["samples"],
         seq_len=cfg["calib"]["seq_len"], heldout=eval_text, eval_windows=cfg["eval"]["windows"],
-        eval_seq_len=cfg["eval"]["seq_len"], seed=cfg["seed"])
+        eval_seq_len=cfg["eval"]["seq_len"], seed=cfg["seed"], validation_samples=validation_windows)
     dense_ppl = perplexity(model, windows.heldout, cfg["eval"]["batch_size"], device, "dense perplexity")
     dense_forward_s = forward_seconds(model, windows.calib, cfg["calib"]["batch_size"], device)
     bench = Workbench(model, adapter, windows, cfg["calib"]["batch_size"], device, cfg["scoring"]["stride"])
@@ -165,9 +167,11 @@ def evaluate_compressed(session: Session, cfg: dict, results: dict) -> None:
     results["timings"]["evaluation_s"] = time.perf_counter() - t0
 
 
-def compress(session: Session, cfg: dict) -> Outcome:
+def compress(session: Session, cfg: dict, before_eval: Callable[[], None] | None = None) -> Outcome:
     """Select, fit and apply bypasses per ``cfg``, then factor the remaining linears if a factorizer
-    is named; the session's model is left compressed."""
+    is named; the session's model is left compressed. ``before_eval`` runs on the compressed model
+    before the held-out perplexity (a sweep measures its validation split there, and may stop a
+    trial that is clearly worse before that cost)."""
     comps = build_components(get_plugins(), cfg)
     bench, adapter, device = session.bench, session.adapter, session.device
     bench.restore()
@@ -199,6 +203,8 @@ def compress(session: Session, cfg: dict) -> Outcome:
     # took; they count here, so the time is what a standalone run would take.
     compression_s = session.stats_s + time.perf_counter() - t0 + plan.notes.get("scores_reused", {}).get("seconds", 0.0)
 
+    if before_eval is not None:
+        before_eval()
     ppl = perplexity(session.model, session.windows.heldout, cfg["eval"]["batch_size"], device, "compressed perplexity")
     results = report(session, cfg, budget, plan, fitted.bypasses, ppl, compression_s, t_select,
                      bench.evaluations - evaluations_before, factored)

@@ -1,0 +1,300 @@
+"""subfit-sweep and the optuna selector: workers sharing one storage, a killed sweep resuming, the
+best recipe reproducing its numbers, the validation split kept apart, and masks that always
+respect the budget."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+EXE = Path(sys.executable).parent / "subfit-sweep"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny local model directory, a structured text, and a recipe with a sweep section."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import build_tiny_model
+
+    folder = tmp_path_factory.mktemp("sweep")
+    build_tiny_model("llama", seed=1, num_hidden_layers=6).save_pretrained(folder / "model")
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(folder / "model")
+    rng = random.Random(0)
+    lines = [" ".join(f"t{(w + 3 * k) % 120}" for k in range(8)) for w in (rng.randrange(120) for _ in range(1500))]
+    (folder / "text.txt").write_text("\n".join(lines))
+    recipe = {
+        "name": "tiny-sweep", "model": str(folder / "model"), "sparsity": 0.34, "cache_stats": False,
+        "calib": {"dataset": str(folder / "text.txt"), "samples": 6, "seq_len": 16, "batch_size": 8},
+        "scoring": {"samples": 2}, "eval": {"windows": 3, "seq_len": 16},
+        "scorer": {"name": "output"}, "selector": {"name": "greedy", "rescore": False},
+        "fitter": {"name": "per-type", "attn": {"name": "low-rank", "rank": 8}, "ffn": {"name": "low-rank", "rank": 8}},
+        "sweep": {"validation_windows": 4, "prune_steps": 2, "seed": 0, "heartbeat_s": 1,
+                  "space": {"fitter.attn.rank": {"int": [2, 16], "log": True},
+                            "fitter.ffn.ridge": {"float": [1e-4, 1e-1], "log": True},
+                            "selector.ratio": {"categorical": [True, False]}}},
+    }
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return folder
+
+
+def cfg_for(folder: Path, *overrides: str) -> dict:
+    from subfit_core.cli import resolve_recipe
+
+    return resolve_recipe([f"strategy={folder / 'recipe.yaml'}", *overrides])
+
+
+def finished(storage: str, name: str = "subfit-sweep") -> list:
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=storage)
+    return [t for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED")]
+
+
+def test_one_worker_pays_for_dense_statistics_once_and_its_best_recipe_reproduces(tiny, tmp_path, monkeypatch):
+    from subfit_core import trace
+    from subfit_core.config import validate
+    from subfit_core.pipeline import run
+    from subfit_core.sweep import run_worker
+
+    passes = []
+    original = trace.Workbench._collect_calibration
+    monkeypatch.setattr(trace.Workbench, "_collect_calibration", lambda self: (passes.append(1), original(self))[1])
+    out = tmp_path / "sweep"
+    summary = run_worker(cfg_for(tiny, "sweep.trials=5", f"sweep.output_dir={out}"))
+    assert len(passes) == 1  # five trials, one dense calibration pass
+    assert summary["finished"] == 5 and len(summary["trials"]) == 5
+    assert (tmp_path / "sweep.db").exists()  # the default storage: an SQLite file next to the output
+    assert {"results.json", "trials.md", "trials.csv", "best.yaml", "history.png"} <= {p.name for p in out.iterdir()}
+    first = next(r for r in summary["trials"] if r["trial"] == 0)  # trial 0: the recipe as written
+    assert first["params"]["fitter.attn.rank"] == 8
+    best = next(r for r in summary["trials"] if r["trial"] == summary["best"][0])
+    complete = [r for r in summary["trials"] if r["state"] == "complete"]
+    assert best["val_ratio"] == min(r["val_ratio"] for r in complete)
+    assert best["val_ratio"] != best["test_ratio"]  # two different splits
+
+    # --report rewrites the outputs from the storage alone (no model is loaded)
+    from subfit_core.sweep import sweep_main
+
+    monkeypatch.setattr("subfit_core.sweep.open_session", lambda *a, **k: pytest.fail("--report loaded the model"))
+    assert sweep_main([f"strategy={tiny / 'recipe.yaml'}", "--report", f"sweep.storage={tmp_path / 'sweep.db'}",
+                       f"sweep.output_dir={tmp_path / 'report'}"]) == 0
+    assert (tmp_path / "report" / "trials.csv").read_text() == (out / "trials.csv").read_text()
+
+    recipe = yaml.safe_load((out / "best.yaml").read_text())
+    assert "sweep" not in recipe and recipe["fitter"]["attn"]["rank"] == best["params"]["fitter.attn.rank"]
+    recipe.update({"save": False})
+    again = run(validate(recipe))
+    assert again["perplexity"]["compressed"] == pytest.approx(best["test_ppl"], rel=1e-6)
+
+
+def test_validation_windows_are_disjoint_and_leave_the_other_windows_unchanged(tiny):
+    from transformers import AutoTokenizer
+
+    from subfit_core.pipeline import load_text
+    from subfit_core.plugins import get_plugins
+
+    from subfit_core.corpus import make_windows
+
+    text = load_text(get_plugins(), str(tiny / "text.txt"))
+    tok = AutoTokenizer.from_pretrained(tiny / "model")
+    kw = dict(calib_samples=6, scoring_samples=2, seq_len=16, heldout=text, eval_windows=3, eval_seq_len=16, seed=0)
+    plain, carved = make_windows(text, tok, **kw), make_windows(text, tok, **kw, validation_samples=5)
+    assert plain.validation is None and carved.validation.shape == (5, 16)
+    for name in ("calib", "scoring", "heldout"):
+        assert torch.equal(getattr(plain, name), getattr(carved, name))
+    rows = lambda t: {tuple(r.tolist()) for r in t}  # noqa: E731
+    assert not rows(carved.validation) & (rows(carved.calib) | rows(carved.scoring) | rows(carved.heldout))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sweep.space={fitter.attn.rnk: {int: [2, 8]}}", "sweep.space: fitter.attn.rnk: unknown key for this component; "),
+    ("sweep.space={selektor.ratio: {categorical: [true]}}", "did you mean 'selector'"),
+    ("sweep.space={calib.samples: {int: [4, 8]}}", "'calib' is shared by every trial"),
+    ("sweep.space={fitter.attn.rank: {int: [8, 2]}}", "give [low, high] ints with low <= high"),
+    ("sweep.space={fitter.attn.rank: {int: [0, 8]}}", "sweep.space: fitter.attn: rank: 0 must be at least 1"),
+    ("sweep.space={fitter.attn.rank: {uniform: [2, 8]}}", "expected one of"),
+    ("sweep.objectives=[ppl,speed]", "sweep.objectives: ['ppl', 'speed']"),
+    ("sweep.sampler=cmaes", "sweep.sampler: 'cmaes' is not allowed"),
+    ("sweep.storage=nosuchdb://x", "sweep.storage: cannot open 'nosuchdb://x'"),
+])
+def test_bad_sweep_sections_fail_in_one_line_before_any_work(tiny, tmp_path, capsys, override, message):
+    from subfit_core.sweep import sweep_main
+
+    assert sweep_main([f"strategy={tiny / 'recipe.yaml'}", override, f"sweep.output_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("subfit-sweep: error:") and message in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "o").exists() and not (tmp_path / "o.db").exists()
+
+
+def test_the_shipped_sweep_recipe_is_valid():
+    from subfit_core.cli import resolve_recipe
+    from subfit_core.sweep import base_values, check_space
+
+    cfg = resolve_recipe(["strategy=subfit-sweep"])
+    space = check_space(cfg)
+    assert base_values(cfg, space) == {"fitter.attn.rank": 64, "fitter.ffn.rank": 256, "fitter.ffn.ridge": 1e-3,
+                                       "scorer.metric": "kl",
+                                       "selector.ratio": True, "selector.rescore": True, "anchored": False}
+
+
+def test_two_objectives_write_a_pareto_front(tiny, tmp_path):
+    from subfit_core.sweep import run_worker
+
+    out = tmp_path / "pareto"
+    summary = run_worker(cfg_for(tiny, "sweep.trials=4", "sweep.objectives=[ppl,sparsity]", f"sweep.output_dir={out}",
+                                 "sweep.space={sparsity: {float: [0.1, 0.4]}, fitter.attn.rank: {int: [2, 8]}}"))
+    rows = [r for r in summary["trials"] if r["state"] == "complete"]
+    front = [r for r in rows if r["trial"] in summary["best"]]
+    assert front and len(rows) == 4
+    for r in front:  # nothing on the front is dominated
+        assert not any(o["val_ratio"] <= r["val_ratio"] and o["achieved_sparsity"] >= r["achieved_sparsity"]
+                       and (o["val_ratio"], o["achieved_sparsity"]) != (r["val_ratio"], r["achieved_sparsity"])
+                       for o in rows)
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Pareto front" in (out / "pareto.md").read_text() and (out / "pareto.csv").exists()
+
+
+def worker(tiny: Path, storage: str, out: Path, trials: int, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SUBFIT_PROGRESS": "0"}
+    return subprocess.Popen([str(EXE), f"strategy={tiny / 'recipe.yaml'}", f"sweep.trials={trials}",
+                             f"sweep.storage={storage}", f"sweep.output_dir={out}", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_two_workers_on_one_journal_file_finish_n_trials_together(tiny, tmp_path):
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    log = tmp_path / "study.log"
+    procs = [worker(tiny, str(log), tmp_path / f"out{i}", 8, "sweep.pruner=none") for i in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    trials = finished(JournalStorage(JournalFileBackend(str(log))))
+    assert len(trials) == 8 and len({t.number for t in trials}) == 8  # none lost, none run twice
+    ran = [int(line.split("trial ")[1].split(":")[0]) for o in outs for line in o[1].splitlines() if "] trial " in line]
+    done_numbers = sorted(t.number for t in trials)
+    assert sorted(n for n in ran if n in done_numbers) == done_numbers  # each finished trial ran in exactly one worker
+    assert all(len([l for l in o[1].splitlines() if "] trial " in l]) > 0 for o in outs)  # both did some work
+
+
+def test_a_killed_sweep_resumes_and_keeps_its_finished_trials(tiny, tmp_path):
+    db = tmp_path / "study.db"
+    url = f"sqlite:///{db}"
+    proc = worker(tiny, url, tmp_path / "out", 10, "sweep.pruner=none")
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if db.exists():
+            try:
+                if len(finished(url)) >= 2:
+                    break
+            except Exception:  # noqa: BLE001 - the study is not created yet
+                pass
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    before = {t.number: t.values for t in finished(url)}
+    assert 2 <= len(before) < 10
+    again = worker(tiny, url, tmp_path / "out", 10, "sweep.pruner=none")
+    out, err = again.communicate(timeout=900)  # generous: a loaded machine, not a hang
+    assert again.returncode == 0, err[-2000:]
+    after = {t.number: t.values for t in finished(url)}
+    assert len(after) == 10
+    assert all(after[n] == v for n, v in before.items())  # the finished trials were kept as they were
+    assert "10 finished trials" in out
+
+
+# ----------------------------------------------------------------------------- the optuna selector
+
+
+@pytest.fixture
+def bench(tiny_model, random_windows):
+    from subfit_core.trace import Workbench
+    from subfit_plugins.adapters.llama import LlamaFamilyAdapter
+
+    model = tiny_model("llama", seed=3, num_hidden_layers=4)
+    bench = Workbench(model, LlamaFamilyAdapter(model), random_windows(calib=6, scoring=3, seq_len=16, seed=5),
+                      batch_size=8, device=torch.device("cpu"))
+    bench.collect()
+    return bench
+
+
+def test_optuna_selector_never_proposes_a_mask_off_budget(bench, monkeypatch):
+    from subfit_core.budget import Budget
+    from subfit_plugins.fitters.linear import LowRankFitter
+    from subfit_plugins.scorers.output import OutputScorer
+    from subfit_plugins.selectors import optuna_search
+    from subfit_plugins.selectors.budget_fill import achieved
+    from subfit_plugins.selectors.optuna_search import OptunaSearchParams, OptunaSearchSelector
+
+    proposed = []
+    original = optuna_search.fill
+    monkeypatch.setattr(optuna_search, "fill", lambda *a: (proposed.append(original(*a)), proposed[-1])[1])
+    fitter = LowRankFitter(LowRankFitter.Params(rank=4))
+    budget = Budget(0.3, "params", bench.adapter)
+    plan = OptunaSearchSelector(OptunaSearchParams(trials=30, sampler="tpe")).select(bench, OutputScorer(), fitter, budget)
+    assert len(proposed) == 30
+    dim = bench.adapter.hidden_size
+    for mask in proposed:
+        assert achieved(budget, fitter, mask, dim) >= 0.3 - 1e-9  # reaches the budget
+        for s in mask:  # and removes nothing it does not need
+            assert achieved(budget, fitter, [m for m in mask if m != s], dim) < 0.3 - 1e-9
+    assert achieved(budget, fitter, plan.subs, dim) >= 0.3 - 1e-9
+
+
+def test_optuna_selector_finds_the_brute_force_optimum_on_a_small_case(bench):
+    from subfit_core.budget import Budget
+    from subfit_plugins.fitters.identity import IdentityFitter
+    from subfit_plugins.scorers.output import OutputScorer
+    from subfit_plugins.selectors.budget_fill import achieved
+    from subfit_plugins.selectors.optuna_search import OptunaSearchParams, OptunaSearchSelector
+
+    fitter, dim = IdentityFitter(), bench.adapter.hidden_size
+    budget = Budget(0.25, "layers", bench.adapter)
+    subs = bench.subs
+
+    def ok(m):
+        return achieved(budget, fitter, m, dim) >= 0.25 - 1e-9
+
+    minimal = [m for k in range(1, len(subs) + 1) for m in itertools.combinations(subs, k)
+               if ok(m) and not any(ok([x for x in m if x != s]) for s in m)]
+    assert len(minimal) > 5  # a real search
+    optimum = min(bench.metric_with_many({s: bench.fit(fitter, s) for s in m}, "kl") for m in minimal)
+    plan = OptunaSearchSelector(OptunaSearchParams(trials=40, sampler="random", warm_start=False)).select(
+        bench, OutputScorer(), fitter, budget)
+    assert plan.notes["best_metric"] == pytest.approx(optimum)
+    assert bench.metric_with_many({s: bench.fit(fitter, s) for s in plan.subs}, "kl") == pytest.approx(optimum)
+
+
+def test_clearly_worse_trials_are_pruned_before_their_test_evaluation(tiny, tmp_path, monkeypatch):
+    from subfit_core import sweep
+
+    # A random tiny model's perplexity hardly depends on what is removed, so the validation
+    # perplexity is made 10x worse for the 60% trials; the pruning machinery is the real one.
+    current = {}
+    real_compress, real_ppl = sweep.compress, sweep.perplexity
+    monkeypatch.setattr(sweep, "compress", lambda session, cfg, **kw: (current.update(s=cfg["sparsity"]),
+                                                                     real_compress(session, cfg, **kw))[1])
+    monkeypatch.setattr(sweep, "perplexity", lambda model, w, b, d, desc: real_ppl(model, w, b, d, desc) * (
+        10.0 if desc == "validation perplexity" and current.get("s") == 0.6 else 1.0))
+    summary = sweep.run_worker(cfg_for(tiny, "sweep.trials=12", "sweep.sampler=random", "sweep.seed=0",
+                                       f"sweep.output_dir={tmp_path / 'p'}",
+                                       "sweep.space={sparsity: {categorical: [0.1, 0.6]}}"))
+    rows = summary["trials"]
+    pruned = [r for r in rows if r["state"] == "pruned"]
+    assert len(rows) == 12 and pruned
+    assert all(r["params"]["sparsity"] == 0.6 and r["test_ppl"] is None for r in pruned)  # no held-out evaluation
+    assert all(r["val_ratio"] < 2 for r in rows if r["state"] == "complete" and r["params"]["sparsity"] == 0.1)
