@@ -105,7 +105,9 @@ class StreamlineFitter(Fitter):
             bench.calibration_trace(tail.index + 1, visit)
             ffn = GatedFFN(*initial_weights(bench.originals[Submodule(first, "ffn")], bench.adapter.hidden_size,
                                             self.hidden)).to(bench.device)
-            losses[name] = train_ffn(ffn, torch.cat(xs), torch.cat(targets), self.params, name)
+            x, target = torch.cat(xs), torch.cat(targets)
+            removal_mse = float(target.pow(2).mean())  # what plain removal leaves (the untrained start)
+            losses[name] = {"removal_mse": removal_mse, "final_mse": train_ffn(ffn, x, target, self.params, name)}
             bypasses[head] = MLPBypass(*(w.detach().to(bench.dtype) for w in (ffn.gate, ffn.up, ffn.down)))
         return Fitted(bypasses, notes={"streamline_final_mse": losses})
 
