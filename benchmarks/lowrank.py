@@ -72,24 +72,15 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from subfit_core.plotting import pyplot, save_ratio_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.2))
     for name in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r["kept_ratio"], r["ppl_ratio"]) for r in rows if r["method"] == name)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_yscale("log")
     ax.invert_xaxis()
-    ax.set_xlabel("kept ratio of decoder linear weights (same total budget for every method)")
-    ax.set_ylabel("perplexity ratio (compressed / dense)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_ratio_plot(fig, ax, path, "kept ratio of decoder linear weights (same total budget for every method)",
+                    "perplexity ratio (compressed / dense)")
 
 
 def main() -> int:

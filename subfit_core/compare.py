@@ -22,6 +22,7 @@ from .config import ConfigError, apply_overrides, parse_override, validate
 from .errors import SubFitError
 from .evaluate import check_tasks
 from .pipeline import SESSION_KEYS, build_components, compress, open_session
+from .plotting import pyplot, save_ratio_plot
 from .plugins import get_plugins
 from .recipes import read_recipe
 
@@ -99,24 +100,14 @@ def csv_text(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], layers: int, folder: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ok = [r for r in rows if r["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name in dict.fromkeys(r["strategy"] for r in ok):
         pts = sorted((r["achieved_layers"], r["ppl_ratio"]) for r in ok if r["strategy"] == name)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_yscale("log")
-    ax.set_xlabel("achieved sparsity (layer-equivalents / layers)")
-    ax.set_ylabel("perplexity ratio (compressed / dense)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "ppl_vs_sparsity.png", dpi=120)
-    plt.close(fig)
+    save_ratio_plot(fig, ax, folder / "ppl_vs_sparsity.png", "achieved sparsity (layer-equivalents / layers)",
+                    "perplexity ratio (compressed / dense)")
 
     for sparsity in dict.fromkeys(r["sparsity"] for r in ok):
         sel = [r for r in ok if r["sparsity"] == sparsity]

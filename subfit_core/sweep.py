@@ -30,6 +30,7 @@ from .config import ConfigError, apply_overrides, validate
 from .errors import SubFitError
 from .metrics import forward_seconds, perplexity
 from .pipeline import SESSION_KEYS, Session, build_components, compress, open_session
+from .plotting import pyplot, save_ratio_plot
 from .plugins import get_plugins
 
 # objective -> (direction, what it measures)
@@ -403,47 +404,26 @@ def csv_text(rows: list[dict], params: list[str]) -> str:
 
 
 def plot_pareto(rows: list[dict], front: list[dict], objectives: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     key = {"sparsity": "achieved_sparsity", "latency": "latency_s"}[objectives[1]]
     done = [r for r in rows if r["state"] == "complete"]
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
     ax.scatter([r[key] for r in done], [r["val_ratio"] for r in done], s=14, c="0.6", label="trials")
     pts = sorted((r[key], r["val_ratio"]) for r in front)
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", c="C3", label="Pareto front")
-    ax.set_xlabel({"sparsity": "achieved sparsity", "latency": "forward seconds (validation windows, noisy)"}[objectives[1]])
-    ax.set_ylabel("validation perplexity ratio")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    xlabel = {"sparsity": "achieved sparsity", "latency": "forward seconds (validation windows, noisy)"}[objectives[1]]
+    save_ratio_plot(fig, ax, path, xlabel, "validation perplexity ratio")
 
 
 def plot_history(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     done = sorted((r["trial"], r["val_ratio"], r["test_ratio"]) for r in rows if r["state"] == "complete")
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
     ax.plot([d[0] for d in done], [d[1] for d in done], "o", ms=4, label="validation (optimised)")
     ax.plot([d[0] for d in done], [d[2] for d in done], "x", ms=4, label="held-out test (reported)")
     best = [min(d[1] for d in done[:i + 1]) for i in range(len(done))]
     ax.plot([d[0] for d in done], best, "-", c="C0", alpha=0.6, label="best validation so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("perplexity ratio (compressed / dense)")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_ratio_plot(fig, ax, path, "trial", "perplexity ratio (compressed / dense)")
 
 
 def best_recipe(cfg: dict, trial) -> dict:

@@ -87,3 +87,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def write_local_model_and_text(folder, seed: int = 1, lines: int = 1500, layers: int = 6):
+    """A tiny model saved as a local model directory (``folder/model``, with a word-level tokenizer
+    over t0..t127) and a structured text (``folder/text.txt``: each word predicts the next, so
+    removals change the loss), for tests that go through ``model=<dir>`` like a user would."""
+    import random
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    build_tiny_model("llama", seed=seed, num_hidden_layers=layers).save_pretrained(folder / "model")
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(folder / "model")
+    rng = random.Random(0)
+    text = [" ".join(f"t{(w + 3 * k) % 120}" for k in range(8)) for w in (rng.randrange(120) for _ in range(lines))]
+    (folder / "text.txt").write_text("\n".join(text))  # lines < 40 chars: kept although repeated
+    return folder

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 
 import pytest
 
@@ -16,24 +15,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def local_model_and_text(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from conftest import write_local_model_and_text
 
-    from conftest import build_tiny_model
-
-    folder = tmp_path_factory.mktemp("tiny")
-    model = build_tiny_model("llama", seed=1, num_hidden_layers=6)
-    model.save_pretrained(folder / "model")
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(folder / "model")
-    rng = random.Random(0)
-    # a text with structure (each word predicts the next) so removals change the loss
-    lines = []
-    for _ in range(1500):
-        w = rng.randrange(120)
-        lines.append(" ".join(f"t{(w + 3 * k) % 120}" for k in range(8)))  # < 40 chars: kept although repeated
-    (folder / "text.txt").write_text("\n".join(lines))
+    folder = write_local_model_and_text(tmp_path_factory.mktemp("tiny"), seed=1, lines=1500)
     (folder / "broken.yaml").write_text(  # greedy picks single submodules, replaceme needs whole layers: fails at fit time
         "name: broken\nscorer: {name: output}\nselector: {name: greedy}\nfitter: {name: replaceme}\n")
     return folder

@@ -4,7 +4,6 @@ tables, JSON, PNG plots, atomic output, one-line errors."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
@@ -17,19 +16,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from conftest import write_local_model_and_text
 
-    from conftest import build_tiny_model
-
-    folder = tmp_path_factory.mktemp("report")
-    build_tiny_model("llama", seed=4, num_hidden_layers=6).save_pretrained(folder / "model")
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(folder / "model")
-    rng = random.Random(0)
-    lines = [" ".join(f"t{(w + 3 * k) % 120}" for k in range(8)) for w in (rng.randrange(120) for _ in range(800))]
-    (folder / "text.txt").write_text("\n".join(lines))
+    folder = write_local_model_and_text(tmp_path_factory.mktemp("report"), seed=4, lines=800)
     common = [f"model={folder / 'model'}", f"calib.dataset={folder / 'text.txt'}", "calib.samples=4", "calib.seq_len=16",
               "scoring.samples=2", "eval.windows=2", "eval.seq_len=16", "cache_stats=false"]
     runs = []

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -24,19 +23,9 @@ EXE = Path(sys.executable).parent / "subfit-sweep"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny local model directory, a structured text, and a recipe with a sweep section."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from conftest import write_local_model_and_text
 
-    from conftest import build_tiny_model
-
-    folder = tmp_path_factory.mktemp("sweep")
-    build_tiny_model("llama", seed=1, num_hidden_layers=6).save_pretrained(folder / "model")
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(folder / "model")
-    rng = random.Random(0)
-    lines = [" ".join(f"t{(w + 3 * k) % 120}" for k in range(8)) for w in (rng.randrange(120) for _ in range(1500))]
-    (folder / "text.txt").write_text("\n".join(lines))
+    folder = write_local_model_and_text(tmp_path_factory.mktemp("sweep"), seed=1, lines=1500)
     recipe = {
         "name": "tiny-sweep", "model": str(folder / "model"), "sparsity": 0.34, "cache_stats": False,
         "calib": {"dataset": str(folder / "text.txt"), "samples": 6, "seq_len": 16, "batch_size": 8},
