@@ -8,13 +8,22 @@ import json
 
 import pytest
 import torch
+from subfit_plugins.factorizers.closed_forms import (
+    factor_anchored,
+    factor_plain,
+    factor_whitened,
+)
 
 from subfit_core.artifact import load_compressed, save_compressed
 from subfit_core.config import validate
 from subfit_core.errors import ConfigError, SubFitError
 from subfit_core.factorize import factorize, total_sparsity
-from subfit_core.lowrank import (FactoredLinear, allocate_ranks, factor_anchored, factor_plain, factor_whitened,
-                                 regularised_cholesky, uniform_rank)
+from subfit_core.lowrank import (
+    FactoredLinear,
+    allocate_ranks,
+    regularised_cholesky,
+    uniform_rank,
+)
 from subfit_core.models import find_adapter
 from subfit_core.pipeline import Session, build_components, compress
 from subfit_core.plugins import build_component, get_plugins

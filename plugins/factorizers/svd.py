@@ -8,7 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from subfit_core.interfaces import Factorizer, FactorizerParams
-from subfit_core.lowrank import factor_anchored, factor_plain, factor_whitened, spectrum_plain, spectrum_whitened
+
+from .closed_forms import (
+    factor_anchored,
+    factor_plain,
+    factor_whitened,
+    spectrum_plain,
+    spectrum_whitened,
+)
 
 
 class SVDFactorizer(Factorizer):
