@@ -79,15 +79,23 @@ def row_from(name: str, sparsity: float, results: dict) -> dict:
 
 
 def markdown(rows: list[dict], meta: str) -> str:
-    lines = ["| strategy | sparsity | ppl ratio | achieved (layers) | achieved (params) | removed | KV-cache saving | compression / dense forward |",
-             "|---|---|---|---|---|---|---|---|"]
+    # Retained accuracy and TTFT speed-up get columns only when tasks / speed were configured.
+    extra = [(key, title, fmt) for key, title, fmt in (("retained_accuracy", "retained accuracy", "{:.3f}"),
+                                                       ("ttft_speedup", "TTFT speed-up", "{:.2f}x"))
+             if any(r.get(key) is not None for r in rows)]
+    head = ["strategy", "sparsity", "ppl ratio", "achieved (layers)", "achieved (params)", "removed",
+            "KV-cache saving", *(title for _, title, _ in extra), "compression / dense forward"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['strategy']} | {r['sparsity']:.3f} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['strategy']} | {r['sparsity']:.3f} | failed: {r['error']} |" + " |" * (len(head) - 3))
             continue
-        lines.append(f"| {r['strategy']} | {r['sparsity']:.3f} | {r['ppl_ratio']:.2f}x | {r['achieved_layers']:.4f} | "
-                     f"{r['achieved_params']:.4f} | {r['attn_removed']} attn + {r['ffn_removed']} ffn | "
-                     f"{r['kv_saving']:.1%} | {r['compression_over_dense_forward']:.2f}x |")
+        cells = [r["strategy"], f"{r['sparsity']:.3f}", f"{r['ppl_ratio']:.2f}x", f"{r['achieved_layers']:.4f}",
+                 f"{r['achieved_params']:.4f}", f"{r['attn_removed']} attn + {r['ffn_removed']} ffn",
+                 f"{r['kv_saving']:.1%}",
+                 *(fmt.format(r[key]) if r.get(key) is not None else "" for key, _, fmt in extra),
+                 f"{r['compression_over_dense_forward']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + meta + "\n"
 
 

@@ -161,3 +161,18 @@ def test_an_interrupted_comparison_resumes_where_it_stopped(local_model_and_text
     assert [(r["strategy"], r["sparsity"], r["status"]) for r in summary["rows"]] == [
         ("shortgpt", 0.17, "ok"), ("shortgpt", 0.34, "ok"), ("uidl", 0.17, "ok"), ("uidl", 0.34, "ok")]
     assert not journal.exists() and (folder / "resumed" / "table.md").exists()
+
+
+def test_table_shows_retained_accuracy_only_when_tasks_ran():
+    from subfit_core.compare import markdown
+
+    row = {"strategy": "subfit", "sparsity": 0.25, "status": "ok", "ppl_ratio": 1.47, "achieved_layers": 0.2568,
+           "achieved_params": 0.2568, "attn_removed": 6, "ffn_removed": 9, "kv_saving": 0.2,
+           "compression_over_dense_forward": 3.5, "retained_accuracy": None, "ttft_speedup": None}
+    failed = {"strategy": "broken", "sparsity": 0.25, "status": "failed", "error": "ConfigError: x"}
+    plain = markdown([row, failed], "meta").splitlines()
+    assert "retained accuracy" not in plain[0] and plain[2].count("|") == plain[0].count("|") == 9
+    with_tasks = markdown([{**row, "retained_accuracy": 0.784}, failed], "meta").splitlines()
+    assert "| KV-cache saving | retained accuracy | compression / dense forward |" in with_tasks[0]
+    assert "| 20.0% | 0.784 | 3.50x |" in with_tasks[2]
+    assert with_tasks[3].count("|") == with_tasks[0].count("|") == 10  # the failed row keeps the shape
