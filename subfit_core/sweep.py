@@ -282,13 +282,13 @@ def fail_stale_trials(study) -> None:
             optuna.storages.fail_stale_trials(study)
 
 
-def fail_stale_journal_trials(study) -> None:
-    """Storages without a heartbeat (journal files): a trial running for more than 3x the longest
-    finished trial belongs to a dead worker; mark it failed and queue its parameters again."""
+def fail_overdue_trials(study) -> None:
+    """A trial running for more than 3x the longest finished trial belongs to a dead worker; mark it
+    failed and queue its parameters again. This is the only guard on storages without a heartbeat
+    (journal files), and the fallback on SQL ones: a worker killed before its trial's first
+    heartbeat leaves a RUNNING trial that Optuna's heartbeat check never fails."""
     import optuna
 
-    if has_heartbeat(study):
-        return
     trials = study.get_trials(deepcopy=False)
     took = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials
             if t.state.name == "COMPLETE" and t.datetime_start and t.datetime_complete]
@@ -325,7 +325,7 @@ def run_worker(cfg: dict, on_trial=None) -> dict:
         if finished + running >= sweep["trials"]:
             # the last trials are running elsewhere: wait for them (or for their worker to be declared dead)
             fail_stale_trials(study)
-            fail_stale_journal_trials(study)
+            fail_overdue_trials(study)
             time.sleep(min(5.0, sweep["heartbeat_s"] / 2))
             continue
         ran: list = []
