@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
+from .cli import command
 from .config import SCHEMA, ConfigError, defaults, parse_override, validate_section
 from .errors import SubFitError, did_you_mean
 
@@ -81,19 +81,12 @@ def bench(argv: list[str]) -> tuple[dict, str, Path]:
     return result, table, run_dir
 
 
-def bench_main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+@command("subfit-bench")
+def bench_main(argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv:
         print(USAGE)
         return 0
-    try:
-        _, table, run_dir = bench(argv)
-    except SubFitError as exc:
-        print(f"subfit-bench: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("subfit-bench: interrupted", file=sys.stderr)
-        return 130
+    _, table, run_dir = bench(argv)
     print(table)
     print(f"written to {run_dir / 'deployment.json'} and deployment.md")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,9 +23,25 @@ Example:
 """
 
 
-def _fail(prog: str, exc: Exception) -> int:
-    print(f"{prog}: error: {exc}", file=sys.stderr)
-    return 2
+def command(prog: str, interrupted: str = "interrupted"):
+    """Wrap a console script's ``main(argv)``: a user's mistake (``SubFitError``) is one line on
+    stderr and exit 2, Ctrl-C one line (``interrupted``) and exit 130; never a traceback."""
+
+    def wrap(main):
+        @functools.wraps(main)
+        def entry(argv: list[str] | None = None) -> int:
+            try:
+                return main(sys.argv[1:] if argv is None else argv)
+            except SubFitError as exc:
+                print(f"{prog}: error: {exc}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                print(f"{prog}: {interrupted}", file=sys.stderr)
+                return 130
+
+        return entry
+
+    return wrap
 
 
 def resolve_recipe(args: list[str]) -> dict:
@@ -83,28 +100,22 @@ def print_plugins() -> None:
     print(f"  {'(with dataset hub access)':<28} {', '.join(STANDARD_TASKS)}, or any lm-eval task")
 
 
-def run_main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+@command("subfit-run", "interrupted; nothing was written")
+def run_main(argv: list[str]) -> int:
     logging.basicConfig(level=os.environ.get("SUBFIT_LOG", "WARNING"))
-    try:
-        if "--help" in argv or "-h" in argv:
-            print_help(argv)
-            return 0
-        if "--list" in argv:
-            print_plugins()
-            return 0
-        unknown = [a for a in argv if a.startswith("-")]
-        if unknown:
-            raise ConfigError(f"option '{unknown[0]}' is not known; allowed: --help, --list, key=value")
-        cfg = resolve_recipe(argv)
-        from .pipeline import run
+    if "--help" in argv or "-h" in argv:
+        print_help(argv)
+        return 0
+    if "--list" in argv:
+        print_plugins()
+        return 0
+    unknown = [a for a in argv if a.startswith("-")]
+    if unknown:
+        raise ConfigError(f"option '{unknown[0]}' is not known; allowed: --help, --list, key=value")
+    cfg = resolve_recipe(argv)
+    from .pipeline import run
 
-        results = run(cfg)
-    except SubFitError as exc:
-        return _fail("subfit-run", exc)
-    except KeyboardInterrupt:
-        print("subfit-run: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    results = run(cfg)
     print(summary(results))
     return 0
 
@@ -142,11 +153,9 @@ def summary(results: dict) -> str:
     return "\n".join(f"| {k:<{width}} | {v} |" for k, v in rows)
 
 
-def plugins_main(argv: list[str] | None = None) -> int:
-    try:
-        print_plugins()
-    except SubFitError as exc:
-        return _fail("subfit-plugins", exc)
+@command("subfit-plugins")
+def plugins_main(argv: list[str]) -> int:
+    print_plugins()
     return 0
 
 

@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 
 from .artifact import atomic_dir, check_output_dir
+from .cli import command
 from .config import ConfigError, apply_overrides, parse_override, validate
 from .errors import SubFitError
 from .evaluate import check_tasks
@@ -224,23 +225,15 @@ class Journal:
         self.path.unlink(missing_ok=True)
 
 
-def compare_main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+@command("subfit-compare", "interrupted; finished runs are kept, run the same command again to resume")
+def compare_main(argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv:
         print("usage: subfit-compare strategies=[subfit,shortgpt,...] sparsities=[0.125,0.25,0.375] "
               "[output_dir=runs/compare] [overwrite=true] [key=value ...]\n"
               "Runs every strategy at every sparsity in one process, sharing the dense statistics;\n"
               "other key=value overrides apply to every strategy (e.g. calib.samples=32).")
         return 0
-    try:
-        summary = compare(argv)
-    except SubFitError as exc:
-        print(f"subfit-compare: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("subfit-compare: interrupted; finished runs are kept, run the same command again to resume",
-              file=sys.stderr)
-        return 130
+    summary = compare(argv)
     print(markdown(summary["rows"], summary["meta"]))
     print(f"written to {summary['output_dir']}")
     return 0

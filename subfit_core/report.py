@@ -13,10 +13,10 @@ TTFT speed-ups (ALGORITHMS.md: across runs or models, the geometric mean).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from .artifact import atomic_dir, check_output_dir
+from .cli import command
 from .config import ConfigError, parse_override
 from .errors import SubFitError, did_you_mean
 from .evaluate import geometric_mean
@@ -169,16 +169,12 @@ def report(argv: list[str]) -> dict:
     return {"rows": rows, "geometric_means": summary, "markdown": text, "output_dir": str(out)}
 
 
-def report_main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+@command("subfit-report")
+def report_main(argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv or not argv:
         print(USAGE)
         return 0 if argv else 2
-    try:
-        result = report(argv)
-    except SubFitError as exc:
-        print(f"subfit-report: error: {exc}", file=sys.stderr)
-        return 2
+    result = report(argv)
     print(result["markdown"])
     print(f"written to {result['output_dir']}")
     return 0

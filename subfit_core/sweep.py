@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from .artifact import atomic_dir
+from .cli import command
 from .config import ConfigError, apply_overrides, validate
 from .errors import SubFitError
 from .metrics import forward_seconds, perplexity
@@ -506,30 +507,22 @@ Example:
 """
 
 
-def sweep_main(argv: list[str] | None = None) -> int:
+@command("subfit-sweep", "interrupted; finished trials are kept in the storage, run the same command to resume")
+def sweep_main(argv: list[str]) -> int:
     import logging
     import os
 
     from .cli import resolve_recipe
 
-    argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=os.environ.get("SUBFIT_LOG", "WARNING"))
     if "--help" in argv or "-h" in argv:
         print(USAGE)
         return 0
-    try:
-        unknown = [a for a in argv if a.startswith("-") and a != "--report"]
-        if unknown:
-            raise ConfigError(f"option '{unknown[0]}' is not known; allowed: --help, --report, key=value")
-        cfg = resolve_recipe([a for a in argv if a != "--report"])
-        summary = report_only(cfg) if "--report" in argv else run_worker(cfg)
-    except SubFitError as exc:
-        print(f"subfit-sweep: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("subfit-sweep: interrupted; finished trials are kept in the storage, run the same command to resume",
-              file=sys.stderr)
-        return 130
+    unknown = [a for a in argv if a.startswith("-") and a != "--report"]
+    if unknown:
+        raise ConfigError(f"option '{unknown[0]}' is not known; allowed: --help, --report, key=value")
+    cfg = resolve_recipe([a for a in argv if a != "--report"])
+    summary = report_only(cfg) if "--report" in argv else run_worker(cfg)
     best = [r for r in summary["trials"] if r["trial"] in summary["best"]]
     print(markdown(best, list(summary["space"]), summary["meta"], "Best trial" if len(best) == 1 else "Pareto front"))
     print(f"{summary['finished']} finished trials; written to {summary['output_dir']}")
