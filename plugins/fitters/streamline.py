@@ -80,12 +80,15 @@ class StreamlineFitter(Fitter):
     def fit(self, sub, stats):
         return ZeroBypass()  # while selecting, the window is judged as plain removal
 
+    def ffn_params(self, dim: int) -> int:
+        return 3 * dim * self.hidden  # gate, up and down
+
     def estimate_params(self, sub, dim):
-        return 3 * dim * self.hidden if sub.kind == "attn" else 0  # windows start at an attention
+        return self.ffn_params(dim) if sub.kind == "attn" else 0  # windows start at an attention
 
     def charges(self, subs, dim):
         firsts = {Submodule(first, "attn") for first, _ in removed_windows(subs, "llm-streamline")} if subs else set()
-        return {s: 3 * dim * self.hidden if s in firsts else 0 for s in subs}
+        return {s: self.ffn_params(dim) if s in firsts else 0 for s in subs}
 
     def fit_selection(self, selected, bench, anchored=False):
         if anchored:
