@@ -54,6 +54,13 @@ def subfit_fitters():
 
 
 @hookimpl
+def subfit_bypass_kinds():
+    return {kind: f"subfit_core.bypass:{cls}" for kind, cls in (
+        ("zero", "ZeroBypass"), ("linear", "LinearBypass"), ("lowrank", "LowRankBypass"),
+        ("shared_basis", "SharedBasisBypass"), ("mlp", "MLPBypass"))}
+
+
+@hookimpl
 def subfit_factorizers():
     return {
         "svd": f"{P}.factorizers.svd:SVDFactorizer",

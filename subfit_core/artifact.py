@@ -68,8 +68,10 @@ def save_compressed(model, tokenizer, replacements: list[dict], output_dir: Path
     atomic_dir(output_dir, write)
 
 
-def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Rebuild a SubFit model from ``path``: returns (model, tokenizer)."""
+def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    plugins=None):
+    """Rebuild a SubFit model from ``path``: returns (model, tokenizer). ``plugins`` (default: the
+    installed ones) supply the model adapter and the classes of the saved bypass kinds."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .models import find_adapter
@@ -86,9 +88,13 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    adapter = find_adapter(get_plugins(), model)
+    plugins = plugins or get_plugins()
+    adapter = find_adapter(plugins, model)
     reps = info["replacements"]
-    bypasses = build_bypasses([r["bypass"] for r in reps], dtype)
+    try:
+        bypasses = build_bypasses([r["bypass"] for r in reps], dtype, plugins)
+    except SubFitError as exc:  # a kind from a plugin that is not installed here
+        raise SubFitError(f"load_compressed: '{path}': {exc}") from None
     apply_bypasses(adapter, {Submodule(r["layer"], r["kind"]): b for r, b in zip(reps, bypasses)})
     for r in info.get("factored", []):  # low-rank linears: empty factors of the recorded shapes
         empty = FactoredLinear.empty(r["in"], r["out"], r["rank"], r["bias"], dtype)

@@ -1,7 +1,10 @@
 """Bypass modules: what a removed submodule's contribution is replaced with.
 
 A bypass maps the submodule's (normed) input x to a stand-in for its contribution f(x).
-Each bypass can describe itself as a JSON ``spec`` so a saved model can be rebuilt from its config.
+Each bypass describes itself as a JSON ``spec`` (its ``kind`` plus shapes) and can build an empty
+copy of itself from that spec, so a saved model is rebuilt from its config before its weights load.
+Kinds are registered through the ``subfit_bypass_kinds`` hook (the built-in plugin registers
+these), so a plugin's own bypass class saves and loads like the built-in ones.
 """
 
 from __future__ import annotations
@@ -9,12 +12,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import SubFitError
+
 
 class Bypass(nn.Module):
     kind = "bypass"
 
     def spec(self) -> dict:
         return {"kind": self.kind}
+
+    @classmethod
+    def empty(cls, spec: dict, dtype: torch.dtype, shared: dict) -> Bypass:
+        """A bypass of ``spec``'s shapes with zero weights (the saved weights are loaded into it).
+        ``shared`` is one dict per model, for tensors several bypasses share (a shared basis)."""
+        raise NotImplementedError(f"bypass kind '{cls.kind}' ({cls.__name__}) does not define empty(spec, dtype, shared)")
+
+
+def _bias(spec: dict, dtype: torch.dtype) -> torch.Tensor | None:
+    return torch.zeros(spec["dim"], dtype=dtype) if spec.get("bias") else None
 
 
 class ZeroBypass(Bypass):
@@ -24,6 +39,10 @@ class ZeroBypass(Bypass):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x)
+
+    @classmethod
+    def empty(cls, spec, dtype, shared):
+        return cls()
 
 
 class LinearBypass(Bypass):
@@ -41,6 +60,11 @@ class LinearBypass(Bypass):
 
     def spec(self) -> dict:
         return {"kind": self.kind, "dim": self.weight.shape[1], "bias": self.bias is not None}
+
+    @classmethod
+    def empty(cls, spec, dtype, shared):
+        d = spec["dim"]
+        return cls(torch.zeros(d, d, dtype=dtype), _bias(spec, dtype))
 
 
 class LowRankBypass(Bypass):
@@ -63,6 +87,11 @@ class LowRankBypass(Bypass):
 
     def spec(self) -> dict:
         return {"kind": self.kind, "dim": self.down.shape[1], "rank": self.rank, "bias": self.bias is not None}
+
+    @classmethod
+    def empty(cls, spec, dtype, shared):
+        d, r = spec["dim"], spec["rank"]
+        return cls(torch.zeros(r, d, dtype=dtype), torch.zeros(d, r, dtype=dtype), _bias(spec, dtype))
 
 
 class SharedBasisBypass(Bypass):
@@ -88,6 +117,13 @@ class SharedBasisBypass(Bypass):
         return {"kind": self.kind, "dim": self.basis.shape[1], "rank": self.rank,
                 "bias": self.bias is not None, "group": self.group}
 
+    @classmethod
+    def empty(cls, spec, dtype, shared):
+        d, r, group = spec["dim"], spec["rank"], spec["group"]
+        if group not in shared:  # one Parameter for the whole group, as when it was fitted
+            shared[group] = nn.Parameter(torch.zeros(r, d, dtype=dtype), requires_grad=False)
+        return cls(shared[group], torch.zeros(d, r, dtype=dtype), _bias(spec, dtype), group)
+
 
 class MLPBypass(Bypass):
     """y = W_down (silu(W_gate x) * W_up x): a gated feed-forward network standing in for a whole
@@ -108,6 +144,11 @@ class MLPBypass(Bypass):
     def spec(self) -> dict:
         return {"kind": self.kind, "dim": self.gate.shape[1], "hidden": self.gate.shape[0]}
 
+    @classmethod
+    def empty(cls, spec, dtype, shared):
+        d, hidden = spec["dim"], spec["hidden"]
+        return cls(torch.zeros(hidden, d, dtype=dtype), torch.zeros(hidden, d, dtype=dtype), torch.zeros(d, hidden, dtype=dtype))
+
 
 def unique_param_count(modules) -> int:
     """Parameters of ``modules`` with shared tensors (a shared basis) counted once."""
@@ -120,29 +161,18 @@ def unique_param_count(modules) -> int:
     return total
 
 
-def build_bypasses(specs: list[dict], dtype: torch.dtype) -> list[Bypass]:
-    """Empty bypasses with the shapes in ``specs`` (weights are loaded afterwards)."""
-    shared: dict[str, nn.Parameter] = {}
+def build_bypasses(specs: list[dict], dtype: torch.dtype, plugins=None) -> list[Bypass]:
+    """Empty bypasses with the shapes in ``specs`` (weights are loaded afterwards), each built by the
+    class its kind is registered to (default: the installed plugins)."""
+    if plugins is None:
+        from .plugins import get_plugins
+
+        plugins = get_plugins()
+    shared: dict = {}
     out = []
     for spec in specs:
-        kind, d = spec["kind"], spec.get("dim")
-        bias = torch.zeros(d, dtype=dtype) if spec.get("bias") else None
-        if kind == "zero":
-            out.append(ZeroBypass())
-        elif kind == "linear":
-            out.append(LinearBypass(torch.zeros(d, d, dtype=dtype), bias))
-        elif kind == "lowrank":
-            r = spec["rank"]
-            out.append(LowRankBypass(torch.zeros(r, d, dtype=dtype), torch.zeros(d, r, dtype=dtype), bias))
-        elif kind == "shared_basis":
-            r, group = spec["rank"], spec["group"]
-            if group not in shared:
-                shared[group] = nn.Parameter(torch.zeros(r, d, dtype=dtype), requires_grad=False)
-            out.append(SharedBasisBypass(shared[group], torch.zeros(d, r, dtype=dtype), bias, group))
-        elif kind == "mlp":
-            hidden = spec["hidden"]
-            out.append(MLPBypass(torch.zeros(hidden, d, dtype=dtype), torch.zeros(hidden, d, dtype=dtype),
-                                 torch.zeros(d, hidden, dtype=dtype)))
-        else:
-            raise ValueError(f"unknown bypass kind '{kind}' in saved config")
+        cls = plugins.registries["bypass kind"].get(spec["kind"])
+        if cls.kind != spec["kind"]:
+            raise SubFitError(f"bypass kind '{spec['kind']}' is registered to {cls.__name__}, whose kind is '{cls.kind}'")
+        out.append(cls.empty(spec, dtype, shared))
     return out

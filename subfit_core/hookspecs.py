@@ -39,6 +39,12 @@ def subfit_fitters() -> dict:
 
 
 @hookspec
+def subfit_bypass_kinds() -> dict:
+    """Bypass classes (``subfit_core.bypass.Bypass`` subclasses) by their ``kind``, so that a saved
+    model whose fitter returned one can be rebuilt by ``load_compressed`` (``Bypass.empty``)."""
+
+
+@hookspec
 def subfit_factorizers() -> dict:
     """Low-rank factorizers of linear layers (``subfit_core.interfaces.Factorizer`` subclasses)."""
 

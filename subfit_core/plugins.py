@@ -22,6 +22,7 @@ COMPONENT_HOOKS = {
     "subfit_factorizers": ("factorizer", "factorize.name"),
     "subfit_datasets": ("dataset", "calib.dataset"),
     "subfit_models": ("model", "model"),
+    "subfit_bypass_kinds": ("bypass kind", "saved bypass"),
 }
 
 
