@@ -1,5 +1,6 @@
 """On-disk cache of dense calibration statistics, so an interrupted or repeated run resumes
-after the most expensive pass. Keyed by everything the statistics depend on."""
+after the most expensive pass. Keyed by everything the statistics depend on, including the
+version of their layout; bounded in size (least recently used files go first)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,28 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import SubFitError
 from .interfaces import Submodule
 from .stats import SubStats
 
 
+# Bump when what the statistics hold, or how they are computed, changes: old files then miss.
+STATS_VERSION = 1
+DEFAULT_MAX_GB = 20.0
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("SUBFIT_CACHE", Path.home() / ".cache" / "subfit"))
+
+
+def max_cache_bytes() -> int:
+    """``SUBFIT_CACHE_MAX_GB`` (default 20): the statistics folder is kept under this size."""
+    raw = os.environ.get("SUBFIT_CACHE_MAX_GB", str(DEFAULT_MAX_GB))
+    try:
+        gb = float(raw)
+    except ValueError:
+        raise SubFitError(f"SUBFIT_CACHE_MAX_GB: '{raw}' is not a number; give a size in GB (0 keeps only the newest)") from None
+    return int(max(gb, 0.0) * 1e9)
 
 
 @torch.no_grad()
@@ -30,7 +47,7 @@ def weights_fingerprint(model: torch.nn.Module) -> list[float]:
 
 def stats_key(model_spec: str, model: torch.nn.Module, dtype: str, calib_ids: torch.Tensor) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([model_spec, model.config.to_dict(), dtype, weights_fingerprint(model)],
+    h.update(json.dumps([STATS_VERSION, model_spec, model.config.to_dict(), dtype, weights_fingerprint(model)],
                         sort_keys=True, default=str).encode())
     h.update(calib_ids.numpy().tobytes())
     return h.hexdigest()[:24]
@@ -48,6 +65,33 @@ def save_stats(path: Path, stats: dict[Submodule, SubStats], layer_cos: list[flo
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    evict(path.parent, max_cache_bytes(), keep=path)
+
+
+def evict(folder: Path, limit: int, keep: Path) -> list[Path]:
+    """Delete the least recently used statistics files until the folder holds at most ``limit``
+    bytes; ``keep`` (the file just written) is never deleted. Returns what was deleted."""
+    files = []
+    for f in folder.glob("*.safetensors"):
+        try:
+            st = f.stat()
+        except FileNotFoundError:  # another process evicted it
+            continue
+        files.append((st.st_mtime, st.st_size, f))
+    total = sum(size for _, size, _ in files)
+    gone = []
+    for _, size, f in sorted(files):
+        if total <= limit:
+            break
+        if f == keep:
+            continue
+        try:
+            f.unlink()
+        except FileNotFoundError:
+            pass
+        total -= size
+        gone.append(f)
+    return gone
 
 
 def load_stats(path: Path, subs: list[Submodule]) -> tuple[dict[Submodule, SubStats], list[float]] | None:
@@ -62,4 +106,5 @@ def load_stats(path: Path, subs: list[Submodule]) -> tuple[dict[Submodule, SubSt
                  for s in subs}
     except KeyError:
         return None  # written for another model layout: recompute
+    os.utime(path)  # used now: the last to be evicted
     return stats, tensors["layer_cos"].tolist()

@@ -17,7 +17,7 @@ import torch
 
 from .artifact import check_output_dir, save_compressed
 from .budget import Budget
-from .cache import cache_root, stats_key
+from .cache import cache_root, max_cache_bytes, stats_key
 from .bypass import Bypass
 from .corpus import CorpusText, Windows, make_windows
 from .deploy import BenchSettings, benchmark, ratios
@@ -137,6 +137,7 @@ def open_session(cfg: dict, validation_windows: int = 0) -> Session:
     if cfg["cache_stats"]:
         key = stats_key(cfg["model"], model, cfg["dtype"], windows.calib)
         cache = cache_root() / "stats" / f"{key}.safetensors"
+        max_cache_bytes()  # a bad SUBFIT_CACHE_MAX_GB fails now, not after the pass
     t0 = time.perf_counter()
     cached = bench.collect(cache)
     return Session(cfg, model, tokenizer, source, adapter, windows, device, dtype, dense_ppl, dense_forward_s,
