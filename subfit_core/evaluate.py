@@ -18,13 +18,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import random
 from pathlib import Path
 
 import yaml
 
 from .errors import ConfigError, SubFitError, did_you_mean
+from .progress import quiet_lm_eval
 
 # Zero-shot multiple-choice set for users with hub access (ALGORITHMS.md, evaluation protocol).
 STANDARD_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "piqa", "winogrande", "openbookqa")
@@ -96,10 +96,6 @@ def run_tasks(model, tokenizer, names: list[str], limit: int | None, batch_size:
 
     for noisy in ("lm_eval", "lm-eval"):  # its INFO/WARNING lines would bury the run's own output
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    if os.environ.get("SUBFIT_PROGRESS", "1") == "0":  # lm-eval's own request bars still show
-        import datasets
-
-        datasets.disable_progress_bars()
     local = local_tasks(plugins)
     specs = [local.get(n, n) for n in names]
     manager = TaskManager(include_defaults=any(isinstance(s, str) for s in specs))
@@ -108,7 +104,7 @@ def run_tasks(model, tokenizer, names: list[str], limit: int | None, batch_size:
     # simple_evaluate seeds the global RNGs; keep the run's own random state as it was
     py_state, np_state = random.getstate(), numpy.random.get_state()
     try:
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), quiet_lm_eval():
             out = simple_evaluate(model=lm, tasks=specs, num_fewshot=0, limit=limit, task_manager=manager,
                                   log_samples=False, bootstrap_iters=0, verbosity="ERROR")
     finally:

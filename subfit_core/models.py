@@ -9,6 +9,7 @@ import torch
 from .adapter import Adapter
 from .errors import SubFitError, did_you_mean
 from .plugins import Plugins
+from .progress import quiet_transformers
 
 
 def resolve_device(name: str) -> torch.device:
@@ -24,6 +25,7 @@ def resolve_device(name: str) -> torch.device:
 
 def load_model(plugins: Plugins, spec: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool):
     """``spec``: a registered short name, a local directory, or a hub id. Returns (model, tokenizer, source)."""
+    quiet_transformers()
     if spec in plugins.model:
         return plugins.model.get(spec)(device, dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -11,15 +11,16 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from subfit_core import artifact, load_compressed  # noqa: E402
-from subfit_core.bypass import Bypass, LowRankBypass, build_bypasses  # noqa: E402
-from subfit_core.errors import SubFitError  # noqa: E402
-from subfit_core.hookspecs import hookimpl  # noqa: E402
-from subfit_core.interfaces import Submodule  # noqa: E402
-from subfit_core.plugins import Plugins, get_plugins, make_plugin_manager  # noqa: E402
-from subfit_core.surgery import apply_bypasses, records  # noqa: E402
-from subfit_plugins.adapters.llama import LlamaFamilyAdapter  # noqa: E402
-from test_surgery import make_model, tiny_tokenizer  # noqa: E402
+from subfit_plugins.adapters.llama import LlamaFamilyAdapter
+from test_surgery import make_model, tiny_tokenizer
+
+from subfit_core import artifact, load_compressed
+from subfit_core.bypass import Bypass, LowRankBypass, build_bypasses
+from subfit_core.errors import SubFitError
+from subfit_core.hookspecs import hookimpl
+from subfit_core.interfaces import Submodule
+from subfit_core.plugins import Plugins, get_plugins, make_plugin_manager
+from subfit_core.surgery import apply_bypasses, records
 
 
 class DiagonalBypass(Bypass):

@@ -98,7 +98,7 @@ def test_eval_keys_are_validated():
     assert cfg["eval"]["tasks"] == ["piqa"] and cfg["bench"]["new_tokens"] == 32
 
 
-def test_lm_eval_on_shipped_tasks_reaches_results_json(byte_model_dir, tmp_path, monkeypatch):
+def test_lm_eval_on_shipped_tasks_reaches_results_json(byte_model_dir, tmp_path, monkeypatch, capfd):
     from subfit_core import pipeline
 
     calls = []
@@ -115,6 +115,8 @@ def test_lm_eval_on_shipped_tasks_reaches_results_json(byte_model_dir, tmp_path,
                      "bench.prompt_lengths=[8]", "bench.batch_sizes=[2]", "bench.new_tokens=3", "bench.repeats=1",
                      f"output_dir={out}"])
     assert code == 0
+    err = capfd.readouterr().err
+    assert "%|" not in err and "it/s]" not in err, err  # SUBFIT_PROGRESS=0: no bars, lm-eval's or transformers'
     assert len(calls) == 2  # dense once, compressed once
     res = json.loads((out / "results.json").read_text())
     ds = res["downstream"]
