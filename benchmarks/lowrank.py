@@ -44,6 +44,9 @@ def variants(ratio: float, total: float, refine_steps: int, removal_share: float
         ("subfit", ["strategy=subfit", f"sparsity={total}", "sparsity_unit=params"]),
         (f"subfit + aa-svd ({removal_share:g} removal)",
          ["strategy=subfit-svd", kept, f"factorize.removal_share={removal_share}", f"factorize.refine_steps={refine_steps}"]),
+        # the same hybrid with the whitened factorizer (no anchoring, no refinement), like svd-llm alone
+        (f"subfit + svd-llm ({removal_share:g} removal)",
+         ["strategy=subfit-svd", f"factorize={{name: svd-llm, kept_ratio: {ratio}, removal_share: {removal_share}}}"]),
     ]
 
 
@@ -91,6 +94,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results" / "lowrank")
     parser.add_argument("--replot", action="store_true", help="only rewrite the table and plot from the JSON")
+    parser.add_argument("--only", nargs="+", metavar="METHOD", help="run only these methods (labels as in the table, "
+                        "'aa-svd + refine'); their rows replace same-named rows of the existing JSON, others are kept")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_args()
     if args.replot:
@@ -106,11 +111,16 @@ def main() -> int:
             f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
             f"refinement {args.refine_steps} steps x {2} windows per layer; hybrid removal share {args.removal_share}.")
     rows: list[dict] = []
+    if args.only and (args.out / "lowrank.json").exists():
+        rows = [r for r in json.loads((args.out / "lowrank.json").read_text())["rows"] if r["method"] not in args.only]
     args.out.mkdir(parents=True, exist_ok=True)
     args.docs.mkdir(parents=True, exist_ok=True)
+    order = [label for label, _ in variants(0.8, 0.2, args.refine_steps, args.removal_share)]
     for ratio in args.ratios:
         total = total_sparsity(session.bench, ratio)
         for label, argv in variants(ratio, total, args.refine_steps, args.removal_share):
+            if args.only and label not in args.only:
+                continue
             cfg = resolve_recipe([*argv, "save=false", *args.overrides])
             cfg.update({k: base[k] for k in SESSION_KEYS})
             t0 = time.perf_counter()
@@ -122,6 +132,7 @@ def main() -> int:
                 continue
             session.bench.restore()
             rows.append(row_of(label, ratio, res, time.perf_counter() - t0))
+            rows.sort(key=lambda r: (-r["kept_ratio"], order.index(r["method"]) if r["method"] in order else len(order)))
             print(f"done {ratio} {label}: {rows[-1]['ppl_ratio']:.2f}x in {rows[-1]['wall_s']:.0f} s", file=sys.stderr, flush=True)
             (args.out / "lowrank.json").write_text(json.dumps({"meta": meta, "overrides": args.overrides, "rows": rows}, indent=2))
             (args.out / "lowrank.md").write_text(table(rows) + "\n\n" + meta + "\n")
