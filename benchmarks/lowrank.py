@@ -1,6 +1,6 @@
 """Low-rank factorization on one model at several kept ratios, all in one process from one session:
-plain SVD, SVD-LLM, AA-SVD without and with block refinement, SubFit alone, and the hybrid
-(SubFit removal + AA-SVD) at the same total budget.
+plain SVD, SVD-LLM without and with block refinement, AA-SVD without and with block refinement,
+SubFit alone, and the hybrids (SubFit removal + AA-SVD or SVD-LLM) at the same total budget.
 
     python benchmarks/lowrank.py                               # SmolLM2-135M, kept ratios 0.8 and 0.6
     python benchmarks/lowrank.py --ratios 0.8 -- calib.samples=16
@@ -39,6 +39,8 @@ def variants(ratio: float, total: float, refine_steps: int, removal_share: float
     return [
         ("svd", ["strategy=svd", kept]),
         ("svd-llm", ["strategy=svd-llm", kept]),
+        # refinement is not part of SVD-LLM; this row separates what anchoring and refinement each give
+        ("svd-llm + refine", ["strategy=svd-llm", kept, f"factorize.refine_steps={refine_steps}"]),
         ("aa-svd", ["strategy=aa-svd", kept, "factorize.refine_steps=0"]),
         ("aa-svd + refine", ["strategy=aa-svd", kept, f"factorize.refine_steps={refine_steps}"]),
         ("subfit", ["strategy=subfit", f"sparsity={total}", "sparsity_unit=params"]),
