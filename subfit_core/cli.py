@@ -85,10 +85,11 @@ def print_plugins() -> None:
     from .recipes import available
 
     plugins = get_plugins()
+    width = max(len(kind) + 1 for kind in plugins.registries)
     for info in plugins.info.values():
         print(f"{info.name}  ({info.distribution} {info.version})")
         for kind, names in sorted(info.registers.items()):
-            print(f"  {kind + 's':<10} {', '.join(names)}")
+            print(f"  {kind + 's':<{width}} {', '.join(names)}")
     print("recipes")
     for name, path in available(plugins).items():
         print(f"  {name:<20} {path}")
