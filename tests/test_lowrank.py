@@ -81,6 +81,23 @@ def test_anchored_closed_form_is_the_brute_force_optimum(rank):
     assert excess == pytest.approx(f.truncation_loss**2, rel=1e-8)
 
 
+def test_ridge_is_the_optimum_of_the_penalised_objective():
+    # ||X W^T - X_hat W'^T||^2 + mu ||W'||^2 is the plain objective on streams augmented by
+    # sqrt(mu) I (inputs) and 0 (targets), so the brute force over factors runs on those
+    W, X, X_hat = random_streams(seed=5)
+    C, M = X_hat.T @ X_hat, X.T @ X_hat
+    ridge = 0.05
+    mu = ridge * float(C.diagonal().mean())
+    f = factor_anchored(W, C, M, 2, ridge=ridge)
+    eye = torch.eye(X.shape[1], dtype=X.dtype)
+    X_aug, X_hat_aug = torch.cat([X, 0 * eye]), torch.cat([X_hat, mu**0.5 * eye])
+    penalised = anchored_objective(W, X, X_hat, f.weight()) + mu * float(f.weight().square().sum())
+    assert penalised == pytest.approx(anchored_objective(W, X_aug, X_hat_aug, f.weight()), rel=1e-12)
+    assert penalised == pytest.approx(brute_force(W, X_aug, X_hat_aug, 2), rel=1e-6)
+    # and the penalty shrinks the factors: the unpenalised fit has the larger norm
+    assert float(f.weight().norm()) < float(factor_anchored(W, C, M, 2).weight().norm())
+
+
 def test_blending_interpolates_to_the_shifted_only_objective():
     W, X, X_hat = random_streams(seed=2)
     C, M = X_hat.T @ X_hat, X.T @ X_hat

@@ -14,7 +14,9 @@ X holds its inputs in the dense model, X_hat its inputs in the partially compres
   so Z = the rank-k truncated SVD of A = W M L^-T (Eckart-Young), W' = U_k S_k V_k^T L^-1, and the
   excess over the unconstrained optimum is the sum of A's dropped sigma^2. Blending replaces M by
   alpha M + (1 - alpha) C (alpha = 0: match the layer's own output on X_hat). With identical streams
-  M = C and A = W L: exactly SVD-LLM.
+  M = C and A = W L: exactly SVD-LLM. Ridge: adding mu ||W'||_F^2 to the objective (mu = ridge x the
+  mean of diag C) only replaces C by C + mu I in L; it keeps the weak directions of X_hat, where
+  W M C^-1 is a noisy regression, from being amplified.
 
 W' is stored as two factors: up = U_k S_k^1/2 (m x k) and down = S_k^1/2 V_k^T L^-1 (k x n).
 """
@@ -48,10 +50,12 @@ def factor_whitened(weight: torch.Tensor, gram: torch.Tensor, rank: int, name: s
 
 
 def factor_anchored(weight: torch.Tensor, gram_hat: torch.Tensor, cross: torch.Tensor, rank: int,
-                    alpha: float = 1.0, name: str = "linear") -> Factors:
+                    alpha: float = 1.0, name: str = "linear", ridge: float = 0.0) -> Factors:
     """AA-SVD closed form with C = X_hat^T X_hat (``gram_hat``) and M = X^T X_hat (``cross``)."""
     W = weight.double()
-    L, shift = regularised_cholesky(gram_hat, name)
+    mu = ridge * float(gram_hat.diagonal().mean())
+    eye = torch.eye(gram_hat.shape[0], dtype=gram_hat.dtype, device=gram_hat.device)
+    L, shift = regularised_cholesky(gram_hat + mu * eye if mu else gram_hat, name)
     M = alpha * cross + (1.0 - alpha) * gram_hat
     # A = W M L^-T, i.e. A L^T = W M (L^T upper triangular)
     A = torch.linalg.solve_triangular(L.T, W @ M, upper=True, left=False)

@@ -45,11 +45,15 @@ class AASVDParams(FactorizerParams):
     # blend alpha X^T X_hat + (1 - alpha) X_hat^T X_hat: 1 = match the dense outputs, 0 = the layer's own
     # output on the shifted inputs. 0.5 measured best on SmolLM2 (docs/guide.md, low-rank section).
     alpha: float = 0.5
+    # penalty mu ||W'||^2 with mu = ridge x mean(diag X_hat^T X_hat); 0 is the paper's objective
+    ridge: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha: {self.alpha} must be in [0, 1]")
+        if self.ridge < 0:
+            raise ValueError(f"ridge: {self.ridge} must be >= 0")
 
 
 class AASVDFactorizer(Factorizer):
@@ -58,7 +62,7 @@ class AASVDFactorizer(Factorizer):
     statistics = "anchored"
 
     def factor(self, name, weight, stats, rank):
-        return factor_anchored(weight, stats.gram_hat, stats.cross, rank, self.params.alpha, name)
+        return factor_anchored(weight, stats.gram_hat, stats.cross, rank, self.params.alpha, name, self.params.ridge)
 
     def spectrum(self, name, weight, gram):
         return spectrum_whitened(weight, gram, name)
