@@ -133,9 +133,10 @@ def main() -> int:
                 session.bench.restore()
                 continue
             session.bench.restore()
-            rows.append(row_of(label, ratio, res, time.perf_counter() - t0))
+            row = row_of(label, ratio, res, time.perf_counter() - t0)
+            rows.append(row)
             rows.sort(key=lambda r: (-r["kept_ratio"], order.index(r["method"]) if r["method"] in order else len(order)))
-            print(f"done {ratio} {label}: {rows[-1]['ppl_ratio']:.2f}x in {rows[-1]['wall_s']:.0f} s", file=sys.stderr, flush=True)
+            print(f"done {ratio} {label}: {row['ppl_ratio']:.2f}x in {row['wall_s']:.0f} s", file=sys.stderr, flush=True)
             (args.out / "lowrank.json").write_text(json.dumps({"meta": meta, "overrides": args.overrides, "rows": rows}, indent=2))
             (args.out / "lowrank.md").write_text(table(rows) + "\n\n" + meta + "\n")
     write_docs(rows, meta, args.docs)
