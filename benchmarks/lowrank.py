@@ -76,23 +76,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, ceiling: float = 100.0) -> None:
-    """Perplexity ratio against kept ratio per method; a method above ``ceiling`` anywhere (plain
-    SVD here) would flatten the rest on a log axis, so it is left out and named in the title."""
-    from subfit_core.plotting import pyplot, save_ratio_plot
+def plot(rows: list[dict], path: Path) -> None:
+    from subfit_core.plotting import pyplot, ratio_lines, save_ratio_plot
 
     fig, ax = pyplot().subplots(figsize=(7.2, 4.8))
-    off = []
-    for i, name in enumerate(dict.fromkeys(r["method"] for r in rows)):
-        pts = sorted((r["kept_ratio"], r["ppl_ratio"]) for r in rows if r["method"] == name)
-        if max(p[1] for p in pts) > ceiling:
-            off.append(name)
-            continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="osD^v<>"[i % 7], color=f"C{i % 10}",
-                linestyle=":" if "ridge 0" in name else "-", label=name)
+    series = {name: [(r["kept_ratio"], r["ppl_ratio"]) for r in rows if r["method"] == name]
+              for name in dict.fromkeys(r["method"] for r in rows)}
+    ratio_lines(ax, series)  # plain SVD (10^5x and more) is left out and named in the title
     ax.invert_xaxis()
-    if off:
-        ax.set_title(f"off the chart (> {ceiling:g}x): {', '.join(off)}", fontsize=9)
     save_ratio_plot(fig, ax, path, "kept ratio of decoder linear weights (same total budget for every method)",
                     "perplexity ratio (compressed / dense)")
 

@@ -23,7 +23,7 @@ from .config import ConfigError, apply_overrides, parse_override, validate
 from .errors import SubFitError
 from .evaluate import check_tasks
 from .pipeline import SESSION_KEYS, build_components, compress, open_session
-from .plotting import pyplot, save_ratio_plot
+from .plotting import pyplot, ratio_lines, save_ratio_plot
 from .plugins import get_plugins
 from .recipes import read_recipe
 
@@ -111,10 +111,10 @@ def csv_text(rows: list[dict]) -> str:
 def plot(rows: list[dict], layers: int, folder: Path) -> None:
     plt = pyplot()
     ok = [r for r in rows if r["status"] == "ok"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name in dict.fromkeys(r["strategy"] for r in ok):
-        pts = sorted((r["achieved_layers"], r["ppl_ratio"]) for r in ok if r["strategy"] == name)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    series = {name: [(r["achieved_layers"], r["ppl_ratio"]) for r in ok if r["strategy"] == name]
+              for name in dict.fromkeys(r["strategy"] for r in ok)}
+    ratio_lines(ax, series)  # the table keeps every number; the plot leaves off-scale strategies out
     save_ratio_plot(fig, ax, folder / "ppl_vs_sparsity.png", "achieved sparsity (layer-equivalents / layers)",
                     "perplexity ratio (compressed / dense)")
 

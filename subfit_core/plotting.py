@@ -1,4 +1,5 @@
-"""The few lines every SubFit plot shares: a headless backend, and one way to finish and save."""
+"""The few lines every SubFit plot shares: a headless backend, one way to draw ratio curves, and
+one way to finish and save."""
 
 from __future__ import annotations
 
@@ -25,3 +26,20 @@ def save_ratio_plot(fig, ax, path: Path, xlabel: str, ylabel: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     pyplot().close(fig)
+
+
+def ratio_lines(ax, series: dict[str, list[tuple[float, float]]], ceiling: float = 100.0) -> list[str]:
+    """One line per name, each with its own colour/marker pair (more names than colours stay apart).
+    A series above ``ceiling`` anywhere would flatten the others on a log axis: it is left out and
+    named in the title. Returns the names left out."""
+    off = []
+    for i, (name, pts) in enumerate(series.items()):
+        pts = sorted(pts)
+        if max(y for _, y in pts) > ceiling:
+            off.append(name)
+            continue
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="osD^v<>"[i % 7], color=f"C{i % 10}",
+                linestyle="-" if i < 10 else "--", label=name)
+    if off:
+        ax.set_title(f"off the chart (> {ceiling:g}x): {', '.join(off)}", fontsize=9)
+    return off
