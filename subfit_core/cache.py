@@ -106,5 +106,8 @@ def load_stats(path: Path, subs: list[Submodule]) -> tuple[dict[Submodule, SubSt
                  for s in subs}
     except KeyError:
         return None  # written for another model layout: recompute
-    os.utime(path)  # used now: the last to be evicted
+    try:
+        os.utime(path)  # used now: the last to be evicted
+    except OSError:  # a read-only shared cache is still usable
+        pass
     return stats, tensors["layer_cos"].tolist()
