@@ -3,7 +3,8 @@
 Every source returns a :class:`CorpusText`: ``train`` (calibration and scoring windows
 are drawn from it) and ``heldout`` (used only for reported perplexity).
 
-* ``kjv()`` and ``shakespeare()`` read public-domain text bundled, xz-compressed, in
+* ``kjv()``, ``shakespeare()`` (early-modern English), ``pydocs()`` and ``jargon()`` (modern
+  English: technical documentation, and a hacker-culture lexicon) read text bundled, xz-compressed, in
   ``corpora/`` (provenance in ``corpora/SOURCES.md``); they work offline.
 * ``local_file(path)`` reads a user's ``.txt`` (units are lines) or ``.json``/``.jsonl``
   (units are the ``text_field`` of each record, read through the ``datasets`` library).
@@ -36,7 +37,7 @@ DEDUP_MIN_CHARS = 40       # longer held-out units that also occur in train are 
 FILE_SUFFIXES = (".txt", ".json", ".jsonl")
 C4_TRAIN_DOCS = 20000
 C4_HELDOUT_DOCS = 2000
-_USE_INSTEAD = "use a bundled corpus (kjv, shakespeare) or a local .txt/.jsonl file"
+_USE_INSTEAD = "use a bundled corpus (kjv, shakespeare, pydocs, jargon) or a local .txt/.jsonl file"
 
 
 def split_heldout(units: list[str], sep: str) -> tuple[str, str]:
@@ -68,6 +69,18 @@ def kjv() -> CorpusText:
 def shakespeare() -> CorpusText:
     """42 Shakespeare plays and poems (Project Gutenberg editions)."""
     return _bundled("shakespeare", "Shakespeare, 42 works from Project Gutenberg (public domain), bundled")
+
+
+@functools.cache
+def pydocs() -> CorpusText:
+    """Modern technical English: prose paragraphs of the Python 3.11 documentation (6,103)."""
+    return _bundled("pydocs", "Python 3.11 documentation prose (PSF License), bundled")
+
+
+@functools.cache
+def jargon() -> CorpusText:
+    """Modern informal English: paragraphs of the Jargon File 4.4.7 (3,573)."""
+    return _bundled("jargon", "The Jargon File 4.4.7 (public domain), bundled")
 
 
 def local_file(path: str, text_field: str = "text") -> CorpusText:

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from subfit_plugins import datasets as ds  # noqa: E402
 
 OFFLINE_MSG = ("calib.dataset: 'wikitext2' needs the dataset hub, which is unreachable (offline); "
-               "use a bundled corpus (kjv, shakespeare) or a local .txt/.jsonl file")
+               "use a bundled corpus (kjv, shakespeare, pydocs, jargon) or a local .txt/.jsonl file")
 
 
 def assert_disjoint(corpus, sample=2000):
@@ -57,9 +57,35 @@ def test_shakespeare_split():
     assert_disjoint(corpus)
 
 
+@pytest.mark.parametrize("name, phrase", [
+    ("pydocs", "Python"),
+    ("jargon", "hacker"),
+])
+def test_modern_corpora_split(name, phrase):
+    corpus = getattr(ds, name)()
+    assert corpus.name == name and phrase in corpus.train
+    lines = corpus.train.splitlines() + corpus.heldout.splitlines()
+    assert len(lines) > 3000
+    assert all(len(line.split()) >= 12 for line in lines)  # prose paragraphs only
+    assert not any(re.search(r":[a-z]+:`|``|\{|\}", line) for line in lines)  # markup removed
+    n_heldout = len(corpus.heldout.splitlines())
+    assert 0.08 < n_heldout / len(lines) < 0.11  # every 10th chunk of 100: 3 of 36 chunks for jargon
+    assert_disjoint(corpus)
+
+
+def test_every_default_domain_is_bundled():
+    from subfit_core.plugins import get_plugins
+
+    plugins = get_plugins()
+    assert plugins.default_domains() == ["kjv", "shakespeare", "pydocs", "jargon"]
+    for name in plugins.default_domains():
+        assert (ds.CORPORA_DIR / f"{name}.txt.xz").exists()
+
+
 def test_bundled_size_budget():
+    # four corpora (two early-modern, two modern) for calibration and cross-domain evaluation
     sizes = [p.stat().st_size for p in ds.CORPORA_DIR.glob("*.xz")]
-    assert sum(sizes) < 3_000_000
+    assert sum(sizes) < 4_000_000
 
 
 def test_split_rule_is_chunks_of_100():
