@@ -17,6 +17,9 @@ Tasks (JSON Lines, one item per line; the task YAMLs next to them are written to
 * ``subfit_shakespeare_nextline`` (multiple choice, 4 options): three consecutive lines of one
   Shakespeare speech; the choices are the line that follows and 3 other held-out verse lines of
   similar length drawn at random. 500 items.
+* ``subfit_pydocs_cloze`` and ``subfit_jargon_cloze`` (multiple choice, 4 options; modern English):
+  the first half of a sentence (12 to 40 words) of a held-out paragraph of the Python
+  documentation or the Jargon File; the choices are its own second half and 3 others. Up to 500 items.
 * ``subfit_heldout_ppl`` (rolling log-likelihood): 20 held-out KJV passages (12 consecutive
   verses) and 20 held-out Shakespeare passages (24 consecutive lines of dialogue), interleaved.
 
@@ -29,6 +32,7 @@ import argparse
 import json
 import lzma
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -63,10 +67,10 @@ def split_verse(verse: str) -> tuple[str, str]:
     return " ".join(words[:cut]), " ".join(words[cut:])
 
 
-def kjv_cloze(rng: random.Random) -> list[dict]:
-    verses = sorted({v for v in heldout_units("kjv") if len(v.split()) >= 12})
-    rng.shuffle(verses)
-    halves = [split_verse(v) for v in verses]
+def cloze(texts: list[str], rng: random.Random) -> list[dict]:
+    """First half of a text; choices: its own second half and those of 3 other texts."""
+    rng.shuffle(texts)
+    halves = [split_verse(v) for v in texts]
     items = []
     for i, (first, second) in enumerate(halves[:MC_ITEMS]):
         others = rng.sample([h[1] for j, h in enumerate(halves) if j != i and h[1] != second], 3)
@@ -74,6 +78,23 @@ def kjv_cloze(rng: random.Random) -> list[dict]:
         choices = others[:label] + [second] + others[label:]
         items.append({"context": first, "choices": choices, "label": label})
     return items
+
+
+def kjv_cloze(rng: random.Random) -> list[dict]:
+    return cloze(sorted({v for v in heldout_units("kjv") if len(v.split()) >= 12}), rng)
+
+
+def sentences(paragraph: str) -> list[str]:
+    """The paragraph cut after each sentence end (". ", "? ", "! ", optionally closing a quote)."""
+    return [s.strip() for s in re.split(r"(?<=[.?!])[\"')]? (?=[A-Z])", paragraph) if s.strip()]
+
+
+def sentence_cloze(name: str):
+    """Cloze over the sentences (12 to 40 words) of a modern corpus's held-out paragraphs."""
+    def make(rng: random.Random) -> list[dict]:
+        sentences_ = {s for p in heldout_units(name) if p for s in sentences(p)}
+        return cloze(sorted(s for s in sentences_ if 12 <= len(s.split()) <= 40), rng)
+    return make
 
 
 def is_verse_line(line: str) -> bool:
@@ -166,6 +187,9 @@ TASKS = {
     "subfit_shakespeare_nextline": (shakespeare_nextline, MC_YAML, "\\n",
                                     "Shakespeare next line, 4 choices, held-out speeches"),
     "subfit_heldout_ppl": (heldout_ppl, PPL_YAML, "", "rolling perplexity, 20 KJV + 20 Shakespeare held-out passages"),
+    "subfit_pydocs_cloze": (sentence_cloze("pydocs"), MC_YAML, " ",
+                            "Python documentation sentence cloze, 4 choices, held-out paragraphs"),
+    "subfit_jargon_cloze": (sentence_cloze("jargon"), MC_YAML, " ", "Jargon File sentence cloze, 4 choices, held-out paragraphs"),
 }
 
 
