@@ -74,10 +74,18 @@ def subfit_datasets():
     return {
         "kjv": f"{P}.datasets:kjv",
         "shakespeare": f"{P}.datasets:shakespeare",
+        "pydocs": f"{P}.datasets:pydocs",
+        "jargon": f"{P}.datasets:jargon",
         "wikitext2": f"{P}.datasets:wikitext2",
         "c4": f"{P}.datasets:c4",
         "local-file": f"{P}.datasets:local_file",
     }
+
+
+@hookimpl
+def subfit_eval_domains():
+    # two early-modern and two modern domains: every run reports held-out perplexity on each
+    return ["kjv", "shakespeare", "pydocs", "jargon"]
 
 
 @hookimpl

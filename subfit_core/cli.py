@@ -127,6 +127,10 @@ def summary(results: dict) -> str:
     rows = [
         ("strategy", results["strategy"]),
         ("perplexity dense -> compressed", f"{p['dense']:.2f} -> {p['compressed']:.2f} ({p['ratio']:.2f}x)"),
+        *((f"  on {name}" + (" (calibration domain)" if d["calibrated"] else ""),
+           f"{d['dense']:.2f} -> {d['compressed']:.2f} ({d['ratio']:.2f}x)") for name, d in p.get("domains", {}).items()),
+        *((("perplexity ratio, domains not calibrated on", f"{p['out_of_domain_ratio']:.2f}x (geometric mean)"),)
+          if p.get("out_of_domain_ratio") is not None else ()),
         ("sparsity requested", f"{s['requested']:.4f} ({s['unit']})"),
         ("sparsity achieved", f"{s['achieved_layers']:.4f} layers, {s['achieved_params']:.4f} params"),
         ("decoder params", f"{results['decoder_params']['before']:,} -> {results['decoder_params']['after']:,}"),

@@ -27,7 +27,7 @@ from .plotting import pyplot, ratio_lines, save_ratio_plot
 from .plugins import get_plugins
 from .recipes import read_recipe
 
-COLUMNS = ["strategy", "sparsity", "status", "ppl_ratio", "ppl", "achieved_layers", "achieved_params",
+COLUMNS = ["strategy", "sparsity", "status", "ppl_ratio", "ppl", "ood_ppl_ratio", "achieved_layers", "achieved_params",
            "attn_removed", "ffn_removed", "kv_saving", "compression_s", "compression_over_dense_forward",
            "retained_accuracy", "ttft_speedup", "error"]
 
@@ -68,6 +68,10 @@ def row_from(name: str, sparsity: float, results: dict) -> dict:
     return {
         "strategy": name, "sparsity": sparsity, "status": "ok",
         "ppl_ratio": results["perplexity"]["ratio"], "ppl": results["perplexity"]["compressed"],
+        # the geometric mean over the domains the run did not calibrate on, and each domain's ratio
+        "ood_ppl_ratio": results["perplexity"].get("out_of_domain_ratio"),
+        "domains": {name: d["ratio"] for name, d in results["perplexity"].get("domains", {}).items()
+                    if not d["calibrated"]},
         "achieved_layers": results["sparsity"]["achieved_layers"], "achieved_params": results["sparsity"]["achieved_params"],
         "attn_removed": attn, "ffn_removed": len(results["replaced"]) - attn,
         "kv_saving": 1 - kv["after"] / kv["before"],
@@ -84,20 +88,28 @@ def markdown(rows: list[dict], meta: str) -> str:
     extra = [(key, title, fmt) for key, title, fmt in (("retained_accuracy", "retained accuracy", "{:.3f}"),
                                                        ("ttft_speedup", "TTFT speed-up", "{:.2f}x"))
              if any(r.get(key) is not None for r in rows)]
-    head = ["strategy", "sparsity", "ppl ratio", "achieved (layers)", "achieved (params)", "removed",
+    unseen = list(dict.fromkeys(name for r in rows for name in r.get("domains", {})))
+    head = ["strategy", "sparsity", "ppl ratio", *(f"{name} ppl ratio" for name in unseen),
+            *(["out-of-domain ppl ratio"] if unseen else []), "achieved (layers)", "achieved (params)", "removed",
             "KV-cache saving", *(title for _, title, _ in extra), "compression / dense forward"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['strategy']} | {r['sparsity']:.3f} | failed: {r['error']} |" + " |" * (len(head) - 3))
             continue
-        cells = [r["strategy"], f"{r['sparsity']:.3f}", f"{r['ppl_ratio']:.2f}x", f"{r['achieved_layers']:.4f}",
+        cells = [r["strategy"], f"{r['sparsity']:.3f}", f"{r['ppl_ratio']:.2f}x",
+                 *(_ratio(r.get("domains", {}).get(name)) for name in unseen),
+                 *([_ratio(r.get("ood_ppl_ratio"))] if unseen else []), f"{r['achieved_layers']:.4f}",
                  f"{r['achieved_params']:.4f}", f"{r['attn_removed']} attn + {r['ffn_removed']} ffn",
                  f"{r['kv_saving']:.1%}",
                  *(fmt.format(r[key]) if r.get(key) is not None else "" for key, _, fmt in extra),
                  f"{r['compression_over_dense_forward']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + meta + "\n"
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}x"
 
 
 def csv_text(rows: list[dict]) -> str:
@@ -116,7 +128,14 @@ def plot(rows: list[dict], layers: int, folder: Path) -> None:
               for name in dict.fromkeys(r["strategy"] for r in ok)}
     ratio_lines(ax, series)  # the table keeps every number; the plot leaves off-scale strategies out
     save_ratio_plot(fig, ax, folder / "ppl_vs_sparsity.png", "achieved sparsity (layer-equivalents / layers)",
-                    "perplexity ratio (compressed / dense)")
+                    "perplexity ratio (compressed / dense), calibration domain")
+    unseen = {name: [(r["achieved_layers"], r["ood_ppl_ratio"]) for r in ok
+                     if r["strategy"] == name and r.get("ood_ppl_ratio") is not None] for name in series}
+    if any(unseen.values()):
+        fig, ax = plt.subplots(figsize=(7.2, 4.8))
+        ratio_lines(ax, {name: points for name, points in unseen.items() if points})
+        save_ratio_plot(fig, ax, folder / "ood_ppl_vs_sparsity.png", "achieved sparsity (layer-equivalents / layers)",
+                        "perplexity ratio, domains not calibrated on (geometric mean)")
 
     for sparsity in dict.fromkeys(r["sparsity"] for r in ok):
         sel = [r for r in ok if r["sparsity"] == sparsity]

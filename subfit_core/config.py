@@ -8,6 +8,7 @@ component, validated against the component's own ``Params`` dataclass.
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import types
 import typing
@@ -55,6 +56,9 @@ SCHEMA: dict[str, Any] = {
         "samples": Field(int, 64, "calibration windows (statistics and fits)", min=1),
         "seq_len": Field(int, 256, "tokens per window", min=8),
         "batch_size": Field(int, 8, "windows per forward batch", min=1),
+        "generated": Field(float, 0.0, "share of the calibration and scoring windows sampled from the dense model "
+                                       "itself (its own distribution: fits and choices that hold beyond calib.dataset)",
+                           min=0.0, max=1.0),
     },
     "scoring": {
         "samples": Field(int, 4, "windows, disjoint from calibration, that selection is judged on", min=1),
@@ -62,7 +66,10 @@ SCHEMA: dict[str, Any] = {
     },
     "eval": {
         "dataset": Field(str, None, "text source for held-out perplexity (default: calib.dataset)", nullable=True),
-        "windows": Field(int, 30, "held-out windows for perplexity", min=1),
+        "windows": Field(int, 30, "held-out windows for perplexity (per domain)", min=1),
+        "domains": Field(list, None, "text sources whose held-out perplexity is also reported: the calibration "
+                                     "domain and others (null: every domain the plugins name; []: none)",
+                         nullable=True, items=str),
         "seq_len": Field(int, 256, "tokens per held-out window", min=8),
         "batch_size": Field(int, 8, "windows per forward batch (also lm-eval's batch size)", min=1),
         "tasks": Field(list, [], "lm-eval tasks, zero-shot, dense and compressed (bundled: subfit_kjv_cloze, "
@@ -188,6 +195,8 @@ def coerce(key: str, value: Any, field: Field) -> Any:
             raise ConfigError(f"{key}: {value!r}; every entry must be at least 1")
     if field.choices is not None and value not in field.choices:
         raise ConfigError(f"{key}: {value!r} is not allowed; {did_you_mean(value, field.choices)}")
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
     if field.min is not None and value < field.min:
         raise ConfigError(f"{key}: {value!r} is below the minimum {field.min}")
     if field.max is not None and value > field.max:

@@ -46,6 +46,17 @@ def cut(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     return ids[: n * seq_len].view(n, seq_len)
 
 
+def heldout_windows(corpus: CorpusText, tokenizer, windows: int, seq_len: int) -> torch.Tensor:
+    """The first ``windows`` windows of ``corpus``'s held-out text: fixed and seed-independent, so
+    every run is measured on the same reference."""
+    held = cut(tokenize(tokenizer, corpus.heldout, windows * seq_len), seq_len)
+    if held.shape[0] < windows:
+        raise SubFitError(
+            f"eval.windows: the held-out part of {corpus.name} gives {held.shape[0]} windows of "
+            f"{seq_len} tokens; {windows} requested")
+    return held[:windows]
+
+
 def make_windows(corpus: CorpusText, tokenizer, *, calib_samples: int, scoring_samples: int, seq_len: int,
                  heldout: CorpusText, eval_windows: int, eval_seq_len: int, seed: int,
                  validation_samples: int = 0) -> Windows:
@@ -57,15 +68,10 @@ def make_windows(corpus: CorpusText, tokenizer, *, calib_samples: int, scoring_s
             f"calib.samples: {corpus.name} gives {train.shape[0]} windows of {seq_len} tokens; "
             f"calib.samples + scoring.samples{extra} is more than that")
     order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
-    held = cut(tokenize(tokenizer, heldout.heldout, eval_windows * eval_seq_len), eval_seq_len)
-    if held.shape[0] < eval_windows:
-        raise SubFitError(
-            f"eval.windows: the held-out part of {heldout.name} gives {held.shape[0]} windows of "
-            f"{eval_seq_len} tokens; {eval_windows} requested")
     return Windows(
         calib=train[order[:calib_samples]],
         scoring=train[order[calib_samples:need]],
-        heldout=held[:eval_windows],  # fixed, seed-independent: the same reference for every run
+        heldout=heldout_windows(heldout, tokenizer, eval_windows, eval_seq_len),
         source=corpus.source,
         heldout_source=heldout.source,
         # carved after calib and scoring from the same permutation: those two stay exactly as they

@@ -55,6 +55,13 @@ def subfit_datasets() -> dict:
 
 
 @hookspec
+def subfit_eval_domains() -> list:
+    """Names of registered text sources (offline ones) on whose held-out text every run also reports
+    perplexity unless the recipe sets ``eval.domains``: the calibration domain and those the run did
+    not calibrate on, so a fit that only works on its own corpus shows."""
+
+
+@hookspec
 def subfit_models() -> dict:
     """Short model names: callables ``(device, dtype) -> (model, tokenizer, source)``."""
 

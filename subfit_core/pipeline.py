@@ -8,8 +8,9 @@ reference and the dense calibration statistics), so comparisons and sweeps pay f
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,15 +20,16 @@ from .artifact import check_output_dir, save_compressed
 from .budget import Budget
 from .cache import cache_root, max_cache_bytes, stats_key
 from .bypass import Bypass
-from .corpus import CorpusText, Windows, make_windows
+from .corpus import CorpusText, Windows, heldout_windows, make_windows
 from .deploy import BenchSettings, benchmark, ratios
-from .errors import ConfigError, SubFitError
+from .errors import ConfigError, SubFitError, did_you_mean
 from .evaluate import check_tasks, compare_tasks, run_tasks
 from .factorize import FactorizeResult, factorize_rest, total_sparsity
 from .interfaces import Fitted, Plan, Submodule
 from .metrics import forward_seconds, perplexity
 from .models import find_adapter, load_model, resolve_device
 from .plugins import Plugins, build_component, get_plugins
+from .sampling import sample_windows, start_token
 from .surgery import records, split_bypass_params
 from .trace import Workbench
 
@@ -56,8 +58,12 @@ class Session:
     dense_ppl: float
     dense_forward_s: float
     bench: Workbench
+    # held-out windows and dense perplexity per text domain (eval.domains), the main one included
+    domains: dict[str, torch.Tensor] = field(default_factory=dict)
+    dense_domain_ppl: dict[str, float] = field(default_factory=dict)
     stats_s: float = 0.0
     stats_cached: bool = False
+    sampling_s: float = 0.0  # calibration windows sampled from the dense model (calib.generated)
     # dense downstream scores and deployment measurements, computed once on first request (eval.tasks, eval.speed)
     dense_tasks: dict | None = None
     dense_speed: dict | None = None
@@ -114,6 +120,44 @@ def load_text(plugins: Plugins, name: str) -> CorpusText:
     raise AssertionError("unreachable")
 
 
+def domain_names(plugins: Plugins, cfg: dict) -> list[str]:
+    """The text domains a run reports held-out perplexity on; an unknown name fails before any work."""
+    names = cfg["eval"]["domains"] if cfg["eval"]["domains"] is not None else plugins.default_domains()
+    for name in names:
+        if name not in plugins.dataset and not Path(name).suffix:
+            raise ConfigError(f"eval.domains: unknown text source '{name}'; {did_you_mean(name, plugins.dataset.names())}")
+    return list(dict.fromkeys(names))
+
+
+def main_domain(cfg: dict) -> str:
+    """The text the headline held-out perplexity is measured on."""
+    return cfg["eval"]["dataset"] or cfg["calib"]["dataset"]
+
+
+def domain_perplexities(model, session: Session, cfg: dict, main_ppl: float, desc: str) -> dict[str, float]:
+    """Held-out perplexity on every domain; the main domain's is ``main_ppl`` (already measured)."""
+    main = main_domain(cfg)
+    return {name: main_ppl if name == main else
+            perplexity(model, ids, cfg["eval"]["batch_size"], session.device, f"{desc} ({name})")
+            for name, ids in session.domains.items()}
+
+
+def mix_generated(windows: Windows, cfg: dict, model, tokenizer, device: torch.device) -> None:
+    """Replace the share ``calib.generated`` of the calibration and scoring windows (the last ones of
+    each) with windows sampled from the dense model."""
+    share = cfg["calib"]["generated"]
+    n_calib, n_scoring = round(share * windows.calib.shape[0]), round(share * windows.scoring.shape[0])
+    if n_calib + n_scoring == 0:
+        return
+    cache = cache_root() / "samples" if cfg["cache_stats"] else None
+    start = start_token(tokenizer, fallback=windows.calib[0, 0])
+    ids = sample_windows(model, start, n_calib + n_scoring, cfg["calib"]["seq_len"], cfg["seed"],
+                         cfg["calib"]["batch_size"] * 4, device, cache)
+    windows.calib = torch.cat([windows.calib[:windows.calib.shape[0] - n_calib], ids[:n_calib]])
+    windows.scoring = torch.cat([windows.scoring[:windows.scoring.shape[0] - n_scoring], ids[n_calib:]])
+    windows.source += f" + {n_calib + n_scoring} windows sampled from the dense model"
+
+
 def open_session(cfg: dict, validation_windows: int = 0) -> Session:
     """Load the model and data, measure the dense model, and stream the dense statistics.
     ``validation_windows``: also carve that many validation windows (sweeps choose on these)."""
@@ -123,6 +167,7 @@ def open_session(cfg: dict, validation_windows: int = 0) -> Session:
     dtype = getattr(torch, cfg["dtype"])
     calib_text = load_text(plugins, cfg["calib"]["dataset"])  # before the model: bad data fails fast
     eval_text = load_text(plugins, cfg["eval"]["dataset"]) if cfg["eval"]["dataset"] else calib_text
+    names = domain_names(plugins, cfg)
     model, tokenizer, source = load_model(plugins, cfg["model"], device, dtype, cfg["trust_remote_code"])
     model.eval()
     adapter = find_adapter(plugins, model)
@@ -130,6 +175,13 @@ def open_session(cfg: dict, validation_windows: int = 0) -> Session:
         calib_text, tokenizer, calib_samples=cfg["calib"]["samples"], scoring_samples=cfg["scoring"]["samples"],
         seq_len=cfg["calib"]["seq_len"], heldout=eval_text, eval_windows=cfg["eval"]["windows"],
         eval_seq_len=cfg["eval"]["seq_len"], seed=cfg["seed"], validation_samples=validation_windows)
+    t0 = time.perf_counter()
+    mix_generated(windows, cfg, model, tokenizer, device)
+    sampling_s = time.perf_counter() - t0
+    main = main_domain(cfg)
+    domains = {name: windows.heldout if name == main else
+               heldout_windows(load_text(plugins, name), tokenizer, cfg["eval"]["windows"], cfg["eval"]["seq_len"])
+               for name in names}
     dense_ppl = perplexity(model, windows.heldout, cfg["eval"]["batch_size"], device, "dense perplexity")
     dense_forward_s = forward_seconds(model, windows.calib, cfg["calib"]["batch_size"], device)
     bench = Workbench(model, adapter, windows, cfg["calib"]["batch_size"], device, cfg["scoring"]["stride"])
@@ -140,8 +192,10 @@ def open_session(cfg: dict, validation_windows: int = 0) -> Session:
         max_cache_bytes()  # a bad SUBFIT_CACHE_MAX_GB fails now, not after the pass
     t0 = time.perf_counter()
     cached = bench.collect(cache)
-    return Session(cfg, model, tokenizer, source, adapter, windows, device, dtype, dense_ppl, dense_forward_s,
-                   bench, stats_s=time.perf_counter() - t0, stats_cached=cached)
+    session = Session(cfg, model, tokenizer, source, adapter, windows, device, dtype, dense_ppl, dense_forward_s,
+                      bench, domains, stats_s=time.perf_counter() - t0, stats_cached=cached, sampling_s=sampling_s)
+    session.dense_domain_ppl = domain_perplexities(model, session, cfg, dense_ppl, "dense perplexity")
+    return session
 
 
 def evaluate_dense(session: Session, cfg: dict) -> None:
@@ -202,17 +256,31 @@ def compress(session: Session, cfg: dict, before_eval: Callable[[], None] | None
     factored = factorize_rest(bench, fz, budget, fitted.bypasses) if fz is not None else None
     # A selector that replayed scores computed by an earlier run of this session says how long they
     # took; they count here, so the time is what a standalone run would take.
-    compression_s = session.stats_s + time.perf_counter() - t0 + plan.notes.get("scores_reused", {}).get("seconds", 0.0)
+    compression_s = session.sampling_s + session.stats_s + time.perf_counter() - t0 + plan.notes.get("scores_reused", {}).get("seconds", 0.0)
 
     if before_eval is not None:
         before_eval()
     ppl = perplexity(session.model, session.windows.heldout, cfg["eval"]["batch_size"], device, "compressed perplexity")
     results = report(session, cfg, budget, plan, fitted.bypasses, ppl, compression_s, t_select,
                      bench.evaluations - evaluations_before, factored)
+    results["perplexity"].update(cross_domain(session, cfg, ppl))
     results["edited"] = [s.name for s in sorted(edits)]
     results["notes"].update(fitted.notes)
     evaluate_compressed(session, cfg, results)
     return Outcome(fitted.bypasses, plan, results, factored)
+
+
+def cross_domain(session: Session, cfg: dict, ppl: float) -> dict:
+    """Per-domain held-out perplexity of the session's (compressed) model against the dense one, and the
+    geometric mean of the ratios over the domains the run did not calibrate on."""
+    compressed = domain_perplexities(session.model, session, cfg, ppl, "compressed perplexity")
+    calib = cfg["calib"]["dataset"]
+    domains = {name: {"dense": session.dense_domain_ppl[name], "compressed": value,
+                      "ratio": value / session.dense_domain_ppl[name], "calibrated": name == calib}
+               for name, value in compressed.items()}
+    unseen = [d["ratio"] for d in domains.values() if not d["calibrated"]]
+    return {"domains": domains,
+            "out_of_domain_ratio": math.exp(sum(map(math.log, unseen)) / len(unseen)) if unseen else None}
 
 
 def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: dict, ppl: float,
@@ -243,7 +311,7 @@ def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: di
         "replaced": [{"layer": r.sub.layer, "type": r.sub.kind, "bypass": specs[r.sub]["kind"],
                       "rank": specs[r.sub].get("rank", specs[r.sub].get("dim")), "score": r.score}
                      for r in plan.replacements],
-        "timings": {"compression_s": compression_s, "statistics_s": session.stats_s,
+        "timings": {"compression_s": compression_s, "statistics_s": session.stats_s, "sampling_s": session.sampling_s,
                     "statistics_from_cache": session.stats_cached, "selection_s": select_s,
                     "dense_calibration_forward_s": session.dense_forward_s,
                     "compression_over_dense_forward": compression_s / session.dense_forward_s,

@@ -43,6 +43,7 @@ class Plugins:
         self.info: dict[str, PluginInfo] = {}
         self.recipe_dirs: list[tuple[Path, str]] = []  # (folder, origin)
         self.eval_task_dirs: list[tuple[Path, str]] = []  # (folder of lm-eval task YAMLs, origin)
+        self.eval_domains: list[tuple[str, str]] = []  # (text source name, origin)
         self._collect()
 
     def __getattr__(self, kind: str) -> Registry:
@@ -65,11 +66,17 @@ class Plugins:
                 for comp_name, target in (impl.function() or {}).items():
                     self.registries[kind].add(comp_name, target, origin)
                     info.registers.setdefault(kind, []).append(comp_name)
-        for hook_name, folders in (("subfit_recipe_dirs", self.recipe_dirs), ("subfit_eval_task_dirs", self.eval_task_dirs)):
+        for hook_name, items, as_item in (("subfit_recipe_dirs", self.recipe_dirs, Path),
+                                          ("subfit_eval_task_dirs", self.eval_task_dirs, Path),
+                                          ("subfit_eval_domains", self.eval_domains, str)):
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 info = self.info[impl.plugin_name]
                 origin = f"plugin '{impl.plugin_name}' ({info.distribution} {info.version})"
-                folders.extend((Path(d), origin) for d in impl.function() or [])
+                items.extend((as_item(d), origin) for d in impl.function() or [])
+
+    def default_domains(self) -> list[str]:
+        """The text sources the plugins name for cross-domain perplexity, each once, in order."""
+        return list(dict.fromkeys(name for name, _ in self.eval_domains))
 
 
 class PluginManager(pluggy.PluginManager):

@@ -1,0 +1,65 @@
+"""Calibration text sampled from the dense model itself.
+
+A user's calibration corpus covers one domain; a bypass fitted and a selection judged on it alone
+learn that domain (measured in docs/guide.md, "Generalisation"). Windows sampled from the dense
+model at temperature 1 follow the model's own distribution, which spans what it was trained on, so
+mixing them into the calibration and scoring sets keeps fits and choices honest on other text.
+Sampling is seeded and cached next to the statistics, keyed by the model's weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .cache import weights_fingerprint
+from .progress import progress
+
+SAMPLES_VERSION = 1
+
+
+def start_token(tokenizer, fallback: int) -> int:
+    """The token a document starts with: the tokenizer's BOS, else its EOS (a document separator), else
+    ``fallback`` (a token of the calibration text) for a tokenizer that has neither."""
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return int(fallback)
+
+
+def samples_key(model: torch.nn.Module, start: int, count: int, seq_len: int, seed: int) -> str:
+    h = hashlib.sha256(json.dumps([SAMPLES_VERSION, model.config.to_dict(), weights_fingerprint(model),
+                                   start, count, seq_len, seed], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
+
+
+@torch.inference_mode()
+def sample_windows(model: torch.nn.Module, start: int, count: int, seq_len: int, seed: int, batch_size: int,
+                   device: torch.device, cache: Path | None = None) -> torch.Tensor:
+    """``count`` windows of ``seq_len`` tokens: ``start``, then pure samples (temperature 1, no top-k /
+    top-p truncation) from ``model``. Read from ``cache`` (a folder) when there."""
+    path = cache / f"{samples_key(model, start, count, seq_len, seed)}.safetensors" if cache is not None else None
+    if path is not None and path.exists():
+        ids = load_file(path).get("ids")
+        if ids is not None and tuple(ids.shape) == (count, seq_len):
+            return ids
+    out = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for n in progress([min(batch_size, count - i) for i in range(0, count, batch_size)], desc="sampling calibration text"):
+            prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
+            ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0,
+                                 top_k=0, top_p=1.0, min_new_tokens=seq_len - 1, max_new_tokens=seq_len - 1,
+                                 pad_token_id=start, eos_token_id=None)
+            out.append(ids[:, :seq_len].cpu())
+    ids = torch.cat(out)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({"ids": ids.contiguous()}, str(tmp))
+        tmp.replace(path)
+    return ids
