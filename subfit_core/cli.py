@@ -99,6 +99,9 @@ def print_plugins() -> None:
     for name, config in local_tasks(plugins).items():
         print(f"  {name:<28} {config.get('output_type', '')}")
     print(f"  {'(with dataset hub access)':<28} {', '.join(STANDARD_TASKS)}, or any lm-eval task")
+    print("eval domains (eval.domains, default)")
+    for name, origin in plugins.eval_domains:
+        print(f"  {name:<28} {origin}")
 
 
 @command("subfit-run", "interrupted; nothing was written")

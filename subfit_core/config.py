@@ -72,8 +72,8 @@ SCHEMA: dict[str, Any] = {
                          nullable=True, items=str),
         "seq_len": Field(int, 256, "tokens per held-out window", min=8),
         "batch_size": Field(int, 8, "windows per forward batch (also lm-eval's batch size)", min=1),
-        "tasks": Field(list, [], "lm-eval tasks, zero-shot, dense and compressed (bundled: subfit_kjv_cloze, "
-                                 "subfit_shakespeare_nextline, subfit_heldout_ppl; online: arc_easy, hellaswag, ...)",
+        "tasks": Field(list, [], "lm-eval tasks, zero-shot, dense and compressed (the plugins' bundled task "
+                                 "folders, listed by subfit-plugins; online: arc_easy, hellaswag, ...)",
                        items=str),
         "limit": Field(int, None, "at most this many items per lm-eval task (null: all)", min=1, nullable=True),
         "speed": Field(bool, False, "measure deployment speed, memory and KV cache, dense and compressed (see bench.*)"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 
@@ -55,6 +56,14 @@ def test_compare_shares_one_dense_pass_and_reports_failures(local_model_and_text
     assert len(table) == 8 and table[0]["strategy"] == "subfit"
     assert json.loads((out / "results.json").read_text())["sparsities"] == [0.17, 0.34]
     assert (out / "ppl_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
+    # the bundled domains (none calibrated on here): a column each, their geometric mean, and its plot
+    head = (out / "table.md").read_text().splitlines()[0]
+    assert "| kjv ppl ratio | shakespeare ppl ratio | pydocs ppl ratio | jargon ppl ratio | out-of-domain ppl ratio |" in head
+    ok = [r for r in rows if r["status"] == "ok"]
+    for r in ok:
+        assert set(r["domains"]) == {"kjv", "shakespeare", "pydocs", "jargon"}
+        assert r["ood_ppl_ratio"] == pytest.approx(math.prod(r["domains"].values()) ** 0.25)
+    assert (out / "ood_ppl_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_shared_override_invalid_for_one_strategy_fails_before_any_work(local_model_and_text):

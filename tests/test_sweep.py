@@ -29,7 +29,7 @@ def tiny(tmp_path_factory):
     recipe = {
         "name": "tiny-sweep", "model": str(folder / "model"), "sparsity": 0.34, "cache_stats": False,
         "calib": {"dataset": str(folder / "text.txt"), "samples": 6, "seq_len": 16, "batch_size": 8},
-        "scoring": {"samples": 2}, "eval": {"windows": 3, "seq_len": 16},
+        "scoring": {"samples": 2}, "eval": {"windows": 3, "seq_len": 16, "domains": []},  # word-level toy text only
         "scorer": {"name": "output"}, "selector": {"name": "greedy", "rescore": False},
         "fitter": {"name": "per-type", "attn": {"name": "low-rank", "rank": 8}, "ffn": {"name": "low-rank", "rank": 8}},
         "sweep": {"validation_windows": 4, "prune_steps": 2, "seed": 0, "heartbeat_s": 1,
