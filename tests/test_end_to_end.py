@@ -74,10 +74,16 @@ def test_cli_run_writes_model_recipe_and_results(tmp_path):
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "perplexity dense -> compressed" in done.stdout
+    assert "on kjv (calibration domain)" in done.stdout and "domains not calibrated on" in done.stdout
     assert {"config.json", "model.safetensors", "recipe.yaml", "results.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     results = json.loads((out / "results.json").read_text())
     for key in ("perplexity", "sparsity", "decoder_params", "kv_cache_bytes_per_token", "replaced", "timings"):
         assert key in results
     assert results["timings"]["compression_s"] > 0 and results["timings"]["dense_calibration_forward_s"] > 0
+    domains = results["perplexity"]["domains"]
+    assert list(domains) == ["kjv", "shakespeare", "pydocs", "jargon"]
+    assert [d["calibrated"] for d in domains.values()] == [True, False, False, False]
+    assert results["perplexity"]["out_of_domain_ratio"] > 0
+    assert "sampled from the dense model" in results["data"]["source"]  # the recipe's calib.generated
     again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr

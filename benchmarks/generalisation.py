@@ -1,0 +1,150 @@
+"""Cross-domain generalisation: strategies and recipe variants, each measured on held-out text of
+the calibration domain and of every bundled domain the run did not calibrate on.
+
+    python benchmarks/generalisation.py                          # the ablation set at 25%
+    python benchmarks/generalisation.py --set baselines --sparsities 0.125 0.25 0.375
+    python benchmarks/generalisation.py --set lowrank            # kept 0.8 and 0.6
+    python benchmarks/generalisation.py --only "sleb, KJV calibration" -- eval.windows=16
+
+Variants that share a session (model, data, evaluation settings) run from one dense pass. Prints a
+markdown table and writes benchmarks/results/generalisation[-SET].{json,md} after every row (a
+partial run keeps its rows; rerunning skips rows already there unless --fresh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from subfit_core.cli import resolve_recipe  # noqa: E402
+from subfit_core.pipeline import SESSION_KEYS, compress, open_session  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+KJV = "calib.generated=0"  # the user's corpus alone (the previous default)
+SETS: dict[str, list[tuple[str, list[str]]]] = {
+    # what overfits, at one level: the calibration mix, the fit's ridge and ranks, anchoring, no bypass
+    "ablation": [
+        ("subfit, KJV calibration (previous default)", ["strategy=subfit", KJV]),
+        ("subfit, ridge 0.1, KJV calibration", ["strategy=subfit", KJV, "fitter.attn.ridge=0.1", "fitter.ffn.ridge=0.1"]),
+        ("subfit, ranks 16 / 64, KJV calibration", ["strategy=subfit", KJV, "fitter.attn.rank=16", "fitter.ffn.rank=64"]),
+        ("subfit, anchored, KJV calibration", ["strategy=subfit", KJV, "anchored=true"]),
+        ("subfit-delete (no bypass), KJV calibration", ["strategy=subfit-delete", KJV]),
+        ("subfit, 50% self-sampled (default)", ["strategy=subfit"]),
+        ("subfit, 100% self-sampled", ["strategy=subfit", "calib.generated=1.0"]),
+        ("subfit, 50% self-sampled, anchored", ["strategy=subfit", "anchored=true"]),
+    ],
+    # the targets: SubFit's default against whole-layer deletion, both calibrations for the baselines
+    "baselines": [
+        ("subfit (default: 50% self-sampled)", ["strategy=subfit"]),
+        ("shortgpt, same calibration", ["strategy=shortgpt", "calib.generated=0.5"]),
+        ("sleb, same calibration", ["strategy=sleb", "calib.generated=0.5"]),
+    ],
+    # the baselines as their papers run them: the user's corpus alone
+    "baselines-kjv": [
+        ("subfit, KJV calibration", ["strategy=subfit", KJV]),
+        ("shortgpt, KJV calibration", ["strategy=shortgpt", KJV]),
+        ("sleb, KJV calibration", ["strategy=sleb", KJV]),
+    ],
+    # the low-rank stage: every calibration-fitted piece (whitening, anchoring, refinement)
+    "lowrank": [
+        (f"{name} kept {kept}{label}", [f"strategy={strategy}", f"factorize.kept_ratio={kept}", *extra, calib])
+        for kept in (0.8, 0.6)
+        for calib, label in ((KJV, ", KJV calibration"), ("calib.generated=0.5", ", 50% self-sampled"))
+        for name, strategy, extra in (("svd-llm", "svd-llm", []),
+                                      ("aa-svd", "aa-svd", ["factorize.refine_steps=0"]),
+                                      ("aa-svd + refine", "aa-svd", ["factorize.refine_steps=32"]),
+                                      ("subfit + aa-svd", "subfit-svd", []))
+    ],
+}
+
+
+def row_of(label: str, sparsity: float, res: dict, seconds: float) -> dict:
+    ppl = res["perplexity"]
+    attn = sum(1 for r in res["replaced"] if r["type"] == "attn")
+    return {
+        "variant": label, "sparsity": sparsity, "calibration": res["data"]["source"],
+        "achieved_layers": res["sparsity"]["achieved_layers"], "achieved_params": res["sparsity"]["achieved_params"],
+        "removed": f"{attn} attn + {len(res['replaced']) - attn} ffn",
+        "in_domain_ratio": ppl["ratio"], "out_of_domain_ratio": ppl["out_of_domain_ratio"],
+        "domains": {name: d["ratio"] for name, d in ppl["domains"].items()},
+        "calibrated": [name for name, d in ppl["domains"].items() if d["calibrated"]],
+        "retained_accuracy": res.get("downstream", {}).get("retained_accuracy"),
+        "tasks": {name: t.get("retained") for name, t in res.get("downstream", {}).get("tasks", {}).items()},
+        "accuracy": {name: [t["dense"].get("acc"), t["compressed"].get("acc")]  # dense, compressed
+                     for name, t in res.get("downstream", {}).get("tasks", {}).items()},
+        "seconds": seconds,
+    }
+
+
+def markdown(rows: list[dict], meta: str) -> str:
+    domains = list(dict.fromkeys(name for r in rows for name in r["domains"]))
+    acc = any(r.get("retained_accuracy") is not None for r in rows)
+    head = ["variant", "sparsity", "achieved (layers)", "removed", *domains, "out-of-domain (geo-mean)",
+            *(["accuracy kept"] if acc else [])]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["variant"], f"{r['sparsity']:.3f}", f"{r['achieved_layers']:.4f}", r["removed"]]
+        for name in domains:
+            v = r["domains"].get(name)
+            cells.append("" if v is None else f"{v:.2f}x" + (" (calib)" if name in r["calibrated"] else ""))
+        ood = r["out_of_domain_ratio"]
+        cells.append("" if ood is None else f"**{ood:.2f}x**")
+        if acc:
+            cells.append("" if r.get("retained_accuracy") is None else f"{r['retained_accuracy']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + meta + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", default="ablation", choices=sorted(SETS))
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.25])
+    parser.add_argument("--only", nargs="+", help="run just these variants")
+    parser.add_argument("--fresh", action="store_true", help="ignore rows already in the results file")
+    parser.add_argument("overrides", nargs="*", help="key=value applied to every variant (after --)")
+    args = parser.parse_args()
+    out = ROOT / "benchmarks" / "results" / f"generalisation-{args.set}"
+    done = [] if args.fresh or not out.with_suffix(".json").exists() else json.loads(out.with_suffix(".json").read_text())["rows"]
+    rows = list(done)
+    work = []
+    for sparsity in args.sparsities:
+        for label, extra in SETS[args.set]:
+            if (args.only and label not in args.only) or any(r["variant"] == label and r["sparsity"] == sparsity for r in done):
+                continue
+            work.append((label, sparsity, resolve_recipe([*extra, *args.overrides, f"sparsity={sparsity}", "save=false"])))
+    # runs that share model, data and evaluation settings share one dense session: group them
+    work.sort(key=lambda w: json.dumps([w[2][k] for k in SESSION_KEYS], sort_keys=True, default=str))
+    session = None
+    for label, sparsity, cfg in work:
+        if session is None or not session.compatible(cfg):
+            session = open_session(cfg)
+        t0 = time.perf_counter()
+        res = compress(session, cfg).results
+        session.bench.restore()
+        row = row_of(label, sparsity, res, time.perf_counter() - t0)
+        rows = [r for r in rows if not (r["variant"] == label and r["sparsity"] == sparsity)] + [row]
+        order = {label: i for i, (label, _) in enumerate(SETS[args.set])}
+        rows.sort(key=lambda r: (r["sparsity"], order.get(r["variant"], len(order))))
+        meta = (f"Model {cfg['model']}; perplexity ratio (compressed / dense) on {cfg['eval']['windows']} x "
+                f"{cfg['eval']['seq_len']} held-out tokens per domain; '(calib)' marks the calibration domain; "
+                f"out-of-domain = geometric mean over the others. torch {torch.__version__}, {platform.machine()}.")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        out.with_suffix(".md").write_text(markdown(rows, meta))
+        print(markdown([row], ""), flush=True)
+    print(markdown(rows, ""))
+
+
+if __name__ == "__main__":
+    main()
