@@ -50,6 +50,11 @@ SETS: dict[str, list[tuple[str, list[str]]]] = {
         ("shortgpt, same calibration", ["strategy=shortgpt", "calib.generated=0.5"]),
         ("sleb, same calibration", ["strategy=sleb", "calib.generated=0.5"]),
     ],
+    # whole layers cannot hit a level exactly: the layer count just below it, to bracket SubFit
+    "bracket": [
+        ("shortgpt, same calibration", ["strategy=shortgpt", "calib.generated=0.5"]),
+        ("sleb, same calibration", ["strategy=sleb", "calib.generated=0.5"]),
+    ],
     # the baselines as their papers run them: the user's corpus alone
     "baselines-kjv": [
         ("subfit, KJV calibration", ["strategy=subfit", KJV]),
