@@ -2,6 +2,7 @@
 
     python benchmarks/generalisation_ablation.py refit     # one selection, its bypasses refitted or emptied
     python benchmarks/generalisation_ablation.py split     # sampled text in the fits only, or in the scoring only
+    python benchmarks/generalisation_ablation.py refit calib.samples=8 eval.windows=2   # key=value overrides
 
 ``refit``: the recipe with KJV calibration only chooses its submodules once; then, in the same process,
 the same submodules get other bypasses (stronger ridge, smaller ranks, FFN basis from inputs, no
@@ -92,4 +93,5 @@ def split() -> None:
 
 
 if __name__ == "__main__":
+    BASE += sys.argv[2:]
     {"refit": refit, "split": split}[sys.argv[1] if len(sys.argv) > 1 else "refit"]()
