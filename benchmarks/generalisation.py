@@ -55,6 +55,10 @@ SETS: dict[str, list[tuple[str, list[str]]]] = {
         ("shortgpt, same calibration", ["strategy=shortgpt", "calib.generated=0.5"]),
         ("sleb, same calibration", ["strategy=sleb", "calib.generated=0.5"]),
     ],
+    # more calibration and scoring text (both still half sampled): does size matter once the mix is right?
+    "size": [
+        ("subfit, calib 128 + scoring 8 windows", ["strategy=subfit", "calib.samples=128", "scoring.samples=8"]),
+    ],
     # the baselines as their papers run them: the user's corpus alone
     "baselines-kjv": [
         ("subfit, KJV calibration", ["strategy=subfit", KJV]),

@@ -8,7 +8,6 @@ reference and the dense calibration statistics), so comparisons and sweeps pay f
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from .bypass import Bypass
 from .corpus import CorpusText, Windows, heldout_windows, make_windows
 from .deploy import BenchSettings, benchmark, ratios
 from .errors import ConfigError, SubFitError, did_you_mean
-from .evaluate import check_tasks, compare_tasks, run_tasks
+from .evaluate import check_tasks, compare_tasks, geometric_mean, run_tasks
 from .factorize import FactorizeResult, factorize_rest, total_sparsity
 from .interfaces import Fitted, Plan, Submodule
 from .metrics import forward_seconds, perplexity
@@ -278,9 +277,8 @@ def cross_domain(session: Session, cfg: dict, ppl: float) -> dict:
     domains = {name: {"dense": session.dense_domain_ppl[name], "compressed": value,
                       "ratio": value / session.dense_domain_ppl[name], "calibrated": name == calib}
                for name, value in compressed.items()}
-    unseen = [d["ratio"] for d in domains.values() if not d["calibrated"]]
     return {"domains": domains,
-            "out_of_domain_ratio": math.exp(sum(map(math.log, unseen)) / len(unseen)) if unseen else None}
+            "out_of_domain_ratio": geometric_mean([d["ratio"] for d in domains.values() if not d["calibrated"]])}
 
 
 def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: dict, ppl: float,
