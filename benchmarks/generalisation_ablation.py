@@ -26,7 +26,6 @@ from subfit_core.cache import cache_root, stats_key  # noqa: E402
 from subfit_core.cli import resolve_recipe  # noqa: E402
 from subfit_core.corpus import make_windows  # noqa: E402
 from subfit_core.metrics import perplexity  # noqa: E402
-from subfit_core.models import load_model  # noqa: E402
 from subfit_core.pipeline import compress, load_text, mix_generated, open_session  # noqa: E402
 from subfit_core.plugins import build_component, get_plugins  # noqa: E402
 
@@ -67,15 +66,14 @@ def refit() -> None:
         show(f"same submodules, {label}", session)
 
 
-def scoring_windows(share: float) -> torch.Tensor:
-    """The scoring windows a session with ``calib.generated=share`` would use."""
+def scoring_windows(session, share: float) -> torch.Tensor:
+    """The scoring windows a session with ``calib.generated=share`` would use (same model, same text)."""
     cfg = resolve_recipe([*BASE, f"calib.generated={share}"])
-    model, tokenizer, _ = load_model(get_plugins(), cfg["model"], torch.device("cpu"), torch.float32, False)
     text = load_text(get_plugins(), cfg["calib"]["dataset"])
-    windows = make_windows(text, tokenizer, calib_samples=cfg["calib"]["samples"], scoring_samples=cfg["scoring"]["samples"],
-                           seq_len=cfg["calib"]["seq_len"], heldout=text, eval_windows=1, eval_seq_len=cfg["eval"]["seq_len"],
-                           seed=cfg["seed"])
-    mix_generated(windows, cfg, model, tokenizer, torch.device("cpu"))
+    windows = make_windows(text, session.tokenizer, calib_samples=cfg["calib"]["samples"],
+                           scoring_samples=cfg["scoring"]["samples"], seq_len=cfg["calib"]["seq_len"], heldout=text,
+                           eval_windows=1, eval_seq_len=cfg["eval"]["seq_len"], seed=cfg["seed"])
+    mix_generated(windows, cfg, session.model, session.tokenizer, session.device)
     return windows.scoring
 
 
@@ -84,7 +82,7 @@ def split() -> None:
                                  ("fits on KJV, half-sampled scoring", 0.0, 0.5)):
         cfg = resolve_recipe([*BASE, f"calib.generated={fits}"])
         session = open_session(cfg)
-        session.windows.scoring = scoring_windows(scoring)
+        session.windows.scoring = scoring_windows(session, scoring)
         # the scoring windows' boundary states again (the statistics come back from the cache)
         key = stats_key(cfg["model"], session.model, cfg["dtype"], session.windows.calib)
         session.bench.collect(cache_root() / "stats" / f"{key}.safetensors")
