@@ -148,7 +148,10 @@ task: {task}
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {task}.jsonl        # relative to this file; SubFit resolves it (lm_eval CLI: run from this folder)
+    test: {task}.jsonl        # relative to this file
+# lm_eval CLI: reads the data next to this file from any working directory (SubFit itself does not
+# run this function; it resolves data_files)
+custom_dataset: !function subfit_data.load
 test_split: test
 """
 

@@ -18,6 +18,10 @@ from .interfaces import Submodule
 class Adapter:
     name = "adapter"
     architectures: tuple[str, ...] = ()
+    # A module that imports torch only and defines submodule(model, layer, kind) -> nn.Module,
+    # install(model, layer, kind, bypass) and finalize(model). It is copied into every saved model's
+    # modeling file, so the model loads where SubFit is not installed; the adapter should use it too.
+    layout = None
 
     def __init__(self, model: nn.Module):
         self.model = model

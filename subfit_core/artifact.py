@@ -1,9 +1,16 @@
-"""Saving a compressed model atomically, and loading it back without the original model.
+"""Saving a compressed model atomically, and loading it back.
 
-Layout of ``output_dir``: ``config.json`` (the original config plus a ``subfit`` entry listing
-each replaced submodule and its bypass), ``model.safetensors`` (no weights for removed
-submodules; linears factored by the factorization stage as two matrices ``down``/``up``), the
-tokenizer, ``recipe.yaml`` (the resolved recipe) and ``results.json``.
+Layout of ``output_dir`` (a Hugging Face custom-code model, see ``export``): ``config.json`` (the
+source config under model type ``subfit``, with a ``subfit`` entry listing each replaced
+submodule and its bypass, and each factored linear), ``modeling_subfit.py``, ``model.safetensors``
+(no weights for removed submodules; a tensor shared by several bypasses stored once, under its
+first user in depth order; factored linears as ``down``/``up``), ``generation_config.json`` of the
+source, the tokenizer, a model card ``README.md``, ``recipe.yaml`` (the resolved recipe) and
+``results.json``.
+
+``load_compressed`` executes nothing from the directory: it reads config.json as data, builds the
+base architecture that transformers itself defines and rebuilds the structure with the installed
+plugins' classes.
 """
 
 from __future__ import annotations
@@ -16,16 +23,17 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 
-from .bypass import build_bypasses
+from . import __version__
+from .bypass import Bypass
+from .card import model_card
 from .errors import SubFitError
-from .factorize import set_child
-from .interfaces import Submodule
+from .export import FORMAT, MODEL_TYPE, MODELING_FILE, export_config, modeling_source
 from .lowrank import FactoredLinear
-from .surgery import apply_bypasses
+from .rebuild import rebuild
 
-FORMAT = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
@@ -53,54 +61,111 @@ def atomic_dir(target: Path, write) -> None:
         raise
 
 
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tensor once, under its first name (module order is depth order, so
+    a shared basis lands in its group's first member and tied embeddings under the input embedding)."""
+    seen: set = set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor.contiguous()
+    return out
+
+
 def save_compressed(model, tokenizer, replacements: list[dict], output_dir: Path, recipe: dict, results: dict,
-                    factored: list[dict] | None = None) -> None:
-    """``factored``: one record per linear stored as two low-rank factors (layer, kind, linear path, shape)."""
-    model.config.subfit = {"format": FORMAT, "replacements": replacements, **({"factored": factored} if factored else {})}
+                    factored: list[dict] | None = None, layout=None, kinds: list[type] | None = None) -> None:
+    """``factored``: one record per linear stored as two low-rank factors (layer, kind, linear path, shape).
+    ``layout``: the adapter's portable layout module, ``kinds``: the bypass classes used (default:
+    found on the model)."""
+    from .models import adapter_class
+    from .plugins import get_plugins
+
+    layout = layout or adapter_class(get_plugins(), model).layout
+    kinds = kinds or sorted({type(m) for m in model.modules() if isinstance(m, Bypass)}, key=lambda c: c.kind)
+    info = {"replacements": replacements, **({"factored": factored} if factored else {})}
+    config = export_config(model, info)
+    code = modeling_source(model, layout, kinds, __version__)
 
     def write(tmp: Path) -> None:
-        model.config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / MODELING_FILE).write_text(code)
+        save_file(unique_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(config, results, recipe))
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         (tmp / "results.json").write_text(json.dumps(results, indent=2))
 
     atomic_dir(output_dir, write)
 
 
+def read_config(path: Path) -> dict:
+    """config.json of a saved model, checked to be a SubFit model of the current format."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SubFitError(f"load_compressed: '{path}' holds no config.json") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SubFitError(f"load_compressed: '{path}/config.json' is not JSON ({exc})") from None
+    info = config.get("subfit") if isinstance(config, dict) else None
+    if not isinstance(info, dict):
+        raise SubFitError(f"load_compressed: '{path}/config.json' has no 'subfit' entry (not a SubFit model)")
+    if info.get("format") != FORMAT or config.get("model_type") != MODEL_TYPE:
+        raise SubFitError(f"load_compressed: '{path}' was saved in SubFit format {info.get('format')!r}; this version "
+                          f"reads format {FORMAT} only (compress the model again)")
+    return config
+
+
+def base_config(config: dict, path: Path):
+    """The source model's config object, built by the transformers class its model type names."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    base = config["subfit"].get("base") or {}
+    model_type = base.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise SubFitError(f"load_compressed: '{path}/config.json': subfit.base.model_type {model_type!r} is not a "
+                          "model type of this transformers")
+    skip = {"subfit", "auto_map", "architectures", "model_type"}
+    return CONFIG_MAPPING[model_type].from_dict({k: v for k, v in config.items() if k not in skip})
+
+
 def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                     plugins=None):
     """Rebuild a SubFit model from ``path``: returns (model, tokenizer). ``plugins`` (default: the
     installed ones) supply the model adapter and the classes of the saved bypass kinds."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .bypass import bypass_classes
     from .models import find_adapter
     from .plugins import get_plugins
 
     path = Path(path)
     if not (path / "model.safetensors").exists():
         raise SubFitError(f"load_compressed: '{path}' holds no model.safetensors")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    info = getattr(config, "subfit", None)
-    if not info or info.get("format") != FORMAT:
-        raise SubFitError(f"load_compressed: '{path}/config.json' has no SubFit entry of format {FORMAT}")
-    dtype = dtype or getattr(config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    config = read_config(path)
+    info = config["subfit"]
+    saved_dtype = config.get("dtype") or "float32"
+    if dtype is None and saved_dtype not in DTYPES:
+        raise SubFitError(f"load_compressed: '{path}/config.json': dtype {saved_dtype!r}; allowed: {', '.join(DTYPES)}")
+    dtype = dtype or DTYPES[saved_dtype]
+    base = base_config(config, path)
+    model = AutoModelForCausalLM.from_config(base, dtype=dtype)
+    if type(model).__name__ != info["base"].get("architecture"):
+        raise SubFitError(f"load_compressed: '{path}/config.json': subfit.base.architecture "
+                          f"{info['base'].get('architecture')!r} does not match its model type ({type(model).__name__})")
     plugins = plugins or get_plugins()
     adapter = find_adapter(plugins, model)
-    reps = info["replacements"]
     try:
-        bypasses = build_bypasses([r["bypass"] for r in reps], dtype, plugins)
+        classes = bypass_classes([r["bypass"]["kind"] for r in info["replacements"]], plugins)
     except SubFitError as exc:  # a kind from a plugin that is not installed here
         raise SubFitError(f"load_compressed: '{path}': {exc}") from None
-    apply_bypasses(adapter, {Submodule(r["layer"], r["kind"]): b for r, b in zip(reps, bypasses)})
-    for r in info.get("factored", []):  # low-rank linears: empty factors of the recorded shapes
-        empty = FactoredLinear.empty(r["in"], r["out"], r["rank"], r["bias"], dtype)
-        set_child(adapter.module(Submodule(r["layer"], r["kind"])), r["linear"], empty)
+    rebuild(model, info, adapter.layout, classes, FactoredLinear, dtype)
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise SubFitError(f"load_compressed: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    # given the config, the tokenizer does not read config.json (whose code it would ask to run)
+    tokenizer = AutoTokenizer.from_pretrained(path, config=base, local_files_only=True)
     return model.to(device).eval(), tokenizer

@@ -33,30 +33,49 @@ PERPLEXITY = "word_perplexity"  # the perplexity of rolling log-likelihood tasks
 KEPT_METRICS = ("acc", "acc_norm", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
+class FunctionTag(str):
+    """An lm-eval ``!function`` reference, kept as text: SubFit reads task files without running their code."""
+
+
+class TaskLoader(yaml.SafeLoader):
+    pass
+
+
+TaskLoader.add_constructor("!function", lambda loader, node: FunctionTag(loader.construct_scalar(node)))
+
+
 def local_tasks(plugins) -> dict[str, dict]:
     """Task configs from the registered task folders: name -> lm-eval config dict with absolute data paths."""
     found: dict[str, dict] = {}
     origins: dict[str, str] = {}
     for folder, origin in plugins.eval_task_dirs:
         for path in sorted(Path(folder).glob("*.yaml")):
-            config = yaml.safe_load(path.read_text())
+            config = yaml.load(path.read_text(), Loader=TaskLoader)  # noqa: S506 (a SafeLoader)
             if not isinstance(config, dict) or not isinstance(config.get("task"), str):
                 raise SubFitError(f"eval task file {path} ({origin}) has no 'task' name")
             name = config["task"]
             if name in found:
                 raise SubFitError(f"eval task '{name}' is registered twice: in {origins[name]} and in {path} ({origin})")
             found[name], origins[name] = resolve_data_files(config, path.parent), f"{path} ({origin})"
+            code = [k for k, v in found[name].items() if isinstance(v, FunctionTag)]
+            if code:
+                raise SubFitError(f"eval task file {path} ({origin}): {code[0]} is an lm-eval !function; SubFit runs "
+                                  "tasks whose data and prompts are plain data (dataset_kwargs.data_files, templates)")
     return found
 
 
 def resolve_data_files(config: dict, folder: Path) -> dict:
-    """The config with relative ``dataset_kwargs.data_files`` paths made absolute (relative to ``folder``)."""
+    """The config with relative ``dataset_kwargs.data_files`` paths made absolute (relative to
+    ``folder``). A ``custom_dataset`` function, there for the lm_eval CLI to find the same files,
+    is dropped: the absolute paths do its job."""
     config = copy.deepcopy(config)
     files = (config.get("dataset_kwargs") or {}).get("data_files")
     if isinstance(files, dict):
         config["dataset_kwargs"]["data_files"] = {split: str(folder / f) for split, f in files.items()}
     elif isinstance(files, str):
         config["dataset_kwargs"]["data_files"] = str(folder / files)
+    if files and isinstance(config.get("custom_dataset"), FunctionTag):
+        del config["custom_dataset"]
     return config
 
 

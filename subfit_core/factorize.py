@@ -37,6 +37,7 @@ from .errors import NumericalError
 from .interfaces import Submodule
 from .lowrank import FactoredLinear, Factors, allocate_ranks, uniform_rank
 from .progress import progress
+from .rebuild import set_child
 
 STATISTICS = ("none", "dense", "anchored")
 
@@ -96,11 +97,6 @@ class FactorizeResult:
 
 
 # ----------------------------------------------------------------------------- sites
-
-
-def set_child(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def linear_sites(module: nn.Module, sub: Submodule) -> list[tuple[Site, nn.Linear]]:

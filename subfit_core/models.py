@@ -48,10 +48,14 @@ def load_model(plugins: Plugins, spec: str, device: torch.device, dtype: torch.d
 
 
 def find_adapter(plugins: Plugins, model: torch.nn.Module) -> Adapter:
+    return adapter_class(plugins, model)(model)
+
+
+def adapter_class(plugins: Plugins, model: torch.nn.Module) -> type[Adapter]:
     for entry in plugins.adapter.entries():
         cls = entry.load()
         if cls.matches(model):
-            return cls(model)
+            return cls
     supported = sorted({a for e in plugins.adapter.entries() for a in e.load().architectures})
     raise SubFitError(
         f"model: architecture '{type(model).__name__}' is not supported; supported: {', '.join(supported)}. "

@@ -23,6 +23,7 @@ from .corpus import CorpusText, Windows, heldout_windows, make_windows
 from .deploy import BenchSettings, benchmark, ratios
 from .errors import ConfigError, SubFitError, did_you_mean
 from .evaluate import check_tasks, compare_tasks, geometric_mean, run_tasks
+from .export import check_exportable
 from .factorize import FactorizeResult, factorize_rest, total_sparsity
 from .interfaces import Fitted, Plan, Submodule
 from .metrics import forward_seconds, perplexity
@@ -325,11 +326,13 @@ def run(cfg: dict) -> dict:
     check_tasks(cfg["eval"]["tasks"], get_plugins())  # and so do unknown task names
     out_dir = check_output_dir(cfg["output_dir"], cfg["overwrite"]) if cfg["save"] else None
     session = open_session(cfg)
+    if out_dir is not None:  # a model whose artifact standard tools could not load fails before the work
+        check_exportable(session.model, session.adapter.layout)
     outcome = compress(session, cfg)
     results = outcome.results
     results["timings"]["total_s"] = time.perf_counter() - t_start
     if out_dir is not None:
         results["output_dir"] = str(out_dir)
         save_compressed(session.model, session.tokenizer, records(outcome.bypasses), out_dir, cfg, results,
-                        outcome.factored_records())
+                        outcome.factored_records(), layout=session.adapter.layout)
     return results

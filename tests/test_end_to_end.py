@@ -32,9 +32,22 @@ def session():
     return cfg, open_session(cfg)
 
 
-def test_fitted_bypasses_beat_plain_removal_and_reload_exactly(session, tmp_path):
+@pytest.fixture(scope="module")
+def saved(session, tmp_path_factory):
+    """One compression of the session's model, saved: (outcome, logits of two held-out windows, folder)."""
     cfg, sess = session
     outcome = compress(sess, cfg)
+    with torch.no_grad():
+        logits = sess.model(input_ids=sess.windows.heldout[:2]).logits
+    out = tmp_path_factory.mktemp("saved") / "model"
+    save_compressed(sess.model, sess.tokenizer, records(outcome.bypasses), out, cfg, outcome.results,
+                    layout=sess.adapter.layout)
+    return outcome, logits, out
+
+
+def test_fitted_bypasses_beat_plain_removal_and_reload_exactly(session, saved):
+    cfg, sess = session
+    outcome, before, out = saved
     res = outcome.results
     assert res["sparsity"]["achieved_layers"] >= 0.125 - 1e-9
     assert res["perplexity"]["ratio"] < 3.0
@@ -44,10 +57,6 @@ def test_fitted_bypasses_beat_plain_removal_and_reload_exactly(session, tmp_path
     assert res["decoder_params"]["after"] < res["decoder_params"]["before"]
 
     ids = sess.windows.heldout[:2]
-    with torch.no_grad():
-        before = sess.model(input_ids=ids).logits
-    out = tmp_path / "model"
-    save_compressed(sess.model, sess.tokenizer, records(outcome.bypasses), out, cfg, res)
     model, tokenizer = load_compressed(out)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
@@ -63,6 +72,43 @@ def test_fitted_bypasses_beat_plain_removal_and_reload_exactly(session, tmp_path
     removed_ppl = perplexity(sess.model, sess.windows.heldout, 8, sess.device)
     assert res["perplexity"]["compressed"] < removed_ppl
     sess.bench.restore()
+
+
+def test_saved_run_in_transformers_pipeline_generates_like_load_compressed(saved):
+    from transformers import pipeline
+
+    _, _, out = saved
+    model, tokenizer = load_compressed(out)
+    prompt = tokenizer("In the beginning", return_tensors="pt").input_ids
+    ours = tokenizer.decode(model.generate(prompt, max_new_tokens=12, do_sample=False)[0], skip_special_tokens=True)
+    generate = pipeline("text-generation", model=str(out), trust_remote_code=True)
+    theirs = generate("In the beginning", max_new_tokens=12, do_sample=False)[0]["generated_text"]
+    assert theirs == ours and len(theirs) > len("In the beginning")
+    card = (out / "README.md").read_text()
+    assert "domains not calibrated on" in card and "KV cache" in card
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation.get("eos_token_id") is not None
+
+
+def test_lm_eval_cli_on_a_saved_run_equals_the_python_path(saved, tmp_path):
+    from subfit_core.evaluate import run_tasks
+    from subfit_core.plugins import get_plugins
+
+    _, _, out = saved
+    model, tokenizer = load_compressed(out)
+    python = run_tasks(model, tokenizer, ["subfit_kjv_cloze"], 24, 8, get_plugins())["subfit_kjv_cloze"]
+    tasks = Path(__file__).resolve().parents[1] / "plugins" / "eval_tasks"
+    exe = Path(sys.executable).parent / "lm_eval"
+    args = [str(exe), "--model", "hf", "--model_args", f"pretrained={out},trust_remote_code=True",
+            "--tasks", "subfit_kjv_cloze", "--include_path", str(tasks), "--limit", "24", "--batch_size", "8",
+            "--output_path", str(tmp_path / "lm_eval")]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)  # not the task folder
+    assert done.returncode == 0, done.stderr[-3000:]
+    [results] = list((tmp_path / "lm_eval").rglob("results_*.json"))
+    cli = json.loads(results.read_text())["results"]["subfit_kjv_cloze"]
+    assert cli["acc,none"] == pytest.approx(python["acc"], abs=1e-9)
+    assert cli["acc_norm,none"] == pytest.approx(python["acc_norm"], abs=1e-9)
 
 
 def test_cli_run_writes_model_recipe_and_results(tmp_path):

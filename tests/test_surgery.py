@@ -114,7 +114,9 @@ def test_save_load_gives_identical_logits(tmp_path):
         after = loaded(input_ids=ids).logits
     assert torch.equal(before, after)
     members = [loaded.model.layers[i].mlp for i in (1, 3)]
-    assert members[0].basis is members[1].basis  # the shared basis is shared again after loading
+    assert members[0].basis_matrix() is members[1].basis_matrix()  # the shared basis is shared again after loading
+    assert sum(k.endswith(".basis") for k in keys) == 1  # and stored once, under its first member
+    assert "model.layers.1.mlp.basis" in keys
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
@@ -123,7 +125,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(artifact, "save_model", broken)
+    monkeypatch.setattr(artifact, "save_file", broken)
     with pytest.raises(OSError):
         artifact.save_compressed(model, tiny_tokenizer(), records(bypasses), tmp_path / "out", {}, {})
     assert list(tmp_path.iterdir()) == []

@@ -9,19 +9,10 @@ import torch
 from torch import nn
 
 from subfit_core.adapter import Adapter
-from subfit_core.bypass import Bypass, ZeroBypass
+from subfit_core.bypass import Bypass
 from subfit_core.interfaces import Submodule
 
-
-class AttentionBypass(nn.Module):
-    """Stands where ``self_attn`` stood: same call signature, no KV cache, no token mixing."""
-
-    def __init__(self, bypass: Bypass):
-        super().__init__()
-        self.bypass = bypass
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        return self.bypass(hidden_states), None
+from . import llama_layout as layout
 
 
 @dataclass
@@ -32,6 +23,7 @@ class LlamaContext:
 
 class LlamaFamilyAdapter(Adapter):
     name = "llama-family"
+    layout = layout
     architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
     def __init__(self, model: nn.Module):
@@ -53,35 +45,24 @@ class LlamaFamilyAdapter(Adapter):
         return self.model.config.hidden_size
 
     def _norm(self, sub: Submodule) -> nn.Module:
-        layer = self.layers[sub.layer]
-        return layer.input_layernorm if sub.kind == "attn" else layer.post_attention_layernorm
-
-    def _set_norm(self, sub: Submodule, norm: nn.Module) -> None:
-        setattr(self.layers[sub.layer], "input_layernorm" if sub.kind == "attn" else "post_attention_layernorm", norm)
+        return getattr(self.layers[sub.layer], layout.norm_name(sub.kind))
 
     def _current(self, sub: Submodule) -> nn.Module:
         layer = self.layers[sub.layer]
         return layer.self_attn if sub.kind == "attn" else layer.mlp
 
     def module(self, sub: Submodule) -> nn.Module:
-        current = self._current(sub)
-        return current.bypass if isinstance(current, AttentionBypass) else current
+        return layout.submodule(self.model, sub.layer, sub.kind)
 
     def replace(self, sub: Submodule, module: nn.Module) -> None:
-        # A plain removal reads no input, so its pre-norm goes too (no weights saved, no compute).
-        self._set_norm(sub, nn.Identity() if isinstance(module, ZeroBypass) else self.norms[sub])
-        layer = self.layers[sub.layer]
-        if sub.kind == "attn":
-            layer.self_attn = AttentionBypass(module) if isinstance(module, Bypass) else module
-        else:
-            layer.mlp = module
+        layout.set_module(self.model, sub.layer, sub.kind, self.originals[sub], self.norms[sub])
+        if isinstance(module, Bypass):
+            layout.install(self.model, sub.layer, sub.kind, module)
+        else:  # the original, or a module standing in with the original's call signature
+            layout.set_module(self.model, sub.layer, sub.kind, module, self.norms[sub])
 
     def finalize(self) -> None:
-        # Kept attentions take cache slots 0..K-1, so slot 0 is always a real attention: the cache's
-        # sequence length (read from slot 0) stays right even when layer 0's attention is removed.
-        kept = [l for l in self.layers if not isinstance(l.self_attn, AttentionBypass)]
-        for slot, layer in enumerate(kept):
-            layer.self_attn.layer_idx = slot
+        layout.finalize(self.model)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.model.embed_tokens(input_ids)

@@ -1,0 +1,192 @@
+"""A saved model loads right in standard tools, or not at all: transformers with
+trust_remote_code rebuilds it from the modeling file in the folder alone (no SubFit on the path)
+with the same logits as load_compressed, for every family and every built-in bypass kind; without
+trust_remote_code it is refused; save_pretrained round-trips it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from test_bypass_kinds import DiagonalBypass, DiagonalPlugin, with_plugin  # noqa: E402
+from test_surgery import CONFIGS, D, make_model, tiny_tokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from subfit_core import artifact, load_compressed  # noqa: E402
+from subfit_core.bypass import LinearBypass, LowRankBypass, MLPBypass, SharedBasisBypass, ZeroBypass  # noqa: E402
+from subfit_core.interfaces import Submodule  # noqa: E402
+from subfit_core.lowrank import FactoredLinear  # noqa: E402
+from subfit_core.rebuild import set_child  # noqa: E402
+from subfit_core.surgery import apply_bypasses, records  # noqa: E402
+from subfit_plugins.adapters.llama import LlamaFamilyAdapter  # noqa: E402
+
+IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+def every_kind(seed: int = 2) -> dict:
+    """One model's worth of bypasses using every built-in kind, a shared basis across two layers included."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    basis = torch.nn.Parameter(r(6, D), requires_grad=False)
+    return {
+        Submodule(0, "attn"): LowRankBypass(r(4, D), r(D, 4), r(D)),
+        Submodule(0, "ffn"): LinearBypass(r(D, D), r(D)),
+        Submodule(1, "attn"): MLPBypass(r(16, D), r(16, D), r(D, 16)),
+        Submodule(1, "ffn"): SharedBasisBypass(basis, r(D, 6), r(D), "shared-ffn"),
+        Submodule(2, "attn"): ZeroBypass(),
+        Submodule(3, "ffn"): SharedBasisBypass(basis, r(D, 6), None, "shared-ffn"),
+    }
+
+
+def factor(model, layer: int, kind: str, path: str, rank: int, seed: int) -> dict:
+    """Replace one kept linear by random low-rank factors; returns its config record."""
+    g = torch.Generator().manual_seed(seed)
+    parent = LlamaFamilyAdapter.layout.submodule(model, layer, kind)
+    linear = parent.get_submodule(path)
+    f = FactoredLinear(torch.randn(rank, linear.in_features, generator=g) * 0.1,
+                       torch.randn(linear.out_features, rank, generator=g) * 0.1)
+    set_child(parent, path, f)
+    return {"layer": layer, "kind": kind, "linear": path, **f.spec()}
+
+
+def save_every_kind(arch: str, out):
+    model = make_model(arch)
+    bypasses = every_kind()
+    apply_bypasses(LlamaFamilyAdapter(model), bypasses)
+    factored = [factor(model, 2, "ffn", "down_proj", 5, 7), factor(model, 3, "attn", "q_proj", 3, 8)]
+    artifact.save_compressed(model, tiny_tokenizer(), records(bypasses), out, {"name": "test"}, {}, factored)
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+# Runs in a fresh interpreter that cannot import SubFit: only torch, transformers and the folder's code.
+ISOLATED = textwrap.dedent('''
+    import importlib.abc, json, sys
+    class NoSubFit(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("subfit_core", "subfit_plugins", "subfit_strategies"):
+                raise ImportError(f"{name} must not be needed")
+    sys.meta_path.insert(0, NoSubFit())
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    folders, ids, out = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2])), sys.argv[3]
+    logits = {}
+    for i, folder in enumerate(folders):
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits[str(i)] = model(input_ids=ids).logits.contiguous()
+    assert not [m for m in sys.modules if m.startswith("subfit")], "SubFit was imported"
+    save_file(logits, out)
+''')
+
+
+def run_isolated(folders, tmp_path) -> dict:
+    out = tmp_path / "logits.safetensors"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-I", "-c", ISOLATED, json.dumps([str(f) for f in folders]),
+                           json.dumps(IDS.tolist()), str(out)], capture_output=True, text=True, cwd=tmp_path,
+                          env={**env, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return load_file(out)
+
+
+def test_standard_tools_load_every_family_and_kind_without_subfit(tmp_path):
+    folders, expected = [], []
+    for arch in sorted(CONFIGS):
+        out = tmp_path / arch
+        before = save_every_kind(arch, out)
+        loaded, _ = load_compressed(out)
+        with torch.no_grad():
+            ours = loaded(input_ids=IDS).logits
+        assert torch.equal(ours, before), arch
+        folders.append(out)
+        expected.append(ours)
+    got = run_isolated(folders, tmp_path)
+    for i, arch in enumerate(sorted(CONFIGS)):
+        assert torch.allclose(got[str(i)], expected[i], atol=1e-5, rtol=0), arch
+
+
+def test_artifact_describes_itself(tmp_path):
+    save_every_kind("llama", tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["model_type"] == "subfit" and config["architectures"] == ["SubFitForCausalLM"]
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_subfit.SubFitForCausalLM"
+    assert config["subfit"]["base"] == {"model_type": "llama", "architecture": "LlamaForCausalLM", "config_class": "LlamaConfig"}
+    code = (tmp_path / "m" / "modeling_subfit.py").read_text()
+    assert not [line for line in code.splitlines() if line.lstrip().startswith(("import subfit", "from subfit"))]
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "trust_remote_code=True" in card
+    assert "| 2 | **removed** | kept (factored: down_proj r5) |" in card
+    assert "| 0 | **lowrank bypass** rank 4 | **linear bypass** |" in card
+
+
+def test_loading_without_trust_remote_code_is_refused(tmp_path):
+    save_every_kind("llama", tmp_path / "m")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=False)
+
+
+def test_save_pretrained_round_trip_keeps_logits_and_one_shared_basis(tmp_path):
+    before = save_every_kind("qwen3", tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
+    model.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "modeling_subfit.py").is_file()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=IDS).logits, before, atol=1e-5, rtol=0)
+    with safe_open(tmp_path / "again" / "model.safetensors", "pt") as f:
+        assert [k for k in f.keys() if k.endswith(".basis")] == ["model.layers.1.mlp.basis"]
+    # and SubFit reads what transformers wrote
+    ours, _ = load_compressed(tmp_path / "again")
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=IDS).logits, before, atol=1e-5, rtol=0)
+
+
+def test_generation_with_dynamic_and_static_cache_and_left_padding(tmp_path):
+    save_every_kind("llama", tmp_path / "m")
+    ours, _ = load_compressed(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
+    prompt = torch.tensor([[5, 17, 42, 9, 77, 3]])
+    common = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    reference = ours.generate(prompt, **common)
+    assert torch.equal(model.generate(prompt, **common), reference)
+    assert torch.equal(model.generate(prompt, cache_implementation="static", **common), reference)
+    # a batch with the short prompt left-padded gives each row's own next-token logits
+    short = torch.tensor([[11, 12, 13]])
+    batch = torch.tensor([[5, 17, 42, 9, 77, 3], [0, 0, 0, 11, 12, 13]])
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
+    with torch.no_grad():
+        rows = model(input_ids=batch, attention_mask=mask).logits[:, -1]
+        alone = [model(input_ids=p).logits[:, -1] for p in (prompt, short)]
+    for row, single in zip(rows, alone):
+        assert torch.allclose(row, single[0], atol=1e-5, rtol=0)
+
+
+def test_plugin_bypass_kind_travels_in_the_modeling_file(tmp_path):
+    model = make_model("llama")
+    g = torch.Generator().manual_seed(1)
+    bypasses = {Submodule(1, "ffn"): DiagonalBypass(torch.randn(D, generator=g))}
+    apply_bypasses(LlamaFamilyAdapter(model), bypasses)
+    artifact.save_compressed(model, tiny_tokenizer(), records(bypasses), tmp_path / "m", {}, {})
+    with torch.no_grad():
+        before = model(input_ids=IDS).logits
+    assert "class DiagonalBypass(Bypass)" in (tmp_path / "m" / "modeling_subfit.py").read_text()
+    got = run_isolated([tmp_path / "m"], tmp_path)
+    assert torch.allclose(got["0"], before, atol=1e-5, rtol=0)
+    loaded, _ = load_compressed(tmp_path / "m", plugins=with_plugin(DiagonalPlugin()))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, before)
