@@ -74,6 +74,20 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def describe(adapter) -> tuple[list[dict], list[dict]]:
+    """The records config.json stores, read off a compressed model's modules: each submodule that a
+    bypass stands in for, and each linear stored as low-rank factors (both in depth order)."""
+    replacements, factored = [], []
+    for sub in adapter.submodules():
+        module = adapter.module(sub)
+        if isinstance(module, Bypass):
+            replacements.append({"layer": sub.layer, "kind": sub.kind, "bypass": module.spec()})
+            continue
+        factored += [{"layer": sub.layer, "kind": sub.kind, "linear": path, **child.spec()}
+                     for path, child in module.named_modules() if isinstance(child, FactoredLinear)]
+    return replacements, factored
+
+
 def save_compressed(model, tokenizer, replacements: list[dict], output_dir: Path, recipe: dict, results: dict,
                     factored: list[dict] | None = None, layout=None, kinds: list[type] | None = None) -> None:
     """``factored``: one record per linear stored as two low-rank factors (layer, kind, linear path, shape).

@@ -26,7 +26,8 @@ FORMAT = 2  # of the ``subfit`` entry in config.json; 1 (before the custom-code 
 MODEL_TYPE = "subfit"
 ARCHITECTURE = "SubFitForCausalLM"
 MODELING_FILE = "modeling_subfit.py"
-AUTO_MAP = {"AutoConfig": "modeling_subfit.SubFitConfig", "AutoModelForCausalLM": "modeling_subfit.SubFitForCausalLM"}
+AUTO_MAP = {"AutoConfig": "modeling_subfit.SubFitConfig", "AutoModel": "modeling_subfit.SubFitModel",
+            "AutoModelForCausalLM": "modeling_subfit.SubFitForCausalLM"}
 
 HEADER = '''"""A SubFit-compressed {architecture}: the submodules listed under "subfit" in config.json are
 replaced by small bypasses fitted in closed form, and the linears listed under "factored" are
@@ -43,7 +44,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import {config_class} as BaseConfig, {architecture} as BaseForCausalLM
+from transformers import {config_class} as BaseConfig, {base_model} as BaseModel, {architecture} as BaseForCausalLM
 '''
 
 FOOTER = '''
@@ -64,23 +65,38 @@ class SubFitForCausalLM(BaseForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         rebuild(self, config.subfit, LAYOUT, BYPASS_CLASSES, FactoredLinear)
+
+
+class SubFitModel(BaseModel):
+    """The same without the language-model head (``AutoModel``; what vLLM's Transformers backend
+    builds). The layout addresses a causal LM, so it is given one that holds this model."""
+
+    config_class = SubFitConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        holder = SimpleNamespace(**{{BaseForCausalLM.base_model_prefix: self}})
+        rebuild(holder, config.subfit, LAYOUT, BYPASS_CLASSES, FactoredLinear)
 '''
 
 
-def base_classes(model: nn.Module) -> tuple[str, str]:
-    """Names of the model's config and model classes, both importable from transformers (the
-    modeling file subclasses them)."""
+def base_classes(model: nn.Module) -> tuple[str, str, str]:
+    """Names of the model's config, base model and causal-LM classes, all importable from
+    transformers (the modeling file subclasses them)."""
     import transformers
 
-    for cls in (type(model.config), type(model)):
+    classes = (type(model.config), type(model.base_model), type(model))
+    for cls in classes:
         if getattr(transformers, cls.__name__, None) is not cls:
             raise SubFitError(f"save: {type(model).__name__} is not a class of transformers ({cls.__module__}.{cls.__name__}); "
                               "only models that transformers itself defines can be saved as a standard-tools model")
-    return type(model.config).__name__, type(model).__name__
+    if model.base_model is model:
+        raise SubFitError(f"save: {type(model).__name__} has no base model under a language-model head")
+    return tuple(cls.__name__ for cls in classes)
 
 
 def base_entry(model: nn.Module) -> dict:
-    config_class, architecture = base_classes(model)
+    config_class, _, architecture = base_classes(model)
     return {"model_type": model.config.model_type, "architecture": architecture, "config_class": config_class}
 
 
@@ -99,7 +115,7 @@ def bypass_lineage(kinds: list[type]) -> list[type]:
     return out
 
 
-def check_exportable(model: nn.Module, layout) -> tuple[str, str]:
+def check_exportable(model: nn.Module, layout) -> tuple[str, str, str]:
     """Fail (before any work, when a run will save) on a model whose artifact standard tools could not load."""
     if layout is None:
         raise SubFitError(f"save: the adapter for {type(model).__name__} has no portable layout module, "
@@ -109,10 +125,10 @@ def check_exportable(model: nn.Module, layout) -> tuple[str, str]:
 
 def modeling_source(model: nn.Module, layout, kinds: list[type], version: str) -> str:
     """The text of ``modeling_subfit.py`` for ``model`` (family ``layout``, bypass classes ``kinds``)."""
-    config_class, architecture = check_exportable(model, layout)
+    config_class, base_model, architecture = check_exportable(model, layout)
     classes = bypass_lineage(kinds)
     parts = [
-        HEADER.format(architecture=architecture, config_class=config_class, version=version),
+        HEADER.format(architecture=architecture, base_model=base_model, config_class=config_class, version=version),
         f"# ---- where the model keeps its submodules ({layout.__name__})\n", _portable(inspect.getsource(layout)),
         f"# ---- rebuilding the compressed structure ({rebuild_module.__name__})\n", _portable(inspect.getsource(rebuild_module)),
         "# ---- bypasses\n", _portable(Bypass.portable_source()),

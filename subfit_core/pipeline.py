@@ -158,17 +158,25 @@ def mix_generated(windows: Windows, cfg: dict, model, tokenizer, device: torch.d
     windows.source += f" + {n_calib + n_scoring} windows sampled from the dense model"
 
 
-def open_session(cfg: dict, validation_windows: int = 0) -> Session:
+def open_session(cfg: dict, validation_windows: int = 0, loaded: tuple | None = None,
+                 texts: dict[str, CorpusText] | None = None) -> Session:
     """Load the model and data, measure the dense model, and stream the dense statistics.
-    ``validation_windows``: also carve that many validation windows (sweeps choose on these)."""
+    ``validation_windows``: also carve that many validation windows (sweeps choose on these).
+    ``loaded``: (model, tokenizer, source) already in memory, used instead of loading ``cfg["model"]``;
+    ``texts``: text sources by name passed in memory, found before the registered ones."""
     plugins = get_plugins()
+    texts = texts or {}
     torch.manual_seed(cfg["seed"])
     device = resolve_device(cfg["device"])
     dtype = getattr(torch, cfg["dtype"])
-    calib_text = load_text(plugins, cfg["calib"]["dataset"])  # before the model: bad data fails fast
-    eval_text = load_text(plugins, cfg["eval"]["dataset"]) if cfg["eval"]["dataset"] else calib_text
+
+    def text(name: str) -> CorpusText:
+        return texts[name] if name in texts else load_text(plugins, name)
+
+    calib_text = text(cfg["calib"]["dataset"])  # before the model: bad data fails fast
+    eval_text = text(cfg["eval"]["dataset"]) if cfg["eval"]["dataset"] else calib_text
     names = domain_names(plugins, cfg)
-    model, tokenizer, source = load_model(plugins, cfg["model"], device, dtype, cfg["trust_remote_code"])
+    model, tokenizer, source = loaded or load_model(plugins, cfg["model"], device, dtype, cfg["trust_remote_code"])
     model.eval()
     adapter = find_adapter(plugins, model)
     windows = make_windows(
@@ -180,7 +188,7 @@ def open_session(cfg: dict, validation_windows: int = 0) -> Session:
     sampling_s = time.perf_counter() - t0
     main = main_domain(cfg)
     domains = {name: windows.heldout if name == main else
-               heldout_windows(load_text(plugins, name), tokenizer, cfg["eval"]["windows"], cfg["eval"]["seq_len"])
+               heldout_windows(text(name), tokenizer, cfg["eval"]["windows"], cfg["eval"]["seq_len"])
                for name in names}
     dense_ppl = perplexity(model, windows.heldout, cfg["eval"]["batch_size"], device, "dense perplexity")
     dense_forward_s = forward_seconds(model, windows.calib, cfg["calib"]["batch_size"], device)

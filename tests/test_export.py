@@ -190,3 +190,38 @@ def test_plugin_bypass_kind_travels_in_the_modeling_file(tmp_path):
     loaded, _ = load_compressed(tmp_path / "m", plugins=with_plugin(DiagonalPlugin()))
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=IDS).logits, before)
+
+
+def test_push_to_hub_writes_what_save_pretrained_writes(tmp_path, monkeypatch):
+    """push_to_hub saves through save_pretrained into a temporary folder, then uploads it; the
+    upload is redirected to a local folder (no network)."""
+    from types import SimpleNamespace
+
+    import shutil
+
+    from transformers.utils import hub
+
+    before = save_every_kind("mistral", tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
+    remote = tmp_path / "remote"
+    monkeypatch.setattr(hub, "hf_api", lambda: SimpleNamespace(create_repo=lambda repo_id, **kw: SimpleNamespace(repo_id=repo_id)))
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *a, **kw: SimpleNamespace(save=lambda path: None))
+    monkeypatch.setattr(hub.PushToHubMixin, "_upload_modified_files",
+                        lambda self, folder, repo_id, **kw: shutil.copytree(folder, remote))
+    model.push_to_hub("someone/compressed")
+    assert {"config.json", "model.safetensors", "modeling_subfit.py"} <= {p.name for p in remote.iterdir()}
+    pushed = AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(pushed(input_ids=IDS).logits, before, atol=1e-5, rtol=0)
+
+
+def test_automodel_gives_the_compressed_base_model(tmp_path):
+    """AutoModel (what vLLM's Transformers backend builds) rebuilds the same structure without the head."""
+    from transformers import AutoModel
+
+    save_every_kind("qwen2", tmp_path / "m")
+    causal = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
+    base = AutoModel.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
+    assert type(base).__name__ == "SubFitModel"
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=IDS).last_hidden_state, causal.model(input_ids=IDS).last_hidden_state)

@@ -1,0 +1,139 @@
+"""The Python API, for notebooks and pipelines: ``compress`` a model (loaded or named) by a recipe,
+get the compressed model and its report back, and ``save`` it as a standard-tools model.
+
+    from subfit_core import compress, save
+    model, report = compress("smollm2-135m", recipe="subfit", calibration=my_texts, sparsity=0.25)
+    print(report)                       # the subfit-run summary table
+    save(model, report, "runs/mine")    # loads back with AutoModelForCausalLM(..., trust_remote_code=True)
+
+Recipe keys are keyword arguments: ``sparsity=0.25``, a section as a dict (``calib={"samples": 32}``)
+or dotted (``**{"calib.samples": 32}``); they are validated like ``subfit-run key=value``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .corpus import CorpusText
+from .errors import ConfigError
+
+HELDOUT_EVERY = 10  # every 10th calibration text is held out for the reported perplexity
+CALIBRATION = "calibration"  # the name a run gives text passed in as a list or a Dataset
+
+
+@dataclass
+class Report:
+    """What one compression measured (``results``, as in results.json), the resolved recipe, and the
+    tokenizer and layout that ``save`` writes with the model."""
+
+    results: dict
+    recipe: dict
+    tokenizer: Any = field(repr=False)
+    layout: Any = field(repr=False)
+
+    def __getitem__(self, key: str):
+        return self.results[key]
+
+    def __str__(self) -> str:
+        from .cli import summary
+
+        return summary(self.results)
+
+
+def flatten_overrides(overrides: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """``{"calib": {"samples": 32}, "sparsity": 0.2}`` -> [("calib.samples", 32), ("sparsity", 0.2)]."""
+    out = []
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            out += flatten_overrides(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def resolve(recipe: str | dict, overrides: dict) -> dict:
+    from .config import apply_overrides, validate
+    from .plugins import get_plugins
+    from .recipes import read_recipe
+
+    data = dict(recipe) if isinstance(recipe, dict) else read_recipe(get_plugins(), str(recipe))[0]
+    return validate(apply_overrides(data, flatten_overrides(overrides)))
+
+
+def calibration_text(texts) -> CorpusText:
+    """A list of strings, or a ``datasets.Dataset`` with a ``text`` column, as a text source: every
+    10th text is held out for the reported perplexity, the rest is calibration."""
+    if hasattr(texts, "column_names"):  # a datasets.Dataset
+        if "text" not in texts.column_names:
+            raise ConfigError(f"calibration: the Dataset has no 'text' column (columns: {', '.join(texts.column_names)})")
+        texts = texts["text"]
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if len(texts) < 2:
+        raise ConfigError("calibration: give at least two non-empty texts (one in ten is held out for perplexity)")
+    held_out = {i for i in range(len(texts)) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1} or {len(texts) - 1}
+    train = [t for i, t in enumerate(texts) if i not in held_out]
+    held = [texts[i] for i in sorted(held_out)]
+    return CorpusText(CALIBRATION, "\n\n".join(train), "\n\n".join(held), f"{len(texts)} texts passed to compress()")
+
+
+def compress(model: str | nn.Module, tokenizer=None, recipe: str | dict = "subfit", calibration=None,
+             **overrides) -> tuple[nn.Module, Report]:
+    """Compress ``model`` by ``recipe``; returns (the compressed model, its Report).
+
+    ``model``: a loaded causal LM (compressed in place; give its ``tokenizer``), or what ``model=``
+    takes in a recipe (a registered name, a local folder or a hub id). ``calibration``: None (the
+    recipe's ``calib.dataset``), a registered text source or a file path, a list of strings, or a
+    ``datasets.Dataset`` with a ``text`` column. No model is saved: call ``save``.
+    """
+    from .models import resolve_device
+    from .pipeline import build_components, compress as run_compression, open_session
+    from .evaluate import check_tasks
+    from .plugins import get_plugins
+
+    t_start = time.perf_counter()
+    texts = {}
+    if isinstance(calibration, str):
+        overrides = {**overrides, "calib.dataset": calibration}
+    elif calibration is not None:
+        texts[CALIBRATION] = calibration_text(calibration)
+        overrides = {**overrides, "calib.dataset": CALIBRATION}
+    loaded = None
+    if isinstance(model, nn.Module):
+        if tokenizer is None:
+            raise ConfigError("tokenizer: compress() of a loaded model needs its tokenizer")
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        overrides = {"model": getattr(model.config, "_name_or_path", "") or type(model).__name__, "dtype": dtype,
+                     **overrides}
+        loaded = (model, tokenizer, f"{type(model).__name__} passed to compress()")
+    elif not isinstance(model, str):
+        raise ConfigError(f"model: expected a loaded causal LM or a name/path, got {type(model).__name__}")
+    cfg = resolve(recipe, {**overrides, "save": False})
+    build_components(get_plugins(), cfg)  # bad component parameters fail before any work
+    check_tasks(cfg["eval"]["tasks"], get_plugins())
+    if loaded is not None:
+        loaded = (loaded[0].to(device=resolve_device(cfg["device"]), dtype=getattr(torch, cfg["dtype"])), *loaded[1:])
+    session = open_session(cfg, loaded=loaded, texts=texts)
+    outcome = run_compression(session, cfg)
+    outcome.results["timings"]["total_s"] = time.perf_counter() - t_start
+    return session.model, Report(outcome.results, cfg, session.tokenizer, session.adapter.layout)
+
+
+def save(model: nn.Module, report: Report, output_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write ``model`` (compressed by ``compress``) to ``output_dir`` atomically, in the layout that
+    transformers, pipelines and lm-eval load with ``trust_remote_code=True``; returns the folder."""
+    from .artifact import check_output_dir, describe, save_compressed
+    from .models import find_adapter
+    from .plugins import get_plugins
+
+    out = check_output_dir(output_dir, overwrite)
+    replacements, factored = describe(find_adapter(get_plugins(), model))
+    results = {**report.results, "output_dir": str(out)}
+    save_compressed(model, report.tokenizer, replacements, out, {**report.recipe, "output_dir": str(out)}, results,
+                    factored, layout=report.layout)
+    return out
