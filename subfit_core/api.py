@@ -127,13 +127,15 @@ def compress(model: str | nn.Module, tokenizer=None, recipe: str | dict = "subfi
 def save(model: nn.Module, report: Report, output_dir: str | Path, overwrite: bool = False) -> Path:
     """Write ``model`` (compressed by ``compress``) to ``output_dir`` atomically, in the layout that
     transformers, pipelines and lm-eval load with ``trust_remote_code=True``; returns the folder."""
-    from .artifact import check_output_dir, describe, save_compressed
+    from .artifact import describe, save_compressed
+    from .outputs import check_output_dir, claim
     from .models import find_adapter
     from .plugins import get_plugins
 
     out = check_output_dir(output_dir, overwrite)
     replacements, factored = describe(find_adapter(get_plugins(), model))
     results = {**report.results, "output_dir": str(out)}
-    save_compressed(model, report.tokenizer, replacements, out, {**report.recipe, "output_dir": str(out)}, results,
-                    factored, layout=report.layout)
+    with claim(out):
+        save_compressed(model, report.tokenizer, replacements, out, {**report.recipe, "output_dir": str(out)}, results,
+                        factored, layout=report.layout)
     return out

@@ -16,13 +16,11 @@ plugins' classes.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file
 
 from . import __version__
@@ -31,34 +29,10 @@ from .card import model_card
 from .errors import SubFitError
 from .export import FORMAT, MODEL_TYPE, MODELING_FILE, export_config, modeling_source
 from .lowrank import FactoredLinear
+from .outputs import atomic_dir
 from .rebuild import rebuild
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
-    out = Path(output_dir)
-    if out.exists() and not overwrite:
-        raise SubFitError(f"output_dir: '{out}' already exists; choose another or set overwrite=true")
-    return out
-
-
-def atomic_dir(target: Path, write) -> None:
-    """Call ``write(tmp_dir)`` and move the result to ``target`` only if it succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -146,6 +120,46 @@ def base_config(config: dict, path: Path):
     return CONFIG_MAPPING[model_type].from_dict({k: v for k, v in config.items() if k not in skip})
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def check_records(info: dict, layers: int, path: Path) -> None:
+    """Every field of the ``subfit`` entry that selects code or shapes, against what is allowed."""
+    where = f"load_compressed: '{path}/config.json'"
+
+    def place(r, i: int, section: str) -> None:
+        if not isinstance(r, dict):
+            raise SubFitError(f"{where}: subfit.{section}[{i}] is not a mapping")
+        layer, kind = r.get("layer"), r.get("kind")
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < layers:
+            raise SubFitError(f"{where}: subfit.{section}[{i}].layer {layer!r}; the model has layers 0..{layers - 1}")
+        if kind not in ("attn", "ffn"):
+            raise SubFitError(f"{where}: subfit.{section}[{i}].kind {kind!r}; allowed: attn, ffn")
+
+    reps, factored = info.get("replacements"), info.get("factored", [])
+    if not isinstance(reps, list) or not isinstance(factored, list):
+        raise SubFitError(f"{where}: subfit.replacements and subfit.factored must be lists")
+    for i, r in enumerate(reps):
+        place(r, i, "replacements")
+        spec = r.get("bypass")
+        if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str):
+            raise SubFitError(f"{where}: subfit.replacements[{i}].bypass has no kind")
+        bad = [k for k, v in spec.items() if k in ("dim", "rank", "hidden") and (not isinstance(v, int) or v < 1)]
+        if bad:
+            raise SubFitError(f"{where}: subfit.replacements[{i}].bypass.{bad[0]} {spec[bad[0]]!r}; expected a positive integer")
+    for i, r in enumerate(factored):
+        place(r, i, "factored")
+        bad = [k for k in ("in", "out", "rank") if not isinstance(r.get(k), int) or r[k] < 1]
+        if bad or not isinstance(r.get("linear"), str):
+            field = bad[0] if bad else "linear"
+            raise SubFitError(f"{where}: subfit.factored[{i}].{field} {r.get(field)!r} is not valid")
+    seen = [(r["layer"], r["kind"]) for r in reps]
+    if len(seen) != len(set(seen)):
+        raise SubFitError(f"{where}: a submodule is replaced twice in subfit.replacements")
+
+
 def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                     plugins=None):
     """Rebuild a SubFit model from ``path``: returns (model, tokenizer). ``plugins`` (default: the
@@ -172,14 +186,24 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype:
                           f"{info['base'].get('architecture')!r} does not match its model type ({type(model).__name__})")
     plugins = plugins or get_plugins()
     adapter = find_adapter(plugins, model)
+    check_records(info, adapter.num_layers, path)
     try:
         classes = bypass_classes([r["bypass"]["kind"] for r in info["replacements"]], plugins)
     except SubFitError as exc:  # a kind from a plugin that is not installed here
         raise SubFitError(f"load_compressed: '{path}': {exc}") from None
-    rebuild(model, info, adapter.layout, classes, FactoredLinear, dtype)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    try:
+        rebuild(model, info, adapter.layout, classes, FactoredLinear, dtype)
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise SubFitError(f"load_compressed: '{path}/config.json': its replacements do not fit the model "
+                          f"({type(exc).__name__}: {_first_line(exc)})") from None
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    except (SafetensorError, RuntimeError, OSError, ValueError) as exc:  # truncated file, or shapes unlike config.json
+        raise SubFitError(f"load_compressed: '{path}/model.safetensors' cannot be loaded into the model config.json "
+                          f"describes: {_first_line(exc)}") from None
     if missing or unexpected:
-        raise SubFitError(f"load_compressed: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise SubFitError(f"load_compressed: '{path}': weights do not match config.json (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
     # given the config, the tokenizer does not read config.json (whose code it would ask to run)
     tokenizer = AutoTokenizer.from_pretrained(path, config=base, local_files_only=True)
     return model.to(device).eval(), tokenizer

@@ -1,25 +1,23 @@
 """``subfit-bench output_dir=RUN``: deployment speed, memory and KV cache of a saved SubFit model
 against its dense original, measured in one process (see ``subfit_core.deploy``).
 
-The compressed model is loaded with ``load_compressed``; the dense original is the ``model`` named
-in the run's ``recipe.yaml``, loaded with the run's ``dtype``. Writes ``deployment.json`` and
+The compressed model is loaded with ``load_compressed``; the dense original is ``model=`` if given,
+else the ``model`` named in the run's ``recipe.yaml``, loaded with the run's ``dtype``. Whether
+the dense model's own code may run (``trust_remote_code=true``) is read from the command line
+only, never from a file inside the run folder: a folder from someone else cannot make it run code. Writes ``deployment.json`` and
 ``deployment.md`` into the run directory (each file written whole, then renamed into place).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
-import yaml
-
 from .cli import command
-from .config import SCHEMA, ConfigError, defaults, parse_override, validate_section
+from .config import SCHEMA, ConfigError, coerce, defaults, parse_bool, parse_override, validate_section
 from .errors import SubFitError, did_you_mean
 
-USAGE = """usage: subfit-bench output_dir=RUN_DIR [device=auto|cpu|cuda[:N]] [bench.KEY=VALUE ...]
+USAGE = """usage: subfit-bench output_dir=RUN_DIR [device=auto|cpu|cuda[:N]] [model=DENSE] [trust_remote_code=true] [bench.KEY=VALUE ...]
 
 Time to first token, decode tokens/s, working memory and KV-cache bytes of the compressed model in
 RUN_DIR (a subfit-run output) and of its dense original, in one process, quoted as ratios.
@@ -28,49 +26,59 @@ Writes RUN_DIR/deployment.json and RUN_DIR/deployment.md and prints the table.
 """
 
 
-def parse_args(argv: list[str]) -> tuple[Path, str, dict]:
-    run_dir, device, section = None, "auto", {}
+def parse_args(argv: list[str]) -> tuple[Path, str, dict, dict]:
+    """(run folder, device, bench section, {model, trust_remote_code} given on the command line)."""
+    run_dir, device, section, dense = None, "auto", {}, {"model": None, "trust_remote_code": False}
     for key, value in map(parse_override, argv):
         if key == "output_dir":
             run_dir = Path(str(value))
         elif key == "device":
             device = str(value)
+        elif key == "model":
+            dense["model"] = str(value)
+        elif key == "trust_remote_code":
+            dense["trust_remote_code"] = parse_bool(key, value)
         elif key.startswith("bench."):
             section[key.removeprefix("bench.")] = value
         else:
-            raise ConfigError(f"{key}: unknown key; {did_you_mean(key, ['output_dir', 'device'] + [f'bench.{k}' for k in SCHEMA['bench']])}")
+            allowed = ["output_dir", "device", "model", "trust_remote_code"] + [f"bench.{k}" for k in SCHEMA["bench"]]
+            raise ConfigError(f"{key}: unknown key; {did_you_mean(key, allowed)}")
     if run_dir is None:
         raise ConfigError("output_dir: give the run directory to measure, e.g. output_dir=runs/subfit")
     if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "model.safetensors").is_file():
         raise SubFitError(f"output_dir: '{run_dir}' is not a saved subfit-run directory (no recipe.yaml / model.safetensors)")
-    return run_dir, device, {**defaults()["bench"], **validate_section("bench.", section, SCHEMA["bench"])}
+    return run_dir, device, {**defaults()["bench"], **validate_section("bench.", section, SCHEMA["bench"])}, dense
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def read_run_recipe(run_dir: Path) -> dict:
+    """The run's recipe.yaml as data: the dense model's name and the dtype, each checked."""
+    from .recipes import load_yaml
+
+    recipe = load_yaml(run_dir / "recipe.yaml", "output_dir")
+    for key in ("model", "dtype"):
+        if key in recipe:
+            coerce(f"{run_dir / 'recipe.yaml'}: {key}", recipe[key], SCHEMA[key])
+    return recipe
 
 
 def bench(argv: list[str]) -> tuple[dict, str, Path]:
     import torch
 
     from .artifact import load_compressed
+    from .outputs import write_atomic
     from .deploy import BenchSettings, benchmark, markdown, ratios
     from .models import load_model, resolve_device
     from .plugins import get_plugins
 
-    run_dir, device_name, section = parse_args(argv)
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    run_dir, device_name, section, given = parse_args(argv)
+    recipe = read_run_recipe(run_dir)
     device = resolve_device(device_name)
-    dtype = getattr(torch, recipe.get("dtype", "float32"))
+    dtype = getattr(torch, recipe.get("dtype", "float32"))  # one of SCHEMA's choices (checked above)
     compressed, _ = load_compressed(run_dir, device=device, dtype=dtype)
-    dense, _, source = load_model(get_plugins(), recipe["model"], device, dtype, bool(recipe.get("trust_remote_code")))
+    model = given["model"] or recipe.get("model")
+    if not model:
+        raise ConfigError(f"model: {run_dir / 'recipe.yaml'} names no dense model; give model=NAME")
+    dense, _, source = load_model(get_plugins(), model, device, dtype, given["trust_remote_code"])
     dense.eval()
     result = benchmark({"dense": dense, "compressed": compressed}, BenchSettings.from_config(section), device)
     result["ratios"] = ratios(result)

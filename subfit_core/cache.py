@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from .stats import SubStats
 
 
 # Bump when what the statistics hold, or how they are computed, changes: old files then miss.
-STATS_VERSION = 1
+STATS_VERSION = 2  # 2: files carry a sha256 of their tensors
 DEFAULT_MAX_GB = 20.0
 
 
@@ -53,6 +54,16 @@ def stats_key(model_spec: str, model: torch.nn.Module, dtype: str, calib_ids: to
     return h.hexdigest()[:24]
 
 
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_stats(path: Path, stats: dict[Submodule, SubStats], layer_cos: list[float]) -> None:
     tensors = {f"{s.name}.{k}": v.contiguous() for s, st in stats.items() for k, v in st.state().items()}
     tensors["layer_cos"] = torch.tensor(layer_cos, dtype=torch.float64)
@@ -60,7 +71,7 @@ def save_stats(path: Path, stats: dict[Submodule, SubStats], layer_cos: list[flo
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp)
+        save_file(tensors, tmp, metadata={"sha256": digest(tensors)})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -94,20 +105,42 @@ def evict(folder: Path, limit: int, keep: Path) -> list[Path]:
     return gone
 
 
-def load_stats(path: Path, subs: list[Submodule]) -> tuple[dict[Submodule, SubStats], list[float]] | None:
+def load_stats(path: Path, subs: list[Submodule], dim: int) -> tuple[dict[Submodule, SubStats], list[float]] | None:
+    """The cached statistics of ``subs`` (hidden size ``dim``), or None to recompute them: missing,
+    or (said in one line on stderr) unreadable, not matching their checksum, of the wrong shapes
+    or not finite. Garbage never reaches a fit."""
     if not path.exists():
         return None
     try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            expected = (f.metadata() or {}).get("sha256")
         tensors = load_file(str(path))
-    except Exception:  # noqa: BLE001 - a truncated or foreign file is recomputed, not fatal
-        return None
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file is recomputed, not fatal
+        return _reject(path, f"unreadable ({type(exc).__name__})")
+    if expected != digest(tensors):
+        return _reject(path, "its checksum does not match its contents" if expected else "it has no checksum")
+    shapes = {"gram": (dim + 1, dim + 1), "cross": (dim + 1, dim), "scalars": (4,)}
     try:
-        stats = {s: SubStats.from_state(s.name, {k: tensors[f"{s.name}.{k}"] for k in ("gram", "cross", "scalars")})
-                 for s in subs}
-    except KeyError:
-        return None  # written for another model layout: recompute
+        state = {s: {k: tensors[f"{s.name}.{k}"] for k in shapes} for s in subs}
+        layer_cos = tensors["layer_cos"]
+    except KeyError as exc:
+        return _reject(path, f"it lacks {exc.args[0]} (written for another model layout)")
+    for s, parts in state.items():
+        for k, t in parts.items():
+            if tuple(t.shape) != shapes[k] or t.dtype != torch.float64:
+                return _reject(path, f"{s.name}.{k} has shape {tuple(t.shape)} {t.dtype}, expected {shapes[k]} float64")
+            if not torch.isfinite(t).all():
+                return _reject(path, f"{s.name}.{k} holds NaN or Inf")
+    stats = {s: SubStats.from_state(s.name, parts) for s, parts in state.items()}
     try:
         os.utime(path)  # used now: the last to be evicted
     except OSError:  # a read-only shared cache is still usable
         pass
-    return stats, tensors["layer_cos"].tolist()
+    return stats, layer_cos.tolist()
+
+
+def _reject(path: Path, why: str) -> None:
+    print(f"statistics cache: {path} is not usable ({why}); recomputing", file=sys.stderr)
+    return None

@@ -163,6 +163,11 @@ def summary(results: dict) -> str:
 
 @command("subfit-plugins")
 def plugins_main(argv: list[str]) -> int:
+    if "--help" in argv or "-h" in argv:
+        print("usage: subfit-plugins\n\nEvery installed plugin, its version and what it registers; the recipes, eval tasks and domains.")
+        return 0
+    if argv:
+        raise ConfigError(f"argument '{argv[0]}' is not known; subfit-plugins takes none (allowed: --help)")
     print_plugins()
     return 0
 

@@ -17,9 +17,9 @@ import time
 import traceback
 from pathlib import Path
 
-from .artifact import atomic_dir, check_output_dir
+from .outputs import atomic_dir, check_output_dir, claim
 from .cli import command
-from .config import ConfigError, apply_overrides, parse_override, validate
+from .config import ConfigError, apply_overrides, parse_bool, parse_override, validate
 from .errors import SubFitError
 from .evaluate import check_tasks
 from .pipeline import SESSION_KEYS, build_components, compress, open_session
@@ -42,7 +42,7 @@ def parse_args(argv: list[str]) -> tuple[list[str], list[float], Path, bool, lis
         elif key == "output_dir":
             out = Path(str(value))
         elif key == "overwrite":
-            overwrite = bool(value)
+            overwrite = parse_bool(key, value)
         else:
             shared.append((key, value))
     if not strategies:
@@ -159,6 +159,11 @@ def plot(rows: list[dict], layers: int, folder: Path) -> None:
 def compare(argv: list[str]) -> dict:
     strategies, sparsities, out, overwrite, shared = parse_args(argv)
     check_output_dir(out, overwrite)
+    with claim(out):  # one comparison per output folder at a time
+        return run_comparison(strategies, sparsities, out, shared)
+
+
+def run_comparison(strategies: list[str], sparsities: list[float], out: Path, shared: list[tuple[str, object]]) -> dict:
     base = strategy_config(strategies[0], sparsities[0], shared, None)
     for name in strategies:  # unknown recipes and bad keys (shared overrides too) fail before any work
         try:
@@ -223,18 +228,33 @@ class Journal:
         self.done: dict[tuple[str, float], dict] = {}
         header = json.dumps(args, sort_keys=True)
         if self.path.exists():
-            lines = self.path.read_text().splitlines()
+            try:
+                lines = self.path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError):
+                lines = []
             if lines and lines[0] == header:
+                skipped = 0
                 for line in lines[1:]:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut short by the interruption
-                        continue
-                    if row.get("status") == "ok":
+                    row = self.parse(line)
+                    if row is None:  # a line cut short by the interruption, or not ours
+                        skipped += 1
+                    elif row["status"] == "ok":
                         self.done[row["strategy"], row["sparsity"]] = row
-                print(f"resuming: {len(self.done)} finished runs from {self.path}", file=sys.stderr)
+                note = f" ({skipped} unreadable lines ignored)" if skipped else ""
+                print(f"resuming: {len(self.done)} finished runs from {self.path}{note}", file=sys.stderr)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(header + "\n" + "".join(json.dumps(r) + "\n" for r in self.done.values()))
+
+    @staticmethod
+    def parse(line: str) -> dict | None:
+        """One journal row, or None if the line is not a complete row."""
+        try:
+            row = json.loads(line)
+        except ValueError:
+            return None
+        ok = (isinstance(row, dict) and isinstance(row.get("strategy"), str) and isinstance(row.get("status"), str)
+              and isinstance(row.get("sparsity"), (int, float)) and not isinstance(row.get("sparsity"), bool))
+        return row if ok else None
 
     def add(self, row: dict) -> None:
         with self.path.open("a") as f:

@@ -185,7 +185,8 @@ def coerce(key: str, value: Any, field: Field) -> Any:
     if field.type is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
     if not ok:
-        raise ConfigError(f"{key}: {value!r} is not a {field.type.__name__}")
+        allowed = "; allowed: true, false" if field.type is bool else ""
+        raise ConfigError(f"{key}: {value!r} is not a {field.type.__name__}{allowed}")
     if field.items is not None:
         bad = [v for v in value if not isinstance(v, field.items) or isinstance(v, bool)]
         if bad:
@@ -202,6 +203,11 @@ def coerce(key: str, value: Any, field: Field) -> Any:
     if field.max is not None and value > field.max:
         raise ConfigError(f"{key}: {value!r} is above the maximum {field.max}")
     return value
+
+
+def parse_bool(key: str, value: Any) -> bool:
+    """A command-line flag such as ``overwrite=true``: true or false, nothing else."""
+    return coerce(key, value, Field(bool, False, key))
 
 
 def validate_section(prefix: str, values: dict, schema: dict) -> dict:

@@ -35,6 +35,8 @@ def load_model(plugins: Plugins, spec: str, device: torch.device, dtype: torch.d
     if not local and (spec.count("/") != 1 or path.exists()):
         raise SubFitError(f"model: '{spec}' is not a registered name, a local directory or a hub id (owner/name); "
                           f"{did_you_mean(spec, plugins.model.names())}")
+    if local and not (path / "config.json").is_file():
+        raise SubFitError(f"model: '{spec}' is a folder without config.json, not a Hugging Face model folder")
     kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=local)
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec if not local else path, **kwargs)

@@ -15,7 +15,8 @@ from typing import Callable
 
 import torch
 
-from .artifact import check_output_dir, save_compressed
+from .artifact import save_compressed
+from .outputs import check_output_dir, claim
 from .budget import Budget
 from .cache import cache_root, max_cache_bytes, stats_key
 from .bypass import Bypass
@@ -332,7 +333,14 @@ def run(cfg: dict) -> dict:
     t_start = time.perf_counter()
     build_components(get_plugins(), cfg)  # bad component parameters fail before the model loads
     check_tasks(cfg["eval"]["tasks"], get_plugins())  # and so do unknown task names
-    out_dir = check_output_dir(cfg["output_dir"], cfg["overwrite"]) if cfg["save"] else None
+    if not cfg["save"]:
+        return run_in(cfg, None, t_start)
+    out_dir = check_output_dir(cfg["output_dir"], cfg["overwrite"])
+    with claim(out_dir):  # a second run into the same folder fails now, not after the work
+        return run_in(cfg, out_dir, t_start)
+
+
+def run_in(cfg: dict, out_dir: Path | None, t_start: float) -> dict:
     session = open_session(cfg)
     if out_dir is not None:  # a model whose artifact standard tools could not load fails before the work
         check_exportable(session.model, session.adapter.layout)

@@ -126,5 +126,5 @@ def build_component(plugins: Plugins, kind: str, section: dict, prefix: str):
     """Instantiate the ``kind`` component named in ``section`` with its validated parameters."""
     from .config import validate_params
 
-    cls = plugins.registries[kind].get(section["name"])
+    cls = plugins.registries[kind].get(section["name"], f"{prefix}.name")
     return cls(validate_params(prefix, section, cls.Params), plugins)

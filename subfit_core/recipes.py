@@ -32,10 +32,19 @@ def read_recipe(plugins: Plugins, strategy: str) -> tuple[dict, Path]:
         path = recipes[strategy]
     if not path.is_file():
         raise ConfigError(f"strategy: recipe file '{path}' not found")
+    return load_yaml(path, "strategy"), path
+
+
+def load_yaml(path: Path, key: str) -> dict:
+    """A YAML mapping read with ``safe_load``; anything else is a one-line ConfigError naming ``key``."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read '{path}': {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{key}: '{path}' is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"strategy: '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{key}: '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"strategy: '{path}' must hold a mapping of recipe keys")
-    return data, path
+        raise ConfigError(f"{key}: '{path}' must hold a mapping of recipe keys")
+    return data

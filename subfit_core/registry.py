@@ -47,15 +47,16 @@ class Registry:
             raise SubFitError(f"{self.kind} '{name}' is registered twice: by {first} and by {origin}")
         self._entries[name] = Entry(name, target, origin)
 
-    def get(self, name: str) -> Any:
-        return self.entry(name).load()
+    def get(self, name: str, key: str | None = None) -> Any:
+        return self.entry(name, key).load()
 
-    def entry(self, name: str) -> Entry:
+    def entry(self, name: str, key: str | None = None) -> Entry:
+        """``key``: the recipe key that named it, for the message (default: this kind's usual key)."""
         try:
             return self._entries[name]
         except KeyError:
             raise SubFitError(
-                f"{self.config_key}: unknown {self.kind} '{name}'; {did_you_mean(name, self._entries)}"
+                f"{key or self.config_key}: unknown {self.kind} '{name}'; {did_you_mean(name, self._entries)}"
             ) from None
 
     def names(self) -> list[str]:

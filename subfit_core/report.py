@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .artifact import atomic_dir, check_output_dir
+from .outputs import atomic_dir, check_output_dir
 from .cli import command
-from .config import ConfigError, parse_override
+from .config import ConfigError, parse_bool, parse_override
 from .errors import SubFitError, did_you_mean
 from .evaluate import geometric_mean
 
@@ -41,7 +41,7 @@ def parse_args(argv: list[str]) -> tuple[list[Path], Path, bool]:
         elif key == "output_dir":
             out = Path(str(value))
         elif key == "overwrite":
-            overwrite = bool(value)
+            overwrite = parse_bool(key, value)
         else:
             raise ConfigError(f"{key}: unknown key; {did_you_mean(key, ['runs', 'output_dir', 'overwrite'])}")
     if not runs:
@@ -52,10 +52,26 @@ def parse_args(argv: list[str]) -> tuple[list[Path], Path, bool]:
     return runs, out, overwrite
 
 
+REQUIRED = ("strategy", "perplexity", "sparsity")  # what every subfit-run results.json has
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SubFitError(f"runs: '{path}' is not a readable JSON file ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise SubFitError(f"runs: '{path}' holds {type(data).__name__}, not the mapping subfit-run writes")
+    return data
+
+
 def load_run(run: Path) -> dict:
-    results = json.loads((run / "results.json").read_text())
+    results = read_json(run / "results.json")
+    missing = [k for k in REQUIRED if not isinstance(results.get(k), (dict, str))]
+    if missing or not isinstance(results["perplexity"].get("ratio"), (int, float)):
+        raise SubFitError(f"runs: '{run / 'results.json'}' is not a subfit-run result (no {(missing or ['perplexity.ratio'])[0]})")
     if (run / "deployment.json").is_file():
-        results["deployment"] = json.loads((run / "deployment.json").read_text())
+        results["deployment"] = read_json(run / "deployment.json")
     results["run_dir"] = str(run)
     return results
 
@@ -156,7 +172,13 @@ def plot(rows: list[dict], folder: Path) -> None:
 def report(argv: list[str]) -> dict:
     runs, out, overwrite = parse_args(argv)
     check_output_dir(out, overwrite)
-    rows = [row(load_run(r)) for r in runs]
+    rows = []
+    for run in runs:
+        try:
+            rows.append(row(load_run(run)))
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a results.json cut or edited by hand
+            raise SubFitError(f"runs: '{run / 'results.json'}' is not a complete subfit-run result "
+                              f"({type(exc).__name__}: {exc})") from None
     summary = {key: geometric_mean([r[key] for r in rows if r[key]]) for key in ("ppl_ratio", "retained_accuracy", "ttft_speedup")}
     text = markdown(rows, summary)
 

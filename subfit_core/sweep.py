@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from .artifact import atomic_dir
+from .outputs import atomic_dir
 from .cli import command
 from .config import ConfigError, apply_overrides, validate
 from .errors import SubFitError
@@ -75,8 +75,12 @@ def check_space(cfg: dict) -> dict[str, dict]:
             number = int if kind == "int" else (int, float)
             if (not isinstance(values, list) or len(values) != 2 or not all(isinstance(v, number) and not
                                                                              isinstance(v, bool) for v in values)
-                    or values[0] > values[1]):
-                raise ConfigError(f"{where}.{kind}: {values!r}; give [low, high] {kind}s with low <= high")
+                    or not all(math.isfinite(v) for v in values) or values[0] > values[1]):
+                raise ConfigError(f"{where}.{kind}: {values!r}; give [low, high] finite {kind}s with low <= high")
+            step = spec.get("step")
+            if step is not None and (not isinstance(step, number) or isinstance(step, bool) or not math.isfinite(step)
+                                     or step <= 0):
+                raise ConfigError(f"{where}.step: {step!r}; give a positive finite {kind}")
             if spec.get("log") and values[0] <= 0:
                 raise ConfigError(f"{where}.{kind}: {values!r}; log: true needs low > 0")
             ends = values
@@ -132,7 +136,11 @@ def storage_for(sweep: dict):
         path = Path(spec)
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix in (".log", ".jsonl", ".journal"):
-            return JournalStorage(JournalFileBackend(str(path)))
+            try:  # replaying the log reads every line: a file that is not a journal fails here
+                return JournalStorage(JournalFileBackend(str(path)))
+            except Exception as exc:  # noqa: BLE001
+                raise SubFitError(f"sweep.storage: '{path}' is not an Optuna journal file "
+                                  f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})") from None
         spec = f"sqlite:///{path}"
     if spec.startswith(("sqlite", "postgresql", "mysql")):
         # optuna >= 4.9 names the retry callback for what it handles (stale heartbeats)

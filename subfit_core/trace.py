@@ -86,7 +86,7 @@ class Workbench:
     def collect(self, cache: Path | None = None) -> bool:
         """Dense statistics (read from ``cache`` when present, else streamed and written there)
         and the scoring set's boundary states. Returns whether the statistics came from the cache."""
-        cached = load_stats(cache, self.subs) if cache is not None else None
+        cached = load_stats(cache, self.subs, self.adapter.hidden_size) if cache is not None else None
         if cached is not None:
             self.stats, self.layer_cos = cached
         else:

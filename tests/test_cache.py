@@ -49,7 +49,7 @@ def test_save_evicts_and_load_marks_a_file_as_used(tmp_path, tiny_model, random_
     size = first.stat().st_size
     t = time.time() - 1000
     os.utime(first, (t, t))
-    assert cache.load_stats(first, bench.subs) is not None
+    assert cache.load_stats(first, bench.subs, bench.adapter.hidden_size) is not None
     assert first.stat().st_mtime > t + 500  # read: now the most recently used
     monkeypatch.setenv("SUBFIT_CACHE_MAX_GB", str(1.5 * size / 1e9))
     second = tmp_path / "b.safetensors"

@@ -114,7 +114,7 @@ def test_validation_windows_are_disjoint_and_leave_the_other_windows_unchanged(t
     ("sweep.space={fitter.attn.rnk: {int: [2, 8]}}", "sweep.space: fitter.attn.rnk: unknown key for this component; "),
     ("sweep.space={selektor.ratio: {categorical: [true]}}", "did you mean 'selector'"),
     ("sweep.space={calib.samples: {int: [4, 8]}}", "'calib' is shared by every trial"),
-    ("sweep.space={fitter.attn.rank: {int: [8, 2]}}", "give [low, high] ints with low <= high"),
+    ("sweep.space={fitter.attn.rank: {int: [8, 2]}}", "give [low, high] finite ints with low <= high"),
     ("sweep.space={fitter.attn.rank: {int: [0, 8]}}", "sweep.space: fitter.attn: rank: 0 must be at least 1"),
     ("sweep.space={fitter.attn.rank: {uniform: [2, 8]}}", "expected one of"),
     ("sweep.objectives=[ppl,speed]", "sweep.objectives: ['ppl', 'speed']"),
