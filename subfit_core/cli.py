@@ -140,7 +140,9 @@ def summary(results: dict) -> str:
         ("KV cache bytes/token", f"{kv['before']:,} -> {kv['after']:,}"),
         ("replaced", ", ".join(f"L{r['layer']}.{r['type']}" for r in results["replaced"])),
         ("compression time", f"{t['compression_s']:.1f} s = {t['compression_over_dense_forward']:.2f}x a dense calibration forward"
-                             + (" (statistics read from the cache)" if t.get("statistics_from_cache") else "")),
+                             + (" (statistics read from the cache)" if t.get("statistics_from_cache") else "")
+                             + (f" ({t['scoring_evaluations_replayed']} scoring evaluations replayed from the journal)"
+                                if t.get("scoring_evaluations_replayed") else "")),
         ("output_dir", results.get("output_dir", "(not saved)")),
     ]
     if "downstream" in results:

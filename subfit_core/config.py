@@ -49,7 +49,7 @@ SCHEMA: dict[str, Any] = {
     "sparsity": Field(float, 0.25, "share of the decoder to remove", min=0.0, max=0.95),
     "sparsity_unit": Field(str, "layers", "layers: layer-equivalents; params: decoder parameters",
                            choices=("layers", "params")),
-    "cache_stats": Field(bool, True, "keep dense statistics under $SUBFIT_CACHE so a rerun resumes after them"),
+    "cache_stats": Field(bool, True, "keep dense statistics and scoring evaluations under $SUBFIT_CACHE: a killed run resumes where it was"),
     "anchored": Field(bool, False, "refit bypasses on the compressed model's inputs (dense targets)"),
     "calib": {
         "dataset": Field(str, "kjv", "registered text source or a local .txt/.json/.jsonl file"),

@@ -7,7 +7,15 @@ from collections.abc import Iterable
 
 
 class SubFitError(Exception):
-    """A user-facing error: bad input, unknown name, missing resource."""
+    """A user-facing error: bad input, unknown name, missing resource. Its message is one line
+    whatever the input it quotes (line breaks and other control characters are escaped)."""
+
+    def __init__(self, message: object = ""):
+        super().__init__(one_line(str(message)))
+
+
+def one_line(text: str) -> str:
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 class ConfigError(SubFitError):

@@ -123,6 +123,7 @@ def atomic_dir(target: Path, write) -> None:
             os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private
             write(tmp)
             (tmp / MARKER).write_text(json.dumps({"written_by": "subfit"}) + "\n")
+            follow_umask(tmp)  # some writers (safetensors) create private files
             (tmp / WRITING).unlink()
             if target.exists():
                 old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -134,6 +135,13 @@ def atomic_dir(target: Path, write) -> None:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def follow_umask(folder: Path) -> None:
+    mask = umask()
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -8,6 +8,7 @@ reference and the dense calibration statistics), so comparisons and sweeps pay f
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,6 +202,9 @@ def open_session(cfg: dict, validation_windows: int = 0, loaded: tuple | None = 
         max_cache_bytes()  # a bad SUBFIT_CACHE_MAX_GB fails now, not after the pass
     t0 = time.perf_counter()
     cached = bench.collect(cache)
+    if cache is not None:  # scoring evaluations too, so a run killed during selection resumes there
+        scoring = hashlib.sha256(windows.scoring.numpy().tobytes()).hexdigest()[:16]
+        bench.journal_evaluations(cache_root() / "evaluations" / f"{key}-{scoring}-{cfg['scoring']['stride']}.jsonl")
     session = Session(cfg, model, tokenizer, source, adapter, windows, device, dtype, dense_ppl, dense_forward_s,
                       bench, domains, stats_s=time.perf_counter() - t0, stats_cached=cached, sampling_s=sampling_s)
     session.dense_domain_ppl = domain_perplexities(model, session, cfg, dense_ppl, "dense perplexity")
@@ -247,7 +251,7 @@ def compress(session: Session, cfg: dict, before_eval: Callable[[], None] | None
         budget = Budget(total_sparsity(bench, fz.params.kept_ratio), "params", adapter)
         removal = Budget(fz.params.removal_share * budget.sparsity, "params", adapter)
     comps.fitter.attach(adapter)
-    evaluations_before = bench.evaluations
+    evaluations_before, replayed_before, replayed_s_before = bench.evaluations, bench.replayed, bench.replayed_seconds
     t0 = time.perf_counter()
     if removal.sparsity > 0:
         plan = comps.selector.select(bench, comps.scorer, comps.fitter, removal)
@@ -266,12 +270,13 @@ def compress(session: Session, cfg: dict, before_eval: Callable[[], None] | None
     # A selector that replayed scores computed by an earlier run of this session says how long they
     # took; they count here, so the time is what a standalone run would take.
     compression_s = session.sampling_s + session.stats_s + time.perf_counter() - t0 + plan.notes.get("scores_reused", {}).get("seconds", 0.0)
+    compression_s += bench.replayed_seconds - replayed_s_before  # evaluations answered from the journal
 
     if before_eval is not None:
         before_eval()
     ppl = perplexity(session.model, session.windows.heldout, cfg["eval"]["batch_size"], device, "compressed perplexity")
     results = report(session, cfg, budget, plan, fitted.bypasses, ppl, compression_s, t_select,
-                     bench.evaluations - evaluations_before, factored)
+                     bench.evaluations - evaluations_before, factored, bench.replayed - replayed_before)
     results["perplexity"].update(cross_domain(session, cfg, ppl))
     results["edited"] = [s.name for s in sorted(edits)]
     results["notes"].update(fitted.notes)
@@ -292,7 +297,8 @@ def cross_domain(session: Session, cfg: dict, ppl: float) -> dict:
 
 
 def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: dict, ppl: float,
-           compression_s: float, select_s: float, evaluations: int, factored: FactorizeResult | None = None) -> dict:
+           compression_s: float, select_s: float, evaluations: int, factored: FactorizeResult | None = None,
+           replayed: int = 0) -> dict:
     adapter, selected = session.adapter, plan.subs
     own, shared = split_bypass_params(bypasses)
     n_layers = adapter.num_layers
@@ -323,7 +329,8 @@ def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: di
                     "statistics_from_cache": session.stats_cached, "selection_s": select_s,
                     "dense_calibration_forward_s": session.dense_forward_s,
                     "compression_over_dense_forward": compression_s / session.dense_forward_s,
-                    "scoring_evaluations": evaluations},
+                    "scoring_evaluations": evaluations,
+                    "scoring_evaluations_replayed": replayed},
         "notes": plan.notes,
         **({"factorization": {"factorizer": cfg["factorize"]["name"], **factored.summary()}} if factored is not None else {}),
     }

@@ -52,6 +52,9 @@ class Registry:
 
     def entry(self, name: str, key: str | None = None) -> Entry:
         """``key``: the recipe key that named it, for the message (default: this kind's usual key)."""
+        if not isinstance(name, str):
+            raise SubFitError(f"{key or self.config_key}: {name!r} is not a {self.kind} name; "
+                              f"{did_you_mean(str(name), self._entries)}")
         try:
             return self._entries[name]
         except KeyError:

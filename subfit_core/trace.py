@@ -9,6 +9,8 @@
   boundaries downstream of it.
 * ``refit_anchored`` re-fits bypasses on inputs from the partially compressed model against
   targets from the dense one, in one pass.
+* ``journal_evaluations`` records every scoring evaluation on disk and answers repeats from it, so
+  a run killed during selection resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import hashlib
+import json
+import time
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +57,11 @@ class Workbench:
         self._dense_refs: list[tuple[torch.Tensor, float]] | None = None
         self._fits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fitter -> {sub: bypass}
         self.evaluations = 0  # scoring-set evaluations run (for cost reports)
+        self.replayed = 0  # evaluations answered from the journal of an earlier, interrupted run
+        self.replayed_seconds = 0.0  # what they took when they ran (compression time counts them)
+        self._journal: Path | None = None
+        self._recorded: dict[str, tuple[float, float]] = {}  # key -> (value, seconds)
+        self._digests: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> weights digest
         self._limit: int | None = None  # judge on the first _limit scoring windows only (``subset``)
         # Selectors' own memo for the session (the dense model never changes within it), e.g. the
         # iterative selector's scores per step, which a later run at a higher sparsity replays.
@@ -202,7 +212,7 @@ class Workbench:
 
     def metric(self, metric: str) -> float:
         """The current (partially compressed) model's metric on the scoring set."""
-        return self._metric(self.boundary(len(self.subs)), metric)
+        return self._journaled({}, metric, lambda: self._metric(self.boundary(len(self.subs)), metric))
 
     def metric_with(self, sub: Submodule, module: nn.Module, metric: str) -> float:
         """The metric if ``sub`` were replaced by ``module``, re-running only what follows it."""
@@ -218,7 +228,55 @@ class Workbench:
     def metric_with_many(self, modules: dict[Submodule, nn.Module], metric: str) -> float:
         """The metric if every submodule in ``modules`` were replaced (e.g. a whole layer or a
         window), re-running from the first of them onward."""
-        return self._metric(self.states_with(modules), metric)
+        return self._journaled(modules, metric, lambda: self._metric(self.states_with(modules), metric))
+
+    # ------------------------------------------------------------------ resuming
+    def journal_evaluations(self, path: Path) -> int:
+        """Append every scoring evaluation's result to ``path`` (JSON lines) and answer those already
+        there from it; returns how many it holds. A run killed during selection then resumes where
+        it stopped: the selector makes the same choices again (fits are deterministic) and finds
+        each evaluation it had finished. A key hashes the weights of every module the evaluated
+        model has replaced, so a fit that came out different is evaluated, never replayed wrongly."""
+        self._journal, self._recorded = path, {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self._recorded[str(entry["key"])] = (float(entry["value"]), float(entry["seconds"]))
+                except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                    continue
+        return len(self._recorded)
+
+    def _digest(self, module: nn.Module) -> str:
+        if module not in self._digests:
+            h = hashlib.sha256(type(module).__name__.encode())
+            for name, t in module.state_dict().items():
+                t = t.detach().to("cpu").contiguous()
+                h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            self._digests[module] = h.hexdigest()
+        return self._digests[module]
+
+    def _journaled(self, modules: dict[Submodule, nn.Module], metric: str, evaluate: Callable[[], float]) -> float:
+        if self._journal is None or self.factored:
+            return evaluate()
+        model = {**self.replaced, **modules}  # the model this evaluation sees, besides the originals
+        h = hashlib.sha256(f"{metric}|{self._limit}|{self.stride}".encode())
+        for sub in sorted(model):
+            h.update(f"|{sub.name}:{self._digest(model[sub])}".encode())
+        key = h.hexdigest()
+        if key in self._recorded:
+            value, seconds = self._recorded[key]
+            self.replayed += 1
+            self.replayed_seconds += seconds
+            return value
+        t0 = time.perf_counter()
+        value = evaluate()
+        self._recorded[key] = (value, time.perf_counter() - t0)
+        self._journal.parent.mkdir(parents=True, exist_ok=True)
+        with self._journal.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"key": key, "value": value, "seconds": self._recorded[key][1]}) + "\n")
+        return value
 
     # ------------------------------------------------------------------ changing the model
     @torch.inference_mode()
