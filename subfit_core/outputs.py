@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -65,29 +66,41 @@ def check_output_dir(output_dir: str | Path, overwrite: bool, key: str = "output
 
 
 @contextmanager
-def claim(target: Path, key: str = "output_dir"):
-    """Hold the exclusive lock on ``target`` while the block runs; clean up what dead writers left."""
+def claim(target: Path, key: str = "output_dir", wait: float = 0.0, siblings: bool = True):
+    """Hold the exclusive lock on ``target`` while the block runs; clean up what dead writers left
+    for it (and, with ``siblings``, for other folders next to it whose lock is free).
+    ``wait``: seconds to wait for another holder (0: fail at once, naming it)."""
     lock = target.parent / f".{target.name}.lock"
     path = str(lock.absolute())
     if path in _held:
         yield
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        if exc.errno not in (errno.EAGAIN, errno.EACCES):
-            raise
-        raise SubFitError(f"{key}: '{target}' is being written by another SubFit process (pid {holder}); "
-                          "wait for it to finish or choose another folder") from None
+    deadline = time.monotonic() + wait
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            if time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            raise SubFitError(f"{key}: '{target}' is being written by another SubFit process (pid {holder}); "
+                              "wait for it to finish or choose another folder") from None
+        if os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the holder we waited for removed this lock file: take the new one
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[path] = fd
     try:
         clean_leftovers(target)
+        if siblings:
+            clean_siblings(target)
         yield
     finally:
         del _held[path]
@@ -114,9 +127,24 @@ def clean_leftovers(target: Path) -> list[Path]:
     return removed
 
 
-def atomic_dir(target: Path, write) -> None:
-    """Call ``write(tmp_dir)`` and move the result to ``target`` only if it succeeds."""
-    with claim(target):
+def clean_siblings(target: Path) -> None:
+    """Leftovers of dead writers of other folders in ``target``'s parent, cleaned under their own
+    locks (a folder whose writer is alive keeps its lock, and is skipped)."""
+    names = {p.name[1:].rsplit(".tmp-", 1)[0] for p in target.parent.glob(".*.tmp-*") if (p / WRITING).is_file()}
+    for name in sorted(names - {target.name}):
+        try:
+            with claim(target.parent / name, siblings=False):
+                pass
+        except (SubFitError, OSError):
+            continue
+
+
+def atomic_dir(target: Path, write, wait: float = 0.0) -> None:
+    """Call ``write(tmp_dir)`` and move the result to ``target`` only if it succeeds (``wait``: as
+    for ``claim``)."""
+    with claim(target, wait=wait):
+        if target.exists() and not (target.is_dir() and written_by_subfit(target)):
+            raise SubFitError(f"output_dir: '{target}' exists and was not written by SubFit; it is not replaced")
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             (tmp / WRITING).touch()

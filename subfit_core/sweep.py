@@ -486,7 +486,7 @@ def write_outputs(cfg: dict, study) -> dict:
             summary["plot_error"] = f"{type(exc).__name__}: {exc}"
             (tmp / "results.json").write_text(json.dumps(summary, indent=2))
 
-    atomic_dir(out, write)
+    atomic_dir(out, write, wait=120)  # workers of one study rewrite the same summary: take turns
     summary["output_dir"] = str(out)
     return summary
 

@@ -120,6 +120,11 @@ def test_kill_9_while_saving_leaves_an_orphan_the_next_writer_removes(tmp_path):
     atomic_dir(target, lambda tmp: (tmp / "results.json").write_text("{}"))
     assert not list(tmp_path.glob(".run.tmp-*")) and (target / "results.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no lock file left either
+    # an orphan of another folder is cleaned by the next writer of any folder next to it
+    died = subprocess.run([sys.executable, "-c", DIE_WHILE_WRITING, str(tmp_path / "other")])
+    assert died.returncode == -signal.SIGKILL and list(tmp_path.glob(".other.tmp-*"))
+    atomic_dir(tmp_path / "third", lambda tmp: (tmp / "results.json").write_text("{}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "third"]
 
 
 def test_a_folder_moved_aside_by_a_dead_writer_is_put_back(tmp_path):
@@ -373,3 +378,25 @@ def test_a_run_killed_during_selection_resumes_there_with_the_same_result(local,
     assert resumed["timings"]["scoring_evaluations"] == total - 10  # only what the killed run had not done
     assert resumed["replaced"] == whole["replaced"]
     assert resumed["perplexity"]["compressed"] == whole["perplexity"]["compressed"]
+
+
+def test_no_writer_replaces_a_folder_subfit_did_not_write(tmp_path):
+    from subfit_core.sweep import run_worker  # noqa: F401  (sweeps write through atomic_dir too)
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(SubFitError, match="was not written by SubFit; it is not replaced"):
+        atomic_dir(mine, lambda tmp: (tmp / "results.json").write_text("{}"))
+    assert (mine / "notes.txt").read_text() == "mine"
+
+
+def test_a_waiting_writer_takes_its_turn(tmp_path):
+    target = tmp_path / "summary"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD.replace("time.sleep(60)", "time.sleep(2)"), str(target)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    t0 = time.monotonic()
+    atomic_dir(target, lambda tmp: (tmp / "results.json").write_text("{}"), wait=30)
+    assert time.monotonic() - t0 > 0.5 and (target / "results.json").exists()
+    holder.wait()
