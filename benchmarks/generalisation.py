@@ -59,6 +59,13 @@ SETS: dict[str, list[tuple[str, list[str]]]] = {
     "size": [
         ("subfit, calib 128 + scoring 8 windows", ["strategy=subfit", "calib.samples=128", "scoring.samples=8"]),
     ],
+    # more text and a larger sampled share together (in-domain must stay within 1.6x)
+    "mix": [
+        ("subfit, calib 128 + scoring 8, 60% self-sampled",
+         ["strategy=subfit", "calib.samples=128", "scoring.samples=8", "calib.generated=0.6"]),
+        ("subfit, calib 256 + scoring 8, 50% self-sampled",
+         ["strategy=subfit", "calib.samples=256", "scoring.samples=8"]),
+    ],
     # the baselines as their papers run them: the user's corpus alone
     "baselines-kjv": [
         ("subfit, KJV calibration", ["strategy=subfit", KJV]),
