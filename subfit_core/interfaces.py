@@ -76,6 +76,10 @@ class Fitted:
 class Fitter(Component):
     """Fits a bypass for a submodule from its statistics (closed form)."""
 
+    # Checked when the recipe is validated, before any work:
+    supports_anchored: ClassVar[bool] = True  # can refit on the compressed model's inputs (anchored: true)
+    fits_windows: ClassVar[bool] = False  # fits removed windows of whole layers: needs a whole-layer selector
+
     def fit_selection(self, selected: list[Submodule], bench: "Workbench", anchored: bool = False) -> Fitted:
         """Fit the final selection. By default each bypass is fitted on its own from the dense
         statistics (``anchored``: on the compressed model's inputs instead). Fitters that fit a
@@ -156,6 +160,10 @@ class Selector(Component):
 
     def needs_group_scores(self) -> bool:
         """Whether this selector asks the scorer for whole layers or windows (checked before any work)."""
+        return False
+
+    def selects_whole_layers(self) -> bool:
+        """Whether every selection is made of whole layers (what window fitters need; checked before any work)."""
         return False
 
 

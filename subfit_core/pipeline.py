@@ -97,6 +97,14 @@ def build_components(plugins: Plugins, cfg: dict) -> Components:
         able = [n for n in plugins.scorer.names() if getattr(plugins.scorer.get(n), "scores_groups", False)]
         raise ConfigError(f"scorer.name: {cfg['scorer']['name']} scores single submodules only, but selector "
                           f"{cfg['selector']['name']} asks for whole layers or windows; use one of: {', '.join(able)}")
+    if cfg["anchored"] and not comps.fitter.supports_anchored:
+        raise ConfigError(f"anchored: true is not supported by fitter {cfg['fitter']['name']}, which fits on the "
+                          "dense model; set anchored: false")
+    if comps.fitter.fits_windows and not comps.selector.selects_whole_layers():
+        able = [n for n in plugins.selector.names()
+                if build_component(plugins, "selector", {"name": n}, "selector").selects_whole_layers()]
+        raise ConfigError(f"selector.name: {cfg['selector']['name']} can select parts of layers, but fitter "
+                          f"{cfg['fitter']['name']} fits removed windows of whole layers; use one of: {', '.join(able)}")
     return comps
 
 

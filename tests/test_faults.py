@@ -157,9 +157,9 @@ def test_outputs_follow_the_umask(tmp_path, mask, folder, file):
 
 
 def test_an_unwritable_output_dir_fails_before_anything_loads(local, tmp_path, capsys, monkeypatch):
-    import subfit_core.models
+    import subfit_core.pipeline
 
-    monkeypatch.setattr(subfit_core.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(subfit_core.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert run_main(tiny_args(local, f"output_dir={blocker / 'run'}")) == 2
@@ -400,3 +400,17 @@ def test_a_waiting_writer_takes_its_turn(tmp_path):
     atomic_dir(target, lambda tmp: (tmp / "results.json").write_text("{}"), wait=30)
     assert time.monotonic() - t0 > 0.5 and (target / "results.json").exists()
     holder.wait()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["strategy=replaceme", "selector.name=greedy"], "selector.name: greedy can select parts of layers, but fitter replaceme"),
+    (["strategy=llm-streamline", "anchored=true"], "anchored: true is not supported by fitter llm-streamline"),
+    (["strategy=replaceme", "anchored=true"], "anchored: true is not supported by fitter replaceme"),
+])
+def test_components_that_cannot_work_together_fail_before_any_work(local, capsys, monkeypatch, extra, needle):
+    import subfit_core.pipeline
+
+    monkeypatch.setattr(subfit_core.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    args = [a for a in tiny_args(local, "save=false") if not a.startswith("strategy=")]
+    assert run_main([*extra, *args]) == 2
+    one_line_error(capsys, "subfit-run", needle)

@@ -88,6 +88,8 @@ def fold_into_down_proj(mlp: torch.nn.Module, t: torch.Tensor) -> torch.nn.Modul
 class ReplaceMeFitter(Fitter):
     Params = ReplaceMeParams
     description = "removed window -> one linear map folded into the preceding down_proj (ReplaceMe; ls or cosine)"
+    supports_anchored = False  # fits on the dense model
+    fits_windows = True
 
     def fit(self, sub, stats):
         return ZeroBypass()  # while selecting, the window is judged as plain removal

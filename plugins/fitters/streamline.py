@@ -71,6 +71,8 @@ def train_ffn(ffn: GatedFFN, x: torch.Tensor, target: torch.Tensor, p: Streamlin
 class StreamlineFitter(Fitter):
     Params = StreamlineParams
     description = "removed window -> one FFN trained on hidden-state MSE (LLM-Streamline)"
+    supports_anchored = False  # fits on the dense model
+    fits_windows = True
 
     hidden = 0
 

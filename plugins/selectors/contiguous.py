@@ -24,6 +24,9 @@ class ContiguousSelector(Selector):
     def needs_group_scores(self):
         return True
 
+    def selects_whole_layers(self):
+        return True
+
     def select(self, bench, scorer, fitter, budget):
         dim = bench.adapter.hidden_size
         lo = 1 if self.params.keep_first else 0

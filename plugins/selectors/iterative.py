@@ -32,6 +32,9 @@ class IterativeSelector(Selector):
     def needs_group_scores(self):
         return self.params.unit == "layer"
 
+    def selects_whole_layers(self):
+        return self.params.unit == "layer"
+
     def select(self, bench, scorer, fitter, budget):
         with bench.subset(self.params.scoring_samples):
             return self._select(bench, scorer, fitter, budget)

@@ -69,6 +69,9 @@ class LaCoSelector(Selector):
     Params = LaCoParams
     description = "merge rear layers into an earlier one by parameter differences (LaCo); scorer unused"
 
+    def selects_whole_layers(self):
+        return True
+
     def select(self, bench, scorer, fitter, budget):
         p, dim = self.params, bench.adapter.hidden_size
         kept = list(range(bench.adapter.num_layers))  # original indices of the current model's layers

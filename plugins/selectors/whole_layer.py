@@ -19,6 +19,9 @@ class WholeLayerSelector(Selector):
     Params = WholeLayerParams
     description = "one-shot removal of whole layers, lowest score first"
 
+    def selects_whole_layers(self):
+        return True
+
     def select(self, bench, scorer, fitter, budget):
         scores = scorer.score(bench.subs, bench, fitter)
         dim = bench.adapter.hidden_size
