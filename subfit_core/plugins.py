@@ -13,16 +13,16 @@ from . import hookspecs
 from .errors import SubFitError
 from .registry import Registry
 
-# hook name -> (registry kind, recipe key used in messages)
+# hook name -> (registry kind, recipe key used in messages, what every entry must be)
 COMPONENT_HOOKS = {
-    "subfit_model_adapters": ("adapter", "adapter"),
-    "subfit_scorers": ("scorer", "scorer.name"),
-    "subfit_selectors": ("selector", "selector.name"),
-    "subfit_fitters": ("fitter", "fitter.name"),
-    "subfit_factorizers": ("factorizer", "factorize.name"),
-    "subfit_datasets": ("dataset", "calib.dataset"),
-    "subfit_models": ("model", "model"),
-    "subfit_bypass_kinds": ("bypass kind", "saved bypass"),
+    "subfit_model_adapters": ("adapter", "adapter", "subfit_core.adapter:Adapter"),
+    "subfit_scorers": ("scorer", "scorer.name", "subfit_core.interfaces:Scorer"),
+    "subfit_selectors": ("selector", "selector.name", "subfit_core.interfaces:Selector"),
+    "subfit_fitters": ("fitter", "fitter.name", "subfit_core.interfaces:Fitter"),
+    "subfit_factorizers": ("factorizer", "factorize.name", "subfit_core.interfaces:Factorizer"),
+    "subfit_datasets": ("dataset", "calib.dataset", "callable"),
+    "subfit_models": ("model", "model", "callable"),
+    "subfit_bypass_kinds": ("bypass kind", "saved bypass", "subfit_core.bypass:Bypass"),
 }
 
 
@@ -39,7 +39,7 @@ class Plugins:
 
     def __init__(self, pm: PluginManager):
         self.pm = pm
-        self.registries = {kind: Registry(kind, key) for kind, key in COMPONENT_HOOKS.values()}
+        self.registries = {kind: Registry(kind, key, interface) for kind, key, interface in COMPONENT_HOOKS.values()}
         self.info: dict[str, PluginInfo] = {}
         self.recipe_dirs: list[tuple[Path, str]] = []  # (folder, origin)
         self.eval_task_dirs: list[tuple[Path, str]] = []  # (folder of lm-eval task YAMLs, origin)
@@ -58,7 +58,7 @@ class Plugins:
         for name, _ in self.pm.list_name_plugin():
             dist_name, version = dists.get(name, ("(not installed)", "-"))
             self.info[name] = PluginInfo(name=name, distribution=dist_name, version=version)
-        for hook_name, (kind, _) in COMPONENT_HOOKS.items():
+        for hook_name, (kind, _, _) in COMPONENT_HOOKS.items():
             # Call each implementation on its own so every entry knows which plugin registered it.
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 info = self.info[impl.plugin_name]

@@ -14,12 +14,28 @@ class Entry:
     name: str
     target: Any  # the object, or a lazy "module:attr" reference
     origin: str  # "plugin-name (distribution version)"
+    kind: str = "component"
+    interface: str | None = None  # "module:Class" every entry must subclass; "callable": any callable
     _loaded: Any = field(default=None, repr=False)
 
     def load(self) -> Any:
         if self._loaded is None:
-            self._loaded = _resolve(self.target) if isinstance(self.target, str) else self.target
+            obj = _resolve(self.target) if isinstance(self.target, str) else self.target
+            self._check(obj)
+            self._loaded = obj
         return self._loaded
+
+    def _check(self, obj: Any) -> None:
+        """A registered object that does not implement its kind's interface is named at first use."""
+        if self.interface is None:
+            return
+        if self.interface == "callable":
+            ok, what = callable(obj), "a callable"
+        else:
+            base = _resolve(self.interface)
+            ok, what = isinstance(obj, type) and issubclass(obj, base), f"a {base.__name__} subclass"
+        if not ok:
+            raise SubFitError(f"{self.kind} '{self.name}' registered by {self.origin} is {obj!r}, not {what}")
 
 
 def _resolve(ref: str) -> Any:
@@ -36,16 +52,17 @@ def _resolve(ref: str) -> Any:
 class Registry:
     """Components of one kind ("scorer", "fitter", ...) by name."""
 
-    def __init__(self, kind: str, config_key: str | None = None):
+    def __init__(self, kind: str, config_key: str | None = None, interface: str | None = None):
         self.kind = kind
         self.config_key = config_key or kind  # which recipe key names entries of this kind, for messages
+        self.interface = interface  # what every entry must be (see Entry.interface)
         self._entries: dict[str, Entry] = {}
 
     def add(self, name: str, target: Any, origin: str) -> None:
         if name in self._entries:
             first = self._entries[name].origin
             raise SubFitError(f"{self.kind} '{name}' is registered twice: by {first} and by {origin}")
-        self._entries[name] = Entry(name, target, origin)
+        self._entries[name] = Entry(name, target, origin, self.kind, self.interface)
 
     def get(self, name: str, key: str | None = None) -> Any:
         return self.entry(name, key).load()

@@ -27,7 +27,7 @@ from subfit_core.registry import Registry  # noqa: E402
 FIXTURE = Path(__file__).parent / "fixtures" / "subfit_example_plugin"
 BIN = Path(sys.executable).parent
 SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "SUBFIT_PROGRESS": "0"}
-KINDS = [kind for kind, _ in COMPONENT_HOOKS.values()]
+KINDS = [kind for kind, _, _ in COMPONENT_HOOKS.values()]
 
 
 def run(cmd, **kw):
@@ -118,7 +118,9 @@ def test_misspelled_hook_fails_at_startup():
 
 
 def test_good_extra_plugin_is_registered():
-    class MyFitter:
+    from subfit_core.interfaces import Fitter
+
+    class MyFitter(Fitter):
         pass
 
     good = plugin_module("extra_plugin", subfit_fitters=lambda: {"my-fitter": MyFitter})
@@ -284,3 +286,25 @@ def test_installed_plugin_scorer_drives_selection(example_plugin):
     # the plugin's own Params, set through the recipe: prefer=shallow picks the first layer
     assert shallow["selected"] == ["L0.attn", "L0.ffn"]
     assert shallow["scores"] == [0.0, 0.0]
+
+
+def test_a_registered_class_must_implement_its_interface():
+    from subfit_core.hookspecs import hookimpl
+
+    class NotAScorer:
+        pass
+
+    class Plugin:
+        @hookimpl
+        def subfit_scorers(self):
+            return {"fake": NotAScorer}
+
+        @hookimpl
+        def subfit_datasets(self):
+            return {"not-callable": 42}
+
+    plugins = Plugins(make_plugin_manager(extra_plugins=(Plugin(),)))
+    with pytest.raises(SubFitError, match=r"scorer 'fake' registered by plugin .* is .*NotAScorer.*, not a Scorer subclass"):
+        plugins.scorer.get("fake")
+    with pytest.raises(SubFitError, match=r"dataset 'not-callable' registered by plugin .* is 42, not a callable"):
+        plugins.dataset.get("not-callable")
