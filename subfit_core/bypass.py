@@ -181,17 +181,6 @@ class MLPBypass(Bypass):
         return cls(torch.zeros(hidden, d, dtype=dtype), torch.zeros(hidden, d, dtype=dtype), torch.zeros(d, hidden, dtype=dtype))
 
 
-def unique_param_count(modules) -> int:
-    """Parameters of ``modules`` with shared tensors (a shared basis) counted once."""
-    seen, total = set(), 0
-    for module in modules:
-        for p in module.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
-    return total
-
-
 def bypass_classes(kinds: list[str], plugins=None) -> dict[str, type[Bypass]]:
     """kind -> the class it is registered to (default: by the installed plugins)."""
     if plugins is None:

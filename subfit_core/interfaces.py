@@ -25,8 +25,6 @@ if TYPE_CHECKING:
     from .stats import SubStats
     from .trace import Workbench
 
-KINDS = ("attn", "ffn")
-
 
 @dataclass(frozen=True, order=True)
 class Submodule:

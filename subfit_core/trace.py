@@ -36,7 +36,6 @@ from .interfaces import Fitter, Submodule
 from .progress import progress
 from .stats import SubStats
 
-METRICS = ("kl", "loss", "js")
 _MAX_CACHED_REFERENCE_BYTES = 2 * 1024**3
 
 
