@@ -26,7 +26,7 @@ import yaml
 from .errors import ConfigError, SubFitError, did_you_mean
 from .progress import quiet_lm_eval
 
-# Zero-shot multiple-choice set for users with hub access (ALGORITHMS.md, evaluation protocol).
+# Zero-shot multiple-choice set for users with hub access (the usual structural-pruning evaluation protocol).
 STANDARD_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "piqa", "winogrande", "openbookqa")
 ACCURACY = "acc"               # the accuracy that retained accuracy is computed from (acc_norm is reported too)
 PERPLEXITY = "word_perplexity"  # the perplexity of rolling log-likelihood tasks that degradation uses

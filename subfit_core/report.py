@@ -7,7 +7,7 @@ numbers). Written atomically to ``output_dir``: ``report.md``, ``report.json``,
 ``accuracy_ppl_vs_sparsity.png`` and ``latency_kv_vs_sparsity.png``.
 
 Across runs: the geometric mean of the perplexity ratios, of the retained accuracies and of the
-TTFT speed-ups (ALGORITHMS.md: across runs or models, the geometric mean).
+TTFT speed-ups (across runs or models, ratios are averaged geometrically).
 """
 
 from __future__ import annotations
