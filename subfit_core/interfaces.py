@@ -144,6 +144,9 @@ class Plan:
     replacements: list[Replacement] = field(default_factory=list)
     notes: dict = field(default_factory=dict)
     edits: dict[Submodule, nn.Module] = field(default_factory=dict)
+    # seconds of work the selector replayed from an earlier run of the session instead of redoing
+    # it: counted in compression time, so the time is what a standalone run would take
+    reused_seconds: float = 0.0
 
     @property
     def subs(self) -> list[Submodule]:

@@ -275,9 +275,9 @@ def compress(session: Session, cfg: dict, before_eval: Callable[[], None] | None
     bench.restore()
     bench.apply({**fitted.bypasses, **edits})
     factored = factorize_rest(bench, fz, budget, fitted.bypasses) if fz is not None else None
-    # A selector that replayed scores computed by an earlier run of this session says how long they
-    # took; they count here, so the time is what a standalone run would take.
-    compression_s = session.sampling_s + session.stats_s + time.perf_counter() - t0 + plan.notes.get("scores_reused", {}).get("seconds", 0.0)
+    # Work replayed from earlier runs (a selector's own memo, the evaluation journal) counts at what
+    # it took when it ran, so the time is what a standalone run would take.
+    compression_s = session.sampling_s + session.stats_s + time.perf_counter() - t0 + plan.reused_seconds
     compression_s += bench.replayed_seconds - replayed_s_before  # evaluations answered from the journal
 
     if before_eval is not None:

@@ -75,4 +75,5 @@ class IterativeSelector(Selector):
         plan.notes["estimated_sparsity"] = achieved
         if reused[0]:
             plan.notes["scores_reused"] = {"steps": reused[0], "seconds": reused[1]}
+            plan.reused_seconds = reused[1]
         return plan
