@@ -27,7 +27,7 @@ from . import __version__
 from .bypass import Bypass
 from .card import model_card
 from .errors import SubFitError
-from .export import FORMAT, MODEL_TYPE, MODELING_FILE, export_config, modeling_source
+from .export import FORMAT, MODEL_TYPE, MODELING_FILE, check_modeling_source, export_config, modeling_source
 from .lowrank import FactoredLinear
 from .outputs import atomic_dir
 from .rebuild import rebuild
@@ -75,6 +75,7 @@ def save_compressed(model, tokenizer, replacements: list[dict], output_dir: Path
     info = {"replacements": replacements, **({"factored": factored} if factored else {})}
     config = export_config(model, info)
     code = modeling_source(model, layout, kinds, __version__)
+    check_modeling_source(code, info, model.config.hidden_size)
 
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -101,9 +102,14 @@ def read_config(path: Path) -> dict:
     info = config.get("subfit") if isinstance(config, dict) else None
     if not isinstance(info, dict):
         raise SubFitError(f"load_compressed: '{path}/config.json' has no 'subfit' entry (not a SubFit model)")
-    if info.get("format") != FORMAT or config.get("model_type") != MODEL_TYPE:
+    if info.get("format") != FORMAT:
         raise SubFitError(f"load_compressed: '{path}' was saved in SubFit format {info.get('format')!r}; this version "
                           f"reads format {FORMAT} only (compress the model again)")
+    if config.get("model_type") != MODEL_TYPE:
+        raise SubFitError(f"load_compressed: '{path}/config.json': model_type {config.get('model_type')!r}; "
+                          f"a SubFit model of format {FORMAT} has '{MODEL_TYPE}'")
+    if not isinstance(info.get("base"), dict):
+        raise SubFitError(f"load_compressed: '{path}/config.json': subfit.base is not a mapping")
     return config
 
 
@@ -160,7 +166,7 @@ def check_records(info: dict, layers: int, path: Path) -> None:
         raise SubFitError(f"{where}: a submodule is replaced twice in subfit.replacements")
 
 
-def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
                     plugins=None):
     """Rebuild a SubFit model from ``path``: returns (model, tokenizer). ``plugins`` (default: the
     installed ones) supply the model adapter and the classes of the saved bypass kinds."""
@@ -175,8 +181,12 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype:
         raise SubFitError(f"load_compressed: '{path}' holds no model.safetensors")
     config = read_config(path)
     info = config["subfit"]
+    if isinstance(dtype, str):  # load_compressed(path, dtype="bfloat16")
+        if dtype not in DTYPES:
+            raise SubFitError(f"load_compressed: dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     saved_dtype = config.get("dtype") or "float32"
-    if dtype is None and saved_dtype not in DTYPES:
+    if dtype is None and (not isinstance(saved_dtype, str) or saved_dtype not in DTYPES):
         raise SubFitError(f"load_compressed: '{path}/config.json': dtype {saved_dtype!r}; allowed: {', '.join(DTYPES)}")
     dtype = dtype or DTYPES[saved_dtype]
     base = base_config(config, path)

@@ -65,12 +65,13 @@ def bench(argv: list[str]) -> tuple[dict, str, Path]:
     import torch
 
     from .artifact import load_compressed
-    from .outputs import write_atomic
+    from .outputs import claim, write_atomic
     from .deploy import BenchSettings, benchmark, markdown, ratios
     from .models import load_model, resolve_device
     from .plugins import get_plugins
 
     run_dir, device_name, section, given = parse_args(argv)
+    folder = run_dir.stat().st_ino  # the folder measured: results go to it only if it is still there
     recipe = read_run_recipe(run_dir)
     device = resolve_device(device_name)
     dtype = getattr(torch, recipe.get("dtype", "float32"))  # one of SCHEMA's choices (checked above)
@@ -84,8 +85,11 @@ def bench(argv: list[str]) -> tuple[dict, str, Path]:
     result["ratios"] = ratios(result)
     result["run"], result["model"] = str(run_dir), source
     table = markdown(result, result["ratios"])
-    write_atomic(run_dir / "deployment.json", json.dumps(result, indent=2))
-    write_atomic(run_dir / "deployment.md", f"# Deployment: {run_dir} vs {source}\n\n{table}")
+    with claim(run_dir, wait=60):  # a rerun replacing the folder meanwhile waits, or this waits for it
+        if run_dir.stat().st_ino != folder:
+            raise SubFitError(f"output_dir: '{run_dir}' was replaced while it was measured; nothing written")
+        write_atomic(run_dir / "deployment.json", json.dumps(result, indent=2))
+        write_atomic(run_dir / "deployment.md", f"# Deployment: {run_dir} vs {source}\n\n{table}")
     return result, table, run_dir
 
 

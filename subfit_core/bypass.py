@@ -134,7 +134,8 @@ class SharedBasisBypass(Bypass):
         return self.owner[0].basis if self.owner else self.basis
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.basis_matrix()), self.coef, self.bias)
+        # .to: with a device_map the group's first member (which holds the basis) may sit elsewhere
+        return F.linear(F.linear(x, self.basis_matrix().to(x.device)), self.coef, self.bias)
 
     @property
     def rank(self) -> int:

@@ -146,6 +146,26 @@ def modeling_source(model: nn.Module, layout, kinds: list[type], version: str) -
     return source
 
 
+def check_modeling_source(source: str, info: dict, dim: int) -> None:
+    """Run the generated file as transformers would, and build and call every saved bypass kind on
+    the meta device (no memory): a class whose portable source needs a name the file lacks fails
+    here, at save time, not in a user's forward."""
+    import torch
+
+    namespace: dict = {"__name__": "subfit_modeling_check"}
+    try:
+        exec(compile(source, MODELING_FILE, "exec"), namespace)  # noqa: S102 - our own generated code
+        shared: dict = {}
+        with torch.device("meta"):
+            for r in info["replacements"]:
+                spec = r["bypass"]
+                bypass = namespace["BYPASS_CLASSES"][spec["kind"]].empty(spec, torch.float32, shared)
+                bypass(torch.zeros(1, 2, spec.get("dim", dim)))
+    except Exception as exc:  # noqa: BLE001 - any failure means standard tools could not load the model
+        raise SubFitError(f"save: the generated {MODELING_FILE} does not work ({type(exc).__name__}: "
+                          f"{str(exc).strip()[:200]}); a bypass class's portable_source() is at fault") from None
+
+
 def export_config(model: nn.Module, info: dict) -> dict:
     """config.json of the saved model: the source model's fields under the SubFit model type."""
     cfg = model.config.to_dict()

@@ -18,6 +18,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -29,9 +30,17 @@ from .errors import SubFitError
 MARKER = ".subfit-output"  # in every folder SubFit writes: overwrite replaces only such folders
 WRITING = ".subfit-writing"  # in a temporary folder while it is being written
 _held: dict[str, int] = {}  # lock files this process holds: path -> fd (claims nest)
+CLAIM_WAIT_S = 2.0
+LEFTOVER = re.compile(r"\.(.+)\.(tmp|old|trash)-[^/]+")
 
 
 def umask() -> int:
+    try:  # read it where the system tells it: setting it to read it races with other threads
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -40,9 +49,10 @@ def umask() -> int:
 def written_by_subfit(folder: Path) -> bool:
     if (folder / MARKER).is_file():
         return True
-    try:  # a model folder written before the marker existed
-        return "subfit" in json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
+    try:  # a model folder written before the marker existed (format 1; later ones carry the marker)
+        info = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("subfit")
+        return isinstance(info, dict) and info.get("format") == 1
+    except (OSError, ValueError, TypeError, AttributeError):
         return False
 
 
@@ -66,10 +76,11 @@ def check_output_dir(output_dir: str | Path, overwrite: bool, key: str = "output
 
 
 @contextmanager
-def claim(target: Path, key: str = "output_dir", wait: float = 0.0, siblings: bool = True):
+def claim(target: Path, key: str = "output_dir", wait: float = CLAIM_WAIT_S, siblings: bool = True):
     """Hold the exclusive lock on ``target`` while the block runs; clean up what dead writers left
     for it (and, with ``siblings``, for other folders next to it whose lock is free).
-    ``wait``: seconds to wait for another holder (0: fail at once, naming it)."""
+    ``wait``: seconds to wait for another holder before failing with its pid (the default covers a
+    cleaner that holds a lock for a rename, not a writer)."""
     lock = target.parent / f".{target.name}.lock"
     path = str(lock.absolute())
     if path in _held:
@@ -91,7 +102,11 @@ def claim(target: Path, key: str = "output_dir", wait: float = 0.0, siblings: bo
                 continue
             raise SubFitError(f"{key}: '{target}' is being written by another SubFit process (pid {holder}); "
                               "wait for it to finish or choose another folder") from None
-        if os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
             break
         os.close(fd)  # the holder we waited for removed this lock file: take the new one
     os.ftruncate(fd, 0)
@@ -108,30 +123,61 @@ def claim(target: Path, key: str = "output_dir", wait: float = 0.0, siblings: bo
         os.close(fd)
 
 
+def leftovers(parent: Path) -> dict[str, dict[str, list[Path]]]:
+    """SubFit's hidden work folders in ``parent`` by the folder they belong to: ``.NAME.tmp-*`` (a
+    folder being written), ``.NAME.old-*`` (a previous result moved aside), ``.NAME.trash-*`` (on its
+    way out). Names are matched exactly, never as patterns."""
+    found: dict[str, dict[str, list[Path]]] = {}
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return found
+    for entry in entries:
+        m = LEFTOVER.fullmatch(entry)
+        if m and (parent / entry).is_dir() and not (parent / entry).is_symlink():
+            found.setdefault(m.group(1), {}).setdefault(m.group(2), []).append(parent / entry)
+    return found
+
+
+def discard(folder: Path, target: Path) -> None:
+    """Remove a work folder: first renamed to a trash name (instant, so a lock is held only for the
+    rename), then deleted; a trash folder left by a kill is deleted by the next cleaner."""
+    trash = target.with_name(f".{target.name}.trash-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        os.replace(folder, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def clean_leftovers(target: Path) -> list[Path]:
     """Under ``target``'s lock: remove its temporary folders (their writers are dead, or they would
-    hold the lock) and put back a folder moved aside by a writer that died before replacing it."""
+    hold the lock) and put back a previous result that a writer who died had moved aside."""
+    mine = leftovers(target.parent).get(target.name, {})
     removed = []
-    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
-        if (tmp / WRITING).is_file():
-            shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in mine.get("tmp", []):
+        if (tmp / WRITING).is_file() or (tmp / MARKER).is_file():
+            discard(tmp, target)
             removed.append(tmp)
-    for old in target.parent.glob(f".{target.name}.old-*"):
-        if not old.is_dir() or not written_by_subfit(old):
+    for old in mine.get("old", []):
+        if not written_by_subfit(old):
             continue
         if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old, target)
         else:
             os.replace(old, target)
         removed.append(old)
+    for trash in mine.get("trash", []):
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(trash)
     return removed
 
 
 def clean_siblings(target: Path) -> None:
     """Leftovers of dead writers of other folders in ``target``'s parent, cleaned under their own
-    locks (a folder whose writer is alive keeps its lock, and is skipped)."""
-    names = {p.name[1:].rsplit(".tmp-", 1)[0] for p in target.parent.glob(".*.tmp-*") if (p / WRITING).is_file()}
-    for name in sorted(names - {target.name}):
+    locks (a folder whose writer is alive keeps its lock, and is skipped; the lock is held only for
+    renames, the deleting happens after)."""
+    for name in sorted(set(leftovers(target.parent)) - {target.name}):
         try:
             with claim(target.parent / name, siblings=False):
                 pass
@@ -139,7 +185,7 @@ def clean_siblings(target: Path) -> None:
             continue
 
 
-def atomic_dir(target: Path, write, wait: float = 0.0) -> None:
+def atomic_dir(target: Path, write, wait: float = CLAIM_WAIT_S) -> None:
     """Call ``write(tmp_dir)`` and move the result to ``target`` only if it succeeds (``wait``: as
     for ``claim``)."""
     with claim(target, wait=wait):
@@ -152,16 +198,17 @@ def atomic_dir(target: Path, write, wait: float = 0.0) -> None:
             write(tmp)
             (tmp / MARKER).write_text(json.dumps({"written_by": "subfit"}) + "\n")
             follow_umask(tmp)  # some writers (safetensors) create private files
-            (tmp / WRITING).unlink()
             if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.replace(target, old)
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.replace(target, old)  # onto the empty folder just made: a name no one else has
                 os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
+                discard(old, target)
             else:
                 os.replace(tmp, target)
+            (target / WRITING).unlink(missing_ok=True)  # kept until here: a writer killed before is cleaned
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
 
 

@@ -252,7 +252,7 @@ class Workbench:
             for name, t in module.state_dict().items():
                 t = t.detach().to("cpu").contiguous()
                 h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
             self._digests[module] = h.hexdigest()
         return self._digests[module]
 

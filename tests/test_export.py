@@ -225,3 +225,24 @@ def test_automodel_gives_the_compressed_base_model(tmp_path):
     assert type(base).__name__ == "SubFitModel"
     with torch.no_grad():
         assert torch.equal(base(input_ids=IDS).last_hidden_state, causal.model(input_ids=IDS).last_hidden_state)
+
+
+def test_a_bypass_class_that_cannot_travel_is_refused_at_save_time(tmp_path):
+    """A class whose source needs a module-level name the modeling file lacks fails when saving,
+    with nothing written, instead of in a user's forward."""
+    from test_bypass_kinds import DiagonalBypass
+
+    from subfit_core.errors import SubFitError
+
+    class Scaled(DiagonalBypass):
+        kind = "scaled"
+
+        def forward(self, x):
+            return helper_not_in_the_file(x) * self.scale  # noqa: F821
+
+    model = make_model("llama")
+    bypasses = {Submodule(1, "ffn"): Scaled(torch.ones(D))}
+    apply_bypasses(LlamaFamilyAdapter(model), bypasses)
+    with pytest.raises(SubFitError, match="modeling_subfit.py does not work .*NameError"):
+        artifact.save_compressed(model, tiny_tokenizer(), records(bypasses), tmp_path / "m", {}, {})
+    assert not (tmp_path / "m").exists()
