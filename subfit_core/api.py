@@ -46,24 +46,13 @@ class Report:
         return summary(self.results)
 
 
-def flatten_overrides(overrides: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    """``{"calib": {"samples": 32}, "sparsity": 0.2}`` -> [("calib.samples", 32), ("sparsity", 0.2)]."""
-    out = []
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            out += flatten_overrides(value, f"{prefix}{key}.")
-        else:
-            out.append((f"{prefix}{key}", value))
-    return out
-
-
 def resolve(recipe: str | dict, overrides: dict) -> dict:
-    from .config import apply_overrides, validate
+    from .config import apply_overrides, flatten, validate
     from .plugins import get_plugins
     from .recipes import read_recipe
 
     data = dict(recipe) if isinstance(recipe, dict) else read_recipe(get_plugins(), str(recipe))[0]
-    return validate(apply_overrides(data, flatten_overrides(overrides)))
+    return validate(apply_overrides(data, flatten(overrides)))
 
 
 def calibration_text(texts) -> CorpusText:
@@ -92,9 +81,7 @@ def compress(model: str | nn.Module, tokenizer=None, recipe: str | dict = "subfi
     ``datasets.Dataset`` with a ``text`` column. No model is saved: call ``save``.
     """
     from .models import resolve_device
-    from .pipeline import build_components, compress as run_compression, open_session
-    from .evaluate import check_tasks
-    from .plugins import get_plugins
+    from .pipeline import check_before_work, compress as run_compression, open_session
 
     t_start = time.perf_counter()
     texts = {}
@@ -114,8 +101,7 @@ def compress(model: str | nn.Module, tokenizer=None, recipe: str | dict = "subfi
     elif not isinstance(model, str):
         raise ConfigError(f"model: expected a loaded causal LM or a name/path, got {type(model).__name__}")
     cfg = resolve(recipe, {**overrides, "save": False})
-    build_components(get_plugins(), cfg)  # bad component parameters fail before any work
-    check_tasks(cfg["eval"]["tasks"], get_plugins())
+    check_before_work(cfg)
     if loaded is not None:
         loaded = (loaded[0].to(device=resolve_device(cfg["device"]), dtype=getattr(torch, cfg["dtype"])), *loaded[1:])
     session = open_session(cfg, loaded=loaded, texts=texts)

@@ -344,10 +344,15 @@ def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: di
     }
 
 
+def check_before_work(cfg: dict) -> None:
+    """Bad component parameters, incompatible components and unknown task names fail before the model loads."""
+    build_components(get_plugins(), cfg)
+    check_tasks(cfg["eval"]["tasks"], get_plugins())
+
+
 def run(cfg: dict) -> dict:
     t_start = time.perf_counter()
-    build_components(get_plugins(), cfg)  # bad component parameters fail before the model loads
-    check_tasks(cfg["eval"]["tasks"], get_plugins())  # and so do unknown task names
+    check_before_work(cfg)
     if not cfg["save"]:
         return run_in(cfg, None, t_start)
     out_dir = check_output_dir(cfg["output_dir"], cfg["overwrite"])

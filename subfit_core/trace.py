@@ -29,7 +29,7 @@ from typing import Callable
 
 from .adapter import Adapter
 from .bypass import Bypass
-from .cache import load_stats, save_stats
+from .cache import digest, load_stats, save_stats
 from .corpus import Windows
 from .errors import ConfigError
 from .interfaces import Fitter, Submodule
@@ -247,13 +247,8 @@ class Workbench:
         return len(self._recorded)
 
     def _digest(self, module: nn.Module) -> str:
-        if module not in self._digests:
-            h = hashlib.sha256(type(module).__name__.encode())
-            for name, t in module.state_dict().items():
-                t = t.detach().to("cpu").contiguous()
-                h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            self._digests[module] = h.hexdigest()
+        if module not in self._digests:  # its class and its weights (fitted modules never change)
+            self._digests[module] = f"{type(module).__name__}:{digest(module.state_dict())}"
         return self._digests[module]
 
     def _journaled(self, modules: dict[Submodule, nn.Module], metric: str, evaluate: Callable[[], float]) -> float:
