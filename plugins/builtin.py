@@ -29,6 +29,24 @@ def subfit_scorers():
 
 
 @hookimpl
+def subfit_statistics():
+    return {
+        "rotation": f"{P}.statistics.residual:Rotation",
+        "magnitude": f"{P}.statistics.residual:Magnitude",
+        "layer-cosine": f"{P}.statistics.residual:LayerCosine",
+    }
+
+
+@hookimpl
+def subfit_metrics():
+    return {
+        "kl": f"{P}.metrics.distribution:KLDivergence",
+        "loss": f"{P}.metrics.distribution:Loss",
+        "js": f"{P}.metrics.distribution:JSDivergence",
+    }
+
+
+@hookimpl
 def subfit_selectors():
     return {
         "greedy": f"{P}.selectors.greedy:GreedySelector",
@@ -55,9 +73,13 @@ def subfit_fitters():
 
 @hookimpl
 def subfit_bypass_kinds():
-    return {kind: f"subfit_core.bypass:{cls}" for kind, cls in (
-        ("zero", "ZeroBypass"), ("linear", "LinearBypass"), ("lowrank", "LowRankBypass"),
-        ("shared_basis", "SharedBasisBypass"), ("mlp", "MLPBypass"))}
+    return {
+        "zero": "subfit_core.bypass:ZeroBypass",
+        "linear": "subfit_core.bypass:LinearBypass",
+        "lowrank": "subfit_core.bypass:LowRankBypass",
+        "shared_basis": f"{P}.fitters.shared_basis:SharedBasisBypass",
+        "mlp": f"{P}.fitters.streamline:MLPBypass",
+    }
 
 
 @hookimpl
@@ -91,6 +113,12 @@ def subfit_eval_domains():
 @hookimpl
 def subfit_models():
     return {"smollm2-135m": f"{P}.models:smollm2_135m"}
+
+
+@hookimpl
+def subfit_defaults():
+    # the embedded default: a real model and real text, both offline
+    return {"strategy": "subfit", "model": "smollm2-135m", "calib.dataset": "kjv"}
 
 
 @hookimpl

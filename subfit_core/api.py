@@ -46,11 +46,15 @@ class Report:
         return summary(self.results)
 
 
-def resolve(recipe: str | dict, overrides: dict) -> dict:
+def resolve(recipe: str | dict | None, overrides: dict) -> dict:
     from .config import apply_overrides, flatten, validate
     from .plugins import get_plugins
     from .recipes import read_recipe
 
+    if recipe is None:
+        from .cli import default_strategy
+
+        recipe = default_strategy()
     data = dict(recipe) if isinstance(recipe, dict) else read_recipe(get_plugins(), str(recipe))[0]
     return validate(apply_overrides(data, flatten(overrides)))
 
@@ -71,9 +75,10 @@ def calibration_text(texts) -> CorpusText:
     return CorpusText(CALIBRATION, "\n\n".join(train), "\n\n".join(held), f"{len(texts)} texts passed to compress()")
 
 
-def compress(model: str | nn.Module, tokenizer=None, recipe: str | dict = "subfit", calibration=None,
+def compress(model: str | nn.Module, tokenizer=None, recipe: str | dict | None = None, calibration=None,
              **overrides) -> tuple[nn.Module, Report]:
-    """Compress ``model`` by ``recipe``; returns (the compressed model, its Report).
+    """Compress ``model`` by ``recipe`` (a registered recipe's name, a YAML path or a dict; None: the
+    plugins' default strategy); returns (the compressed model, its Report).
 
     ``model``: a loaded causal LM (compressed in place; give its ``tokenizer``), or what ``model=``
     takes in a recipe (a registered name, a local folder or a hub id). ``calibration``: None (the

@@ -20,7 +20,7 @@ from .stats import SubStats
 
 
 # Bump when what the statistics hold, or how they are computed, changes: old files then miss.
-STATS_VERSION = 2  # 2: files carry a sha256 of their tensors
+STATS_VERSION = 3  # 2: files carry a sha256 of their tensors; 3: plugins' statistics per submodule
 DEFAULT_MAX_GB = 20.0
 
 
@@ -46,9 +46,12 @@ def weights_fingerprint(model: torch.nn.Module) -> list[float]:
             for v in (p.sum(dtype=torch.float64), torch.linalg.vector_norm(p, 1, dtype=torch.float64))]
 
 
-def stats_key(model_spec: str, model: torch.nn.Module, dtype: str, calib_ids: torch.Tensor) -> str:
+def stats_key(model_spec: str, model: torch.nn.Module, dtype: str, calib_ids: torch.Tensor,
+              statistics: list[str] = ()) -> str:
+    """``statistics``: what the plugins' statistics are (``Workbench.statistics_signature``)."""
     h = hashlib.sha256()
-    h.update(json.dumps([STATS_VERSION, model_spec, model.config.to_dict(), dtype, weights_fingerprint(model)],
+    h.update(json.dumps([STATS_VERSION, model_spec, model.config.to_dict(), dtype, weights_fingerprint(model),
+                         sorted(statistics)],
                         sort_keys=True, default=str).encode())
     h.update(calib_ids.numpy().tobytes())
     return h.hexdigest()[:24]
@@ -64,9 +67,8 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_stats(path: Path, stats: dict[Submodule, SubStats], layer_cos: list[float]) -> None:
+def save_stats(path: Path, stats: dict[Submodule, SubStats]) -> None:
     tensors = {f"{s.name}.{k}": v.contiguous() for s, st in stats.items() for k, v in st.state().items()}
-    tensors["layer_cos"] = torch.tensor(layer_cos, dtype=torch.float64)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -105,10 +107,12 @@ def evict(folder: Path, limit: int, keep: Path) -> list[Path]:
     return gone
 
 
-def load_stats(path: Path, subs: list[Submodule], dim: int) -> tuple[dict[Submodule, SubStats], list[float]] | None:
-    """The cached statistics of ``subs`` (hidden size ``dim``), or None to recompute them: missing,
-    or (said in one line on stderr) unreadable, not matching their checksum, of the wrong shapes
-    or not finite. Garbage never reaches a fit."""
+def load_stats(path: Path, subs: list[Submodule], dim: int,
+               widths: dict[str, int] | None = None) -> dict[Submodule, SubStats] | None:
+    """The cached statistics of ``subs`` (hidden size ``dim``, with the registered statistics
+    ``widths``: name -> numbers per submodule), or None to recompute them: missing, or (said in one
+    line on stderr) unreadable, not matching their checksum, of the wrong shapes or not finite.
+    Garbage never reaches a fit."""
     if not path.exists():
         return None
     try:
@@ -121,12 +125,12 @@ def load_stats(path: Path, subs: list[Submodule], dim: int) -> tuple[dict[Submod
         return _reject(path, f"unreadable ({type(exc).__name__})")
     if expected != digest(tensors):
         return _reject(path, "its checksum does not match its contents" if expected else "it has no checksum")
-    shapes = {"gram": (dim + 1, dim + 1), "cross": (dim + 1, dim), "scalars": (4,)}
+    shapes = {"gram": (dim + 1, dim + 1), "cross": (dim + 1, dim), "scalars": (2,),
+              **{f"extra.{name}": (width,) for name, width in (widths or {}).items()}}
     try:
         state = {s: {k: tensors[f"{s.name}.{k}"] for k in shapes} for s in subs}
-        layer_cos = tensors["layer_cos"]
     except KeyError as exc:
-        return _reject(path, f"it lacks {exc.args[0]} (written for another model layout)")
+        return _reject(path, f"it lacks {exc.args[0]} (written for another model layout or other statistics)")
     for s, parts in state.items():
         for k, t in parts.items():
             if tuple(t.shape) != shapes[k] or t.dtype != torch.float64:
@@ -138,7 +142,7 @@ def load_stats(path: Path, subs: list[Submodule], dim: int) -> tuple[dict[Submod
         os.utime(path)  # used now: the last to be evicted
     except OSError:  # a read-only shared cache is still usable
         pass
-    return stats, layer_cos.tolist()
+    return stats
 
 
 def _reject(path: Path, why: str) -> None:

@@ -44,14 +44,23 @@ def command(prog: str, interrupted: str = "interrupted"):
     return wrap
 
 
+def default_strategy() -> str:
+    from .plugins import get_plugins
+
+    strategy = get_plugins().default("strategy")
+    if strategy is None:
+        raise ConfigError("strategy: none given, and no installed plugin names a default; give strategy=NAME or a .yaml path")
+    return str(strategy)
+
+
 def resolve_recipe(args: list[str]) -> dict:
-    """Recipe named by ``strategy=`` (default subfit) with the ``key=value`` overrides applied."""
+    """Recipe named by ``strategy=`` (default: the plugins') with the ``key=value`` overrides applied."""
     from .plugins import get_plugins
     from .recipes import read_recipe
 
     overrides = [parse_override(a) for a in args]
-    strategy = next((v for k, v in overrides if k == "strategy"), "subfit")
-    data, _ = read_recipe(get_plugins(), str(strategy))
+    strategy = next((v for k, v in overrides if k == "strategy"), None)
+    data, _ = read_recipe(get_plugins(), str(strategy if strategy is not None else default_strategy()))
     return validate(apply_overrides(data, [(k, v) for k, v in overrides if k != "strategy"]))
 
 

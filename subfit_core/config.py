@@ -38,7 +38,7 @@ COMPONENT_SECTIONS = ("scorer", "selector", "fitter", "factorize")
 SCHEMA: dict[str, Any] = {
     "name": Field(str, "custom", "recipe name"),
     "description": Field(str, "", "one line saying what the recipe does"),
-    "model": Field(str, "smollm2-135m", "registered short name, local directory, or hub id"),
+    "model": Field(str, None, "registered short name, local directory, or hub id (default: the plugins')"),
     "trust_remote_code": Field(bool, False, "allow a hub model's own code to run (off: safer)"),
     "device": Field(str, "auto", "auto, cpu, cuda or cuda:N"),
     "dtype": Field(str, "float32", "model weights dtype", choices=("float32", "bfloat16", "float16")),
@@ -52,7 +52,7 @@ SCHEMA: dict[str, Any] = {
     "cache_stats": Field(bool, True, "keep dense statistics and scoring evaluations under $SUBFIT_CACHE: a killed run resumes where it was"),
     "anchored": Field(bool, False, "refit bypasses on the compressed model's inputs (dense targets)"),
     "calib": {
-        "dataset": Field(str, "kjv", "registered text source or a local .txt/.json/.jsonl file"),
+        "dataset": Field(str, None, "registered text source or a local .txt/.json/.jsonl file (default: the plugins')"),
         "samples": Field(int, 64, "calibration windows (statistics and fits)", min=1),
         "seq_len": Field(int, 256, "tokens per window", min=8),
         "batch_size": Field(int, 8, "windows per forward batch", min=1),
@@ -110,10 +110,33 @@ SCHEMA: dict[str, Any] = {
 
 
 def defaults() -> dict:
+    """Every engine key's default; the plugins' defaults (``subfit_defaults``) fill the rest."""
+    from .plugins import get_plugins
+
     def walk(node):
         return {k: walk(v) if isinstance(v, dict) else v.default for k, v in node.items()}
 
-    return walk(SCHEMA)
+    out = walk(SCHEMA)
+    for key, (value, origin) in get_plugins().defaults.items():
+        if key == "strategy":
+            continue
+        node = SCHEMA
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, Field):
+            raise ConfigError(f"{key}: {origin} gives a default for a key the recipe schema does not have")
+        set_dotted(out, key, coerce(f"{key} (default from {origin})", value, node))
+    return out
+
+
+def _check_set(cfg: dict, node: dict, prefix: str = "") -> None:
+    """A key without a value anywhere (no default, none from a plugin) is named before any work."""
+    for key, spec in node.items():
+        if isinstance(spec, dict):
+            _check_set(cfg.get(key, {}), spec, f"{prefix}{key}.")
+        elif cfg.get(key) is None and not spec.nullable:
+            raise ConfigError(f"{prefix}{key}: not set, and no installed plugin gives it a default; "
+                              f"set {prefix}{key}=... ({spec.help})")
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -227,6 +250,7 @@ def validate(cfg: dict) -> dict:
     """Validate engine keys; component sections keep their extra keys for ``validate_params``."""
     engine_part = {k: v for k, v in cfg.items() if k not in COMPONENT_SECTIONS}
     out = merge(defaults(), validate_section("", engine_part, SCHEMA))
+    _check_set(out, SCHEMA)
     for section in COMPONENT_SECTIONS:
         values = cfg.get(section, {})
         if not isinstance(values, dict):
@@ -305,6 +329,7 @@ def schema_help() -> list[tuple[str, Any, str]]:
                 rows.append((f"{prefix}{key}", spec.default, spec.help + allowed))
 
     walk(SCHEMA, "")
-    return rows
+    given = dict(flatten(defaults()))
+    return [(key, given.get(key, default), text) for key, default, text in rows]
 
 

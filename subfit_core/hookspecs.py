@@ -29,6 +29,18 @@ def subfit_scorers() -> dict:
 
 
 @hookspec
+def subfit_statistics() -> dict:
+    """Statistics (``subfit_core.interfaces.Statistic`` subclasses) accumulated per submodule in the
+    dense calibration pass, for scorers that declare them in ``Scorer.statistics``."""
+
+
+@hookspec
+def subfit_metrics() -> dict:
+    """Metrics (``subfit_core.interfaces.Metric`` subclasses) that judge a model on the scoring windows
+    from its next-token logits; scorers and selectors name them in their parameters."""
+
+
+@hookspec
 def subfit_selectors() -> dict:
     """Selectors (``subfit_core.interfaces.Selector`` subclasses) that turn scores into a Plan."""
 
@@ -64,6 +76,13 @@ def subfit_eval_domains() -> list:
 @hookspec
 def subfit_models() -> dict:
     """Short model names: callables ``(device, dtype) -> (model, tokenizer, source)``."""
+
+
+@hookspec
+def subfit_defaults() -> dict:
+    """Defaults for what a recipe or command line leaves out: dotted recipe keys (``model``,
+    ``calib.dataset``, ...) and ``strategy`` (the recipe ``subfit-run`` and ``compress()`` use when
+    none is named) -> value. A key set by two plugins is an error naming both."""
 
 
 @hookspec

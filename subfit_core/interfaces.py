@@ -107,11 +107,44 @@ class Fitter(Component):
         return {s: self.estimate_params(s, dim) for s in subs}
 
 
+class Statistic(Component):
+    """A per-submodule quantity accumulated over the calibration tokens in the dense pass, next to
+    the Gram matrices, for components that read more than a fit needs (``bench.statistic(name, sub)``).
+
+    ``observe`` gets one batch: the residual stream ``h`` in front of the submodule, its
+    contribution ``y`` and the stream ``layer_input`` in front of the submodule's layer (all
+    batch x seq x d), and returns this batch's sums, ``width`` float64 numbers. ``value`` turns the
+    sums over every token into the number components read (default: the mean over tokens)."""
+
+    width: ClassVar[int] = 1
+
+    def observe(self, sub: Submodule, h: "torch.Tensor", y: "torch.Tensor", layer_input: "torch.Tensor") -> "torch.Tensor":
+        raise NotImplementedError
+
+    def value(self, sums: "torch.Tensor", tokens: int) -> float:
+        return float(sums[0]) / max(tokens, 1)
+
+
+class Metric(Component):
+    """Judges a model on the scoring windows from its next-token logits; lower = closer to the dense
+    model. ``total`` returns the metric summed over the judged positions (the engine averages):
+    ``logits`` z (windows x positions x vocab, float32), ``lse`` = logsumexp(z), ``labels`` the next
+    tokens, and, when ``needs_reference``, the dense model's distribution p and, per window,
+    sum p log p."""
+
+    needs_reference: ClassVar[bool] = True
+
+    def total(self, logits: "torch.Tensor", lse: "torch.Tensor", labels: "torch.Tensor",
+              reference: "tuple[torch.Tensor, torch.Tensor] | None") -> "torch.Tensor":
+        raise NotImplementedError
+
+
 class Scorer(Component):
     """Scores candidates; lower = cheaper to replace. A scorer implements ``score`` (single
     submodules), or ``score_groups`` and sets ``scores_groups`` (then ``score`` comes free)."""
 
     scores_groups: ClassVar[bool] = False  # can score a group (a whole layer, a window) at once
+    statistics: ClassVar[tuple[str, ...]] = ()  # registered statistics it reads (checked before any work)
 
     def score(self, candidates: list[Submodule], bench: "Workbench", fitter: Fitter) -> dict[Submodule, float]:
         if not self.scores_groups:
@@ -124,7 +157,7 @@ class Scorer(Component):
             from .errors import ConfigError
 
             raise ConfigError(f"scorer.name: {type(self).__name__} scores single submodules only, not the layers "
-                              "or windows this selector asks for; use output or angular-distance")
+                              "or windows this selector asks for; use a scorer that scores groups")
         singles = self.score([g[0] for g in groups], bench, fitter)
         return [singles[g[0]] for g in groups]
 

@@ -97,6 +97,11 @@ def build_components(plugins: Plugins, cfg: dict) -> Components:
         able = [n for n in plugins.scorer.names() if getattr(plugins.scorer.get(n), "scores_groups", False)]
         raise ConfigError(f"scorer.name: {cfg['scorer']['name']} scores single submodules only, but selector "
                           f"{cfg['selector']['name']} asks for whole layers or windows; use one of: {', '.join(able)}")
+    registered = plugins.registries["statistic"]
+    for name in comps.scorer.statistics:
+        if name not in registered:
+            raise ConfigError(f"scorer.name: {cfg['scorer']['name']} reads the statistic '{name}', which no installed "
+                              f"plugin registers; registered: {', '.join(registered.names()) or 'none'}")
     if cfg["anchored"] and not comps.fitter.supports_anchored:
         raise ConfigError(f"anchored: true is not supported by fitter {cfg['fitter']['name']}, which fits on the "
                           "dense model; set anchored: false")
@@ -202,10 +207,10 @@ def open_session(cfg: dict, validation_windows: int = 0, loaded: tuple | None = 
                for name in names}
     dense_ppl = perplexity(model, windows.heldout, cfg["eval"]["batch_size"], device, "dense perplexity")
     dense_forward_s = forward_seconds(model, windows.calib, cfg["calib"]["batch_size"], device)
-    bench = Workbench(model, adapter, windows, cfg["calib"]["batch_size"], device, cfg["scoring"]["stride"])
+    bench = Workbench(model, adapter, windows, cfg["calib"]["batch_size"], device, cfg["scoring"]["stride"], plugins)
     cache = None
     if cfg["cache_stats"]:
-        key = stats_key(cfg["model"], model, cfg["dtype"], windows.calib)
+        key = stats_key(cfg["model"], model, cfg["dtype"], windows.calib, bench.statistics_signature())
         cache = cache_root() / "stats" / f"{key}.safetensors"
         max_cache_bytes()  # a bad SUBFIT_CACHE_MAX_GB fails now, not after the pass
     t0 = time.perf_counter()

@@ -10,13 +10,15 @@ from pathlib import Path
 import pluggy
 
 from . import hookspecs
-from .errors import SubFitError
+from .errors import SubFitError, did_you_mean
 from .registry import Registry
 
 # hook name -> (registry kind, recipe key used in messages, what every entry must be)
 COMPONENT_HOOKS = {
     "subfit_model_adapters": ("adapter", "adapter", "subfit_core.adapter:Adapter"),
     "subfit_scorers": ("scorer", "scorer.name", "subfit_core.interfaces:Scorer"),
+    "subfit_statistics": ("statistic", "scorer.statistics", "subfit_core.interfaces:Statistic"),
+    "subfit_metrics": ("metric", "scorer.metric", "subfit_core.interfaces:Metric"),
     "subfit_selectors": ("selector", "selector.name", "subfit_core.interfaces:Selector"),
     "subfit_fitters": ("fitter", "fitter.name", "subfit_core.interfaces:Fitter"),
     "subfit_factorizers": ("factorizer", "factorize.name", "subfit_core.interfaces:Factorizer"),
@@ -44,6 +46,7 @@ class Plugins:
         self.recipe_dirs: list[tuple[Path, str]] = []  # (folder, origin)
         self.eval_task_dirs: list[tuple[Path, str]] = []  # (folder of lm-eval task YAMLs, origin)
         self.eval_domains: list[tuple[str, str]] = []  # (text source name, origin)
+        self.defaults: dict[str, tuple[object, str]] = {}  # dotted key -> (value, origin)
         self._collect()
 
     def __getattr__(self, kind: str) -> Registry:
@@ -73,6 +76,17 @@ class Plugins:
                 info = self.info[impl.plugin_name]
                 origin = f"plugin '{impl.plugin_name}' ({info.distribution} {info.version})"
                 items.extend((as_item(d), origin) for d in impl.function() or [])
+        for impl in self.pm.hook.subfit_defaults.get_hookimpls():
+            info = self.info[impl.plugin_name]
+            origin = f"plugin '{impl.plugin_name}' ({info.distribution} {info.version})"
+            for key, value in (impl.function() or {}).items():
+                if key in self.defaults:
+                    raise SubFitError(f"default for '{key}' is set twice: by {self.defaults[key][1]} and by {origin}")
+                self.defaults[key] = (value, origin)
+
+    def default(self, key: str, fallback: object = None) -> object:
+        """The value a plugin gives ``key`` when the recipe leaves it out (``fallback``: none does)."""
+        return self.defaults[key][0] if key in self.defaults else fallback
 
     def default_domains(self) -> list[str]:
         """The text sources the plugins name for cross-domain perplexity, each once, in order."""
@@ -128,3 +142,15 @@ def build_component(plugins: Plugins, kind: str, section: dict, prefix: str):
 
     cls = plugins.registries[kind].get(section["name"], f"{prefix}.name")
     return cls(validate_params(prefix, section, cls.Params), plugins)
+
+
+def require(plugins: Plugins | None, kind: str, name: str, key: str):
+    """The ``kind`` entry ``name`` that a component's parameter ``key`` names, refused in one line
+    (with the nearest registered name) when it is not registered: components call this in
+    ``__init__`` so that a bad name fails when the recipe is validated."""
+    from .errors import ConfigError
+
+    registry = (plugins or get_plugins()).registries[kind]
+    if not isinstance(name, str) or name not in registry:
+        raise ConfigError(f"{key}: unknown {kind} {name!r}; {did_you_mean(str(name), registry.names())}")
+    return registry.get(name, key)

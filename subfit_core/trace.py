@@ -31,8 +31,9 @@ from .adapter import Adapter
 from .bypass import Bypass
 from .cache import digest, load_stats, save_stats
 from .corpus import Windows
-from .errors import ConfigError
-from .interfaces import Fitter, Submodule
+from .errors import ConfigError, did_you_mean
+from .interfaces import Fitter, Metric, Statistic, Submodule
+from .plugins import build_component
 from .progress import progress
 from .stats import SubStats
 
@@ -41,7 +42,17 @@ _MAX_CACHED_REFERENCE_BYTES = 2 * 1024**3
 
 class Workbench:
     def __init__(self, model: nn.Module, adapter: Adapter, windows: Windows, batch_size: int, device: torch.device,
-                 stride: int = 1):
+                 stride: int = 1, plugins=None):
+        if plugins is None:
+            from .plugins import get_plugins
+
+            plugins = get_plugins()
+        self.plugins = plugins
+        # every registered statistic is accumulated in the dense pass (each is a few sums per token)
+        self.statistics: dict[str, Statistic] = {
+            name: build_component(plugins, "statistic", {"name": name}, "statistic")
+            for name in plugins.registries["statistic"].names()}
+        self._metrics: dict[str, Metric] = {}
         self.model, self.adapter, self.windows = model, adapter, windows
         self.stride = stride
         self.batch_size, self.device = batch_size, device
@@ -65,7 +76,6 @@ class Workbench:
         # Selectors' own memo for the session (the dense model never changes within it), e.g. the
         # iterative selector's scores per step, which a later run at a higher sparsity replays.
         self.memo: dict = {}
-        self.layer_cos: list[float] = []
 
     # ------------------------------------------------------------------ helpers
     def _batches(self, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -95,13 +105,14 @@ class Workbench:
     def collect(self, cache: Path | None = None) -> bool:
         """Dense statistics (read from ``cache`` when present, else streamed and written there)
         and the scoring set's boundary states. Returns whether the statistics came from the cache."""
-        cached = load_stats(cache, self.subs, self.adapter.hidden_size) if cache is not None else None
+        widths = {name: stat.width for name, stat in self.statistics.items()}
+        cached = load_stats(cache, self.subs, self.adapter.hidden_size, widths) if cache is not None else None
         if cached is not None:
-            self.stats, self.layer_cos = cached
+            self.stats = cached
         else:
             self._collect_calibration()
             if cache is not None:
-                save_stats(cache, self.stats, self.layer_cos)
+                save_stats(cache, self.stats)
         self._states = [[self.adapter.embed(b) for b in self._batches(self.windows.scoring)]] + [[]] * len(self.subs)
         score = self._run(0, self._states[0], record=True)
         self._dense_states = list(self._states)
@@ -113,30 +124,40 @@ class Workbench:
     def _collect_calibration(self) -> None:
         dim = self.adapter.hidden_size
         calib = [self.adapter.embed(b) for b in self._batches(self.windows.calib)]
-        self.layer_cos = [0.0] * self.adapter.num_layers  # mean cos(layer input, layer output)
         layer_input: list[torch.Tensor] = []
-        for sub in progress(self.subs, desc="calibration statistics"):
-            if sub.kind == "attn":
+        for i, sub in enumerate(progress(self.subs, desc="calibration statistics")):
+            if i == 0 or self.subs[i - 1].layer != sub.layer:
                 layer_input = list(calib)
             st = SubStats(dim, sub.name)
             module = self.adapter.module(sub)
             for j, h in enumerate(calib):
                 x = self.adapter.bypass_input(sub, h)
                 y = self.adapter.apply(sub, module, x, self._ctx(h))
-                st.add(x, y, h)
+                st.add(x, y, {name: stat.observe(sub, h, y, layer_input[j]) for name, stat in self.statistics.items()})
                 calib[j] = h + y
             st.check()
             self.stats[sub] = st
-            if sub.kind == "ffn":
-                cos = sum(float(F.cosine_similarity(a.float(), b.float(), dim=-1).sum()) for a, b in zip(layer_input, calib))
-                self.layer_cos[sub.layer] = cos / self.windows.calib.numel()
+
+    def statistics_signature(self) -> list[str]:
+        """What the statistics depend on besides the model and the data: each registered statistic's
+        class and the plugin (and version) that registered it, for the cache key."""
+        entry = self.plugins.registries["statistic"].entry
+        return [f"{name}={type(stat).__module__}.{type(stat).__qualname__}|{entry(name).origin}"
+                for name, stat in self.statistics.items()]
+
+    def statistic(self, name: str, sub: Submodule) -> float:
+        """The registered statistic ``name`` of ``sub`` over the calibration tokens (dense model)."""
+        if name not in self.statistics:
+            raise ConfigError(f"statistic {name!r} is not registered; "
+                              f"{did_you_mean(name, list(self.statistics))}")
+        st = self.stats[sub]
+        return self.statistics[name].value(st.extra[name], st.tokens)
 
     # ------------------------------------------------------------------ metrics on the scoring set
     # Next-token distributions are judged at every ``stride``-th position (the hidden states of all
-    # positions are still computed). With z the logits, lse = logsumexp(z), q = softmax(z) and p the
-    # dense model's distribution:  loss = lse - z[label],  KL(p || q) = sum p log p - p.z + lse
-    # (no log_softmax of the candidate's logits needed),  JS(p, q) = (H(m) - H(p)/2 - H(q)/2)
-    # with m = (p + q) / 2 and H the entropy.
+    # positions are still computed). A registered metric sums its value over those positions from
+    # the candidate's logits z and lse = logsumexp(z), and, if it asks, the dense distribution p
+    # with sum p log p per window (computed once and kept when small enough).
     def _positions(self, t: torch.Tensor) -> torch.Tensor:
         return t[:, :-1][:, :: self.stride]
 
@@ -146,27 +167,26 @@ class Workbench:
         p = logp.exp()
         return p, (p * logp).flatten(1).sum(1)
 
+    def _metric_named(self, name: str) -> Metric:
+        if name not in self._metrics:
+            self._metrics[name] = build_component(self.plugins, "metric", {"name": name}, "metric")
+        return self._metrics[name]
+
     @torch.inference_mode()
-    def _metric(self, finals: list[torch.Tensor], metric: str) -> float:
+    def _metric(self, finals: list[torch.Tensor], name: str) -> float:
+        metric = self._metric_named(name)
         self.evaluations += 1
         total, count = 0.0, 0
         for j, (h, ids) in enumerate(zip(finals, self._batches(self.windows.scoring))):
             n = h.shape[0]  # a ``subset`` may cut the last batch short
             z = self.adapter.logits(self._positions(h)).float()
             lse = torch.logsumexp(z, dim=-1)
-            if metric == "loss":
-                labels = ids[:n, 1:][:, :: self.stride]
-                value = lse.sum() - z.gather(-1, labels[..., None]).sum()
-            else:
+            labels = ids[:n, 1:][:, :: self.stride]
+            reference = None
+            if metric.needs_reference:
                 p, neg_entropy = self._dense_refs[j] if self._dense_refs else self._reference(self._dense_states[-1][j])
-                p, neg_entropy = p[:n], neg_entropy[:n].sum()
-                if metric == "kl":
-                    value = neg_entropy + lse.sum() - torch.dot(p.reshape(-1), z.view(-1))
-                else:
-                    q = torch.softmax(z, dim=-1)
-                    m = (p + q) / 2
-                    value = 0.5 * neg_entropy + 0.5 * torch.xlogy(q, q).sum() - torch.xlogy(m, m).sum()
-            total += float(value)
+                reference = (p[:n], neg_entropy[:n])
+            total += float(metric.total(z, lse, labels, reference))
             count += lse.numel()
         return total / count
 
@@ -337,7 +357,7 @@ class Workbench:
             if sub in chosen:
                 st = SubStats(dim, sub.name)
                 for hc, y in zip(comp, targets):
-                    st.add(self.adapter.bypass_input(sub, hc), y, hc)
+                    st.add(self.adapter.bypass_input(sub, hc), y)
                 st.check()
                 fits[sub] = fitter.fit(sub, st).to(self.device, self.dtype)
                 self.adapter.replace(sub, fits[sub])

@@ -68,7 +68,7 @@ def test_shortgpt_removes_an_identity_layer_first(setup):
     budget = Budget(1 / LAYERS, "layers", bench.adapter)
     plan = WholeLayerSelector().select(bench, BlockInfluenceScorer(), IdentityFitter(), budget)
     assert plan.notes["layers_removed"] == [2]
-    assert bench.layer_cos[2] == pytest.approx(1.0, abs=1e-6)
+    assert bench.statistic("layer-cosine", Submodule(2, "ffn")) == pytest.approx(1.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("metric", ["loss", "js"])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from subfit_core.budget import Budget
-from subfit_core.bypass import LowRankBypass, SharedBasisBypass, ZeroBypass
+from subfit_core.bypass import LowRankBypass, ZeroBypass
+from subfit_plugins.fitters.shared_basis import SharedBasisBypass
 from subfit_core.interfaces import Submodule
 from subfit_core.surgery import apply_bypasses, split_bypass_params
 from subfit_core.trace import Workbench

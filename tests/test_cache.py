@@ -45,7 +45,7 @@ def test_save_evicts_and_load_marks_a_file_as_used(tmp_path, tiny_model, random_
     bench = Workbench(model, LlamaFamilyAdapter(model), random_windows(), 4, torch.device("cpu"))
     bench.collect()
     first = tmp_path / "a.safetensors"
-    cache.save_stats(first, bench.stats, bench.layer_cos)
+    cache.save_stats(first, bench.stats)
     size = first.stat().st_size
     t = time.time() - 1000
     os.utime(first, (t, t))
@@ -54,7 +54,7 @@ def test_save_evicts_and_load_marks_a_file_as_used(tmp_path, tiny_model, random_
     monkeypatch.setenv("SUBFIT_CACHE_MAX_GB", str(1.5 * size / 1e9))
     second = tmp_path / "b.safetensors"
     os.utime(first, (t, t))
-    cache.save_stats(second, bench.stats, bench.layer_cos)  # two files exceed 1.5 x one: the older goes
+    cache.save_stats(second, bench.stats)  # two files exceed 1.5 x one: the older goes
     assert second.exists() and not first.exists()
 
 

@@ -63,7 +63,8 @@ def test_statistics_cache_resumes_without_a_calibration_pass(tmp_path, monkeypat
         assert torch.equal(first.stats[sub].gram, second.stats[sub].gram)
         assert torch.equal(first.stats[sub].cross, second.stats[sub].cross)
         assert first.stats[sub].tokens == second.stats[sub].tokens
-    assert second.layer_cos == pytest.approx(first.layer_cos)
+        assert set(first.stats[sub].extra) == set(first.statistics) == {"rotation", "magnitude", "layer-cosine"}
+        assert all(torch.equal(first.stats[sub].extra[n], second.stats[sub].extra[n]) for n in first.statistics)
     assert second.metric("kl") == pytest.approx(0.0, abs=1e-6)  # scoring states rebuilt from the dense model
 
 

@@ -23,7 +23,9 @@ from test_surgery import CONFIGS, D, make_model, tiny_tokenizer  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from subfit_core import artifact, load_compressed  # noqa: E402
-from subfit_core.bypass import LinearBypass, LowRankBypass, MLPBypass, SharedBasisBypass, ZeroBypass  # noqa: E402
+from subfit_core.bypass import LinearBypass, LowRankBypass, ZeroBypass  # noqa: E402
+from subfit_plugins.fitters.shared_basis import SharedBasisBypass  # noqa: E402
+from subfit_plugins.fitters.streamline import MLPBypass  # noqa: E402
 from subfit_core.interfaces import Submodule  # noqa: E402
 from subfit_core.lowrank import FactoredLinear  # noqa: E402
 from subfit_core.rebuild import set_child  # noqa: E402

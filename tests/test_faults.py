@@ -254,7 +254,7 @@ def stats_file(tmp_path, tiny_model, random_windows):
     bench = Workbench(model, LlamaFamilyAdapter(model), random_windows(), 4, torch.device("cpu"))
     bench.collect()
     path = tmp_path / "stats.safetensors"
-    cache.save_stats(path, bench.stats, bench.layer_cos)
+    cache.save_stats(path, bench.stats)
     return path, bench
 
 
@@ -270,11 +270,11 @@ def test_cache_entries_with_nan_wrong_shapes_or_changed_bytes_are_recomputed(sta
     first = subs[0]
     bench.stats[first].gram = bench.stats[first].gram.clone()
     bench.stats[first].gram[0, 0] = float("nan")  # a valid checksum over NaN data
-    cache.save_stats(path, bench.stats, bench.layer_cos)
+    cache.save_stats(path, bench.stats)
     assert cache.load_stats(path, subs, dim) is None
     assert f"{first.name}.gram holds NaN or Inf); recomputing" in capsys.readouterr().err
     bench.stats[first].gram = torch.zeros(3, 3, dtype=torch.float64)
-    cache.save_stats(path, bench.stats, bench.layer_cos)
+    cache.save_stats(path, bench.stats)
     assert cache.load_stats(path, subs, dim) is None
     assert f"{first.name}.gram has shape (3, 3)" in capsys.readouterr().err
 

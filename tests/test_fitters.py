@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from subfit_core.bypass import LinearBypass, LowRankBypass, SharedBasisBypass, ZeroBypass
+from subfit_core.bypass import LinearBypass, LowRankBypass, ZeroBypass
+from subfit_plugins.fitters.shared_basis import SharedBasisBypass
 from subfit_core.errors import NumericalError
 from subfit_core.interfaces import Submodule
 from subfit_core.stats import SubStats
@@ -31,11 +32,10 @@ def gen(seed: int) -> torch.Generator:
 
 
 def stats_of(x: torch.Tensor, y: torch.Tensor, name: str = "L0.attn", batches: int = 4, seed: int = 99) -> SubStats:
-    """SubStats of (x, y), streamed in several batches as the workbench does; h is random."""
+    """SubStats of (x, y), streamed in several batches as the workbench does."""
     st = SubStats(x.shape[1], name)
-    h = torch.randn(x.shape, generator=gen(seed), dtype=x.dtype) + 1.0
-    for xb, yb, hb in zip(x.chunk(batches), y.chunk(batches), h.chunk(batches)):
-        st.add(xb, yb, hb)
+    for xb, yb in zip(x.chunk(batches), y.chunk(batches)):
+        st.add(xb, yb)
     return st
 
 
@@ -346,8 +346,10 @@ def test_collect_names_the_submodule_whose_activations_are_nan(tiny_model, rando
 
 def test_stats_state_round_trip():
     x, y = torch.randn(50, 8), torch.randn(50, 8)
-    st = stats_of(x, y, "L3.attn")
+    st = SubStats(8, "L3.attn")
+    st.add(x, y, {"plugin-stat": torch.tensor([1.5, -2.0], dtype=torch.float64)})
+    st.add(x, y, {"plugin-stat": torch.tensor([0.5, 1.0], dtype=torch.float64)})
     back = SubStats.from_state("L3.attn", st.state())
-    assert back.dim == 8 and back.tokens == 50
+    assert back.dim == 8 and back.tokens == 100
     assert torch.equal(back.gram, st.gram) and torch.equal(back.cross, st.cross)
-    assert (back.y_sq, back.rotation, back.magnitude) == (st.y_sq, st.rotation, st.magnitude)
+    assert back.y_sq == st.y_sq and back.extra["plugin-stat"].tolist() == [2.0, -1.0]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from subfit_core.bypass import LowRankBypass, ZeroBypass
+from subfit_core.errors import ConfigError
 from subfit_core.interfaces import Submodule
 from subfit_core.trace import Workbench
 from subfit_plugins.adapters.llama import LlamaFamilyAdapter
@@ -72,11 +73,13 @@ def test_scorers_rank_planted_redundancy_lowest(planted, name):
 
 
 def test_local_statistics_of_planted_submodules(planted):
-    dead, quiet = planted.stats[DEAD_FFN], planted.stats[QUIET_ATTN]
-    assert dead.y_sq == 0.0 and dead.magnitude == 0.0 and abs(dead.rotation) < 1e-6
-    assert quiet.magnitude < 1e-3 * min(planted.stats[s].magnitude for s in planted.subs
-                                        if s.kind == "attn" and s != QUIET_ATTN)
+    dead = planted.stats[DEAD_FFN]
+    magnitude = {s: planted.statistic("magnitude", s) for s in planted.subs}
+    assert dead.y_sq == 0.0 and magnitude[DEAD_FFN] == 0.0 and abs(planted.statistic("rotation", DEAD_FFN)) < 1e-6
+    assert magnitude[QUIET_ATTN] < 1e-3 * min(magnitude[s] for s in planted.subs if s.kind == "attn" and s != QUIET_ATTN)
     assert dead.tokens == planted.windows.calib.numel()
+    with pytest.raises(ConfigError, match="statistic 'rotaton' is not registered.*did you mean 'rotation'"):
+        planted.statistic("rotaton", DEAD_FFN)
 
 
 # ----------------------------------------------------------------------------- cached == full

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from subfit_core import artifact, load_compressed  # noqa: E402
-from subfit_core.bypass import LowRankBypass, SharedBasisBypass, ZeroBypass  # noqa: E402
+from subfit_core.bypass import LowRankBypass, ZeroBypass  # noqa: E402
+from subfit_plugins.fitters.shared_basis import SharedBasisBypass  # noqa: E402
 from subfit_core.interfaces import Submodule  # noqa: E402
 from subfit_core.surgery import apply_bypasses, records  # noqa: E402
 from subfit_plugins.adapters.llama import LlamaFamilyAdapter  # noqa: E402

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from subfit_core.budget import Budget
-from subfit_core.bypass import MLPBypass, ZeroBypass, build_bypasses
+from subfit_core.bypass import ZeroBypass, build_bypasses
+from subfit_plugins.fitters.streamline import MLPBypass
 from subfit_core.errors import ConfigError
 from subfit_core.interfaces import Submodule
 from subfit_core.trace import Workbench

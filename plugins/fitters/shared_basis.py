@@ -17,13 +17,62 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from subfit_core.bypass import SharedBasisBypass
+from subfit_core.bypass import Bypass
 from subfit_core.interfaces import Fitter, Submodule
 from subfit_core.stats import SubStats
 
 from .linear import centered_gram, gram_of, ridge_solve, top_eigvecs
+
+
+class SharedBasisBypass(Bypass):
+    """y = (x U^T) C^T + b where the input basis U (r x d) is one tensor shared by a group of bypasses.
+
+    When fitted, every member holds the same Parameter. A rebuilt model registers it in the group's
+    first member only and the others read it from there (``share_from``), so that a checkpoint,
+    ours or ``save_pretrained``'s, stores it once under one name."""
+
+    kind = "shared_basis"
+
+    def __init__(self, basis: nn.Parameter, coef: torch.Tensor, bias: torch.Tensor | None = None, group: str = "basis0"):
+        super().__init__()
+        self.basis = basis  # the same Parameter object in every member of the group
+        self.coef = nn.Parameter(coef, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.group = group
+        self.owner: list[SharedBasisBypass] = []  # a list, so the owner is not registered as a submodule
+
+    def share_from(self, owner: SharedBasisBypass) -> None:
+        del self._parameters["basis"]
+        self.owner = [owner]
+
+    def basis_matrix(self) -> torch.Tensor:
+        return self.owner[0].basis if self.owner else self.basis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # .to: with a device_map the group's first member (which holds the basis) may sit elsewhere
+        return F.linear(F.linear(x, self.basis_matrix().to(x.device)), self.coef, self.bias)
+
+    @property
+    def rank(self) -> int:
+        return self.basis_matrix().shape[0]
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "dim": self.basis_matrix().shape[1], "rank": self.rank,
+                "bias": self.bias is not None, "group": self.group}
+
+    @classmethod
+    def empty(cls, spec, dtype, shared):
+        d, r, group = spec["dim"], spec["rank"], spec["group"]
+        coef, bias = torch.zeros(d, r, dtype=dtype), cls.zero_bias(spec, dtype)
+        if group in shared:  # a later member: reads the basis of the group's first one
+            member = cls(shared[group].basis, coef, bias, group)
+            member.share_from(shared[group])
+            return member
+        shared[group] = cls(nn.Parameter(torch.zeros(r, d, dtype=dtype), requires_grad=False), coef, bias, group)
+        return shared[group]
 
 
 @dataclass

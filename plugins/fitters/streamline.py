@@ -15,12 +15,37 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from subfit_core.bypass import MLPBypass, ZeroBypass
+from subfit_core.bypass import Bypass, ZeroBypass
 from subfit_core.errors import ConfigError, NumericalError
 from subfit_core.interfaces import Fitted, Fitter, Submodule
 from subfit_core.progress import progress
 
 from .windows import removed_windows, rows
+
+
+class MLPBypass(Bypass):
+    """y = W_down (silu(W_gate x) * W_up x): a gated feed-forward network standing in for a whole
+    removed window (LLM-Streamline's lightweight replacement), trained rather than solved."""
+
+    kind = "mlp"
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
+        super().__init__()
+        self.gate = nn.Parameter(gate, requires_grad=False)  # hidden x d
+        self.up = nn.Parameter(up, requires_grad=False)  # hidden x d
+        self.down = nn.Parameter(down, requires_grad=False)  # d x hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = nn.functional
+        return f.linear(f.silu(f.linear(x, self.gate)) * f.linear(x, self.up), self.down)
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "dim": self.gate.shape[1], "hidden": self.gate.shape[0]}
+
+    @classmethod
+    def empty(cls, spec, dtype, shared):
+        d, hidden = spec["dim"], spec["hidden"]
+        return cls(torch.zeros(hidden, d, dtype=dtype), torch.zeros(hidden, d, dtype=dtype), torch.zeros(d, hidden, dtype=dtype))
 
 
 @dataclass

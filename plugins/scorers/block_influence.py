@@ -8,6 +8,8 @@ from subfit_core.interfaces import Scorer
 
 class BlockInfluenceScorer(Scorer):
     description = "1 - cos(layer input, layer output) of the submodule's whole layer (ShortGPT)"
+    statistics = ("layer-cosine",)
 
     def score(self, candidates, bench, fitter):
-        return {s: 1.0 - bench.layer_cos[s.layer] for s in candidates}
+        last = {group[-1].layer: group[-1] for group in bench.layer_groups()}  # each layer's last submodule
+        return {s: 1.0 - bench.statistic("layer-cosine", last[s.layer]) for s in candidates}

@@ -25,11 +25,12 @@ def bypass_as_matrix(bypass, dim: int) -> torch.Tensor:
 
 class FitResidualScorer(Scorer):
     description = "magnitude x relative residual of the fitted bypass, from Gram matrices"
+    statistics = ("magnitude",)
 
     def score(self, candidates, bench, fitter):
         out = {}
         for s in candidates:
             st = bench.stats[s]
             w = bypass_as_matrix(bench.fit(fitter, s), st.dim)
-            out[s] = st.magnitude * relative_residual(st, w)
+            out[s] = bench.statistic("magnitude", s) * relative_residual(st, w)
         return out

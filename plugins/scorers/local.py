@@ -1,4 +1,5 @@
-"""Local redundancy scores read from the dense statistics (no extra forward passes).
+"""Local redundancy scores read from the dense statistics (no extra forward passes; the two
+statistics are registered by ``subfit_plugins.statistics``).
 
     rot_s = 1 - mean_t cos(h_t, h_t + f_s(x_t))    how much the submodule turns the residual stream
     mag_s = mean_t ||f_s(x_t)|| / ||h_t||           how much it adds
@@ -25,10 +26,11 @@ class RotationParams:
 class RotationMagnitudeScorer(Scorer):
     Params = RotationParams
     description = "how much each submodule rotates and rescales the residual stream"
+    statistics = ("rotation", "magnitude")
 
     def score(self, candidates, bench, fitter):
-        rot = {s: bench.stats[s].rotation for s in candidates}
-        mag = {s: bench.stats[s].magnitude for s in candidates}
+        rot = {s: bench.statistic("rotation", s) for s in candidates}
+        mag = {s: bench.statistic("magnitude", s) for s in candidates}
         combine = self.params.combine
         if combine == "rot":
             return rot

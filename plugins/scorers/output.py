@@ -3,29 +3,33 @@ bypass in place, measured on the scoring windows from the cached residual stream
 (only the submodules after it are re-run).
 
     score_s = M(model with s -> bypass_s) - M(model)
-    M = kl:   mean KL(dense next-token distribution || candidate's)
-        loss: mean next-token cross-entropy
-        js:   mean Jensen-Shannon divergence between the two distributions (FinerCut)
+    M = a registered metric (``subfit_metrics``); built in: kl, the mean KL(dense next-token
+        distribution || candidate's); loss, the mean next-token cross-entropy; js, the mean
+        Jensen-Shannon divergence between the two distributions (FinerCut)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from subfit_core.interfaces import Scorer
+from subfit_core.plugins import require
 from subfit_core.progress import progress
 
 
 @dataclass
 class OutputParams:
-    metric: Literal["kl", "loss", "js"] = "kl"
+    metric: str = "kl"  # a registered metric
 
 
 class OutputScorer(Scorer):
     Params = OutputParams
     description = "change in output KL (or loss, JS) on the scoring windows with the bypass in place"
     scores_groups = True
+
+    def __init__(self, params=None, plugins=None):
+        super().__init__(params, plugins)
+        require(plugins, "metric", self.params.metric, "scorer.metric")
 
     def score_groups(self, groups, bench, fitter):
         base = bench.metric(self.params.metric)

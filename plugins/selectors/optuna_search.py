@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from subfit_core.interfaces import Plan, Replacement, Selector, Submodule
+from subfit_core.plugins import require
 from subfit_core.progress import progress
 
 from .budget_fill import achieved as achieved_of
@@ -25,7 +26,7 @@ class OptunaSearchParams:
     trials: int = 64
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     seed: int = 0
-    metric: Literal["kl", "loss", "js"] = "kl"
+    metric: str = "kl"  # a registered metric
     warm_start: bool = True  # first trial: the scorer's ranking per unit of budget
     kinds: str = "attn,ffn"
 
@@ -55,6 +56,10 @@ def fill(order: list[Submodule], reached) -> list[Submodule]:
 class OptunaSearchSelector(Selector):
     Params = OptunaSearchParams
     description = "Optuna search (TPE, NSGA-II or random) over budget-feasible masks of submodules"
+
+    def __init__(self, params=None, plugins=None):
+        super().__init__(params, plugins)
+        require(plugins, "metric", self.params.metric, "selector.metric")
 
     def select(self, bench, scorer, fitter, budget):
         import optuna
