@@ -28,7 +28,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from subfit_core.cli import resolve_recipe  # noqa: E402
-from subfit_core.factorize import total_sparsity  # noqa: E402
+from subfit_core.factorize import parameter_counts  # noqa: E402
 from subfit_core.pipeline import SESSION_KEYS, compress, open_session  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +119,8 @@ def main() -> int:
     args.docs.mkdir(parents=True, exist_ok=True)
     order = [label for label, _ in variants(0.8, 0.2, args.refine_steps, args.removal_share)]
     for ratio in args.ratios:
-        total = total_sparsity(session.bench, ratio)
+        linear, decoder = parameter_counts(session.bench)
+        total = (1.0 - ratio) * linear / decoder  # what kept_ratio removes, as a share of the decoder
         for label, argv in variants(ratio, total, args.refine_steps, args.removal_share):
             if args.only and label not in args.only:
                 continue

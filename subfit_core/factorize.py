@@ -3,8 +3,9 @@
 Runs after the removal/bypass stage, on whatever the model is then (dense, or with bypasses). A
 *site* is one ``nn.Linear`` inside a submodule that was not replaced (q/k/v/o, gate/up/down on
 the Llama family; found generically, not by name). The factorizer named in the recipe says which
-statistics it needs and computes each site's factors; this module streams the statistics,
-allocates ranks, installs the factors and, optionally, refines each decoder layer end to end.
+statistics it needs, allocates ranks (``Factorizer.ranks``, reading spectra through this stage),
+computes each site's factors and may refine each finished decoder layer (``refine_layer``); this
+module streams the statistics and installs the factors.
 
 Streaming (calibration windows, submodule by submodule in depth order, like the Workbench): two
 residual streams are carried, the dense model's and the compressed model's (layers before the
@@ -18,24 +19,23 @@ float64 accumulators receive
 same tensor (q/k/v, gate/up) share one set. Activations are never stored beyond one batch; the
 streams themselves are held as in the anchored refit. Within a submodule all linears are fitted
 from one pass (the o/down inputs come from the submodule with its original q/k/v, gate/up); the
-next submodule sees the factored one. Block refinement then trains each layer's factors to map
-the compressed stream onto the dense layer's output.
+next submodule sees the factored one. After each layer the factorizer may adjust its factors
+given the layer's input on the compressed stream, the dense layer's output and its own output.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .errors import NumericalError
+from .errors import NumericalError, SubFitError
 from .interfaces import Submodule
-from .lowrank import FactoredLinear, Factors, allocate_ranks, uniform_rank
+from .lowrank import FactoredLinear, Factors
 from .progress import progress
 from .rebuild import set_child
 
@@ -71,7 +71,7 @@ class FactorizeResult:
     dense_params: int = 0  # parameters of the factored linears before
     factor_params: int = 0  # and after
     regularised: list[dict] = field(default_factory=list)  # Gram matrices that needed a diagonal shift
-    refinement: list[dict] = field(default_factory=list)  # per layer: loss before / after, steps, seconds
+    refinement: list[dict] = field(default_factory=list)  # per layer, what the factorizer's refine_layer reports
     truncation_loss: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -175,33 +175,25 @@ class Factorization:
         self.subs = [s for s in bench.subs if s not in skip]
         self.sites = {s: linear_sites(bench.originals[s], s) for s in self.subs}
         self.result = FactorizeResult(kept_ratio=kept_ratio)
-        p = factorizer.params
-        self.refine = p.refine_steps > 0
+        self.refine = factorizer.refines()
         kind = factorizer.statistics
         if kind not in STATISTICS:
             raise ValueError(f"factorizer statistics {kind!r}; one of {STATISTICS}")
         self.need_stats = kind in ("dense", "anchored")  # streamed Gram statistics
         self.need_comp = kind == "anchored" or self.refine
 
-    # ------------------------------------------------------------------ ranks
-    def _shapes(self) -> dict[Site, tuple[int, int]]:
+    # ------------------------------------------------------------------ what factorizers read
+    def shapes(self) -> dict[Site, tuple[int, int]]:
+        """Every site's weight shape (out, in)."""
         return {site: tuple(lin.weight.shape) for subs in self.sites.values() for site, lin in subs}
 
-    def ranks(self) -> dict[Site, int]:
-        shapes = self._shapes()
-        if self.fz.params.ranks == "uniform":
-            return {site: uniform_rank(self.kept_ratio, m, n) for site, (m, n) in shapes.items()}
-        spectra = {}
-        if self.fz.statistics == "none":
-            for subs in self.sites.values():
-                for site, lin in subs:
-                    spectra[site] = self.fz.spectrum(site.name, lin.weight, None)
-        else:  # a dense pre-pass: each layer's Gram gives its spectra, then is dropped
-            self._dense_pass(lambda site, lin, st: spectra.__setitem__(site, self.fz.spectrum(site.name, lin.weight, st.gram)))
-        return allocate_ranks(spectra, shapes, self.kept_ratio)
+    def linears(self) -> list[tuple[Site, nn.Linear]]:
+        return [pair for subs in self.sites.values() for pair in subs]
 
     @torch.no_grad()
-    def _dense_pass(self, visit) -> None:
+    def dense_pass(self, visit: Callable[[Site, nn.Linear, "LinearStats"], None]) -> None:
+        """Stream the calibration windows through the dense model and call ``visit(site, linear,
+        stats)`` with each site's dense input Gram (one submodule's statistics alive at a time)."""
         b = self.bench
         hs = [self.adapter.embed(x) for x in b._batches(b.windows.calib)]
         for sub in progress(b.subs, desc="rank allocation statistics"):
@@ -217,6 +209,15 @@ class Factorization:
                 hs[j] = h + y
             for site, lin in sites:
                 visit(site, lin, grams.of(site))
+
+    def layer_forward(self, layer: int, h: torch.Tensor, ctx=None) -> torch.Tensor:
+        """The current model's decoder layer ``layer`` on the residual stream ``h`` (differentiable
+        when called under ``torch.enable_grad`` with a ``ctx`` built outside inference mode)."""
+        ctx = self.bench._ctx(h) if ctx is None else ctx
+        for sub in self.bench.subs:
+            if sub.layer == layer:
+                h = h + self.adapter.contribution(sub, h, ctx, self.adapter.module(sub))
+        return h
 
     # ------------------------------------------------------------------ factors
     def _install(self, site: Site, lin: nn.Linear, f: Factors) -> FactoredLinear:
@@ -244,7 +245,7 @@ class Factorization:
     # ------------------------------------------------------------------ run
     def run(self) -> FactorizeResult:
         t0 = time.perf_counter()
-        ranks = self.ranks()
+        ranks = self.fz.ranks(self, self.kept_ratio)
         t_ranks = time.perf_counter()
         if not self.need_stats and not self.need_comp:
             for sub in self.subs:
@@ -294,67 +295,8 @@ class Factorization:
                     comp = dense
             last_of_layer = i + 1 == len(b.subs) or b.subs[i + 1].layer != sub.layer
             if last_of_layer and self.refine and params and not same:
-                comp = self._refine_layer(sub.layer, params, layer_in, dense, comp)
-
-    # ------------------------------------------------------------------ block refinement
-    def _layer_forward(self, layer: int, h: torch.Tensor, ctx) -> torch.Tensor:
-        for sub in self.bench.subs:
-            if sub.layer == layer:
-                h = h + self.adapter.contribution(sub, h, ctx, self.adapter.module(sub))
-        return h
-
-    def _refine_layer(self, layer: int, params: list[nn.Parameter], inputs: list[torch.Tensor],
-                      targets: list[torch.Tensor], outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """AdamW on this layer's factors: MSE between the compressed layer on the compressed stream
-        and the dense layer's output. Keeps the result only if it lowers the loss on all windows."""
-        p = self.fz.params
-        t0 = time.perf_counter()
-        def mse(outs):
-            return sum(float(F.mse_loss(o.float(), t.float(), reduction="sum")) for o, t in zip(outs, targets))
-
-        before = mse(outputs)
-        saved = [q.detach().clone() for q in params]
-        chunks = [(x, t) for xs, ts in zip(inputs, targets) for x, t in zip(xs.split(p.refine_batch), ts.split(p.refine_batch))]
-        model_params = list(self.bench.model.parameters())
-        grad_flags = [q.requires_grad for q in model_params]
-        for q in model_params:
-            q.requires_grad_(False)
-        for q in params:
-            q.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=p.refine_lr, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / p.refine_steps)))
-        contexts: dict = {}
-        try:
-            with torch.enable_grad():
-                for step in range(p.refine_steps):
-                    x, t = chunks[step % len(chunks)]
-                    key = tuple(x.shape[:2])
-                    if key not in contexts:  # built outside inference mode, so autograd can use it
-                        with torch.no_grad():
-                            contexts[key] = self.adapter.context(x)
-                    loss = F.mse_loss(self._layer_forward(layer, x, contexts[key]).float(), t.float())
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    opt.step()
-                    schedule.step()
-        finally:
-            for q in params:
-                q.requires_grad_(False)
-                q.grad = None
-            for q, flag in zip(model_params, grad_flags):
-                q.requires_grad_(flag)
-        with torch.no_grad():
-            refined = [self._layer_forward(layer, x, self.bench._ctx(x)) for x in inputs]
-            after = mse(refined)
-            kept = after < before
-            if not kept:
-                for q, old in zip(params, saved):
-                    q.copy_(old)
-        tokens = sum(t.shape[0] * t.shape[1] for t in targets)
-        self.result.refinement.append({"layer": layer, "mse_before": before / tokens, "mse_after": after / tokens,
-                                       "kept": kept, "steps": p.refine_steps, "seconds": time.perf_counter() - t0})
-        return refined if kept else outputs
+                comp, record = self.fz.refine_layer(self, sub.layer, params, layer_in, dense, comp)
+                self.result.refinement.append({"layer": sub.layer, **record})
 
 
 def factorize(bench, factorizer, kept_ratio: float, skip: set[Submodule]) -> FactorizeResult:
@@ -366,13 +308,12 @@ def factorize(bench, factorizer, kept_ratio: float, skip: set[Submodule]) -> Fac
 # ----------------------------------------------------------------------------- the budget split
 
 
-def total_sparsity(bench, kept_ratio: float) -> float:
-    """The total budget of a run with a factorizer, as a share of decoder parameters (``params`` unit):
-    keeping ``kept_ratio`` of the decoder's linear-layer weights removes (1 - kept_ratio) of them.
-    Embeddings and lm_head are not decoder parameters and are never factored."""
+def parameter_counts(bench) -> tuple[int, int]:
+    """(weights of the decoder's linear layers, all decoder parameters): what a factorizer's total
+    budget is measured in. Embeddings and lm_head are not decoder parameters and are never factored."""
     linear = sum(linear_params(bench.originals[s]) for s in bench.subs)
     decoder = sum(bench.adapter.layer_param_count(l) for l in range(bench.adapter.num_layers))
-    return (1.0 - kept_ratio) * linear / decoder
+    return linear, decoder
 
 
 def factorize_rest(bench, factorizer, budget, bypasses: dict) -> FactorizeResult:
@@ -389,8 +330,6 @@ def factorize_rest(bench, factorizer, budget, bypasses: dict) -> FactorizeResult
         return FactorizeResult(kept_ratio=1.0)
     kept = 1.0 - to_remove / remaining
     if kept <= 0.0:
-        from .errors import SubFitError
-
-        raise SubFitError(f"factorize.removal_share: removal left {remaining:,} linear weights, "
+        raise SubFitError(f"factorize: removal left {remaining:,} linear weights, "
                           f"fewer than the {to_remove:,.0f} still to remove")
     return factorize(bench, factorizer, kept, set(bypasses))

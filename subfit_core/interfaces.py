@@ -8,7 +8,7 @@ instance to ``__init__``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from .adapter import Adapter
     from .budget import Budget
-    from .factorize import LinearStats
+    from .factorize import Factorization, LinearStats
     from .lowrank import Factors
     from .stats import SubStats
     from .trace import Workbench
@@ -201,39 +201,38 @@ class Selector(Component):
         return False
 
 
-@dataclass
-class FactorizerParams:
-    """Budget and refinement settings every factorizer has (recipe section ``factorize``)."""
-
-    kept_ratio: float = 0.8  # total budget: share of the decoder's linear-layer weights kept
-    removal_share: float = 0.0  # share of the removed parameters taken by submodule removal (hybrid)
-    ranks: Literal["uniform", "adaptive"] = "uniform"
-    refine_steps: int = 0  # AdamW steps per decoder layer (0: no block refinement)
-    refine_lr: float = 1e-4
-    refine_batch: int = 2  # windows per refinement step
-
-    def __post_init__(self):
-        if not 0.0 < self.kept_ratio < 1.0:
-            raise ValueError(f"kept_ratio: {self.kept_ratio} must be in (0, 1)")
-        if not 0.0 <= self.removal_share < 1.0:
-            raise ValueError(f"removal_share: {self.removal_share} must be in [0, 1)")
-        if self.refine_steps < 0 or self.refine_batch < 1 or self.refine_lr <= 0:
-            raise ValueError("refine_steps must be >= 0, refine_batch >= 1 and refine_lr > 0")
-
-
 class Factorizer(Component):
-    """Factors a linear layer into two low-rank matrices (closed form), from the statistics it asks for.
+    """Factors the linear layers left after removal into two low-rank matrices each (closed form).
 
-    ``statistics``: ``none`` (weights only), ``dense`` (G = X^T X of the dense model's inputs) or
-    ``anchored`` (C = X_hat^T X_hat and M = X^T X_hat, X_hat from the partially compressed model).
+    ``statistics``: what ``factor`` reads, streamed by the factorization stage: ``none`` (weights
+    only), ``dense`` (G = X^T X of the dense model's inputs) or ``anchored`` (C = X_hat^T X_hat and
+    M = X^T X_hat, X_hat from the partially compressed model). A factorizer also owns its budget
+    (``budget``), its rank allocation (``ranks``) and any per-layer adjustment after the closed
+    form (``refine_layer``, when ``refines()``).
     """
 
-    Params: ClassVar[type] = FactorizerParams
     statistics: ClassVar[str] = "none"
+
+    def budget(self, linear_params: int, decoder_params: int) -> tuple[float, float]:
+        """(total, removal): the run's whole budget as a share of decoder parameters, and the share
+        of decoder parameters submodule removal takes before factorization (0: none)."""
+        raise NotImplementedError
+
+    def ranks(self, stage: "Factorization", kept_ratio: float) -> dict:
+        """A rank per site of ``stage`` (``stage.shapes()``; spectra through ``stage.linears()`` or
+        ``stage.dense_pass``) keeping ``kept_ratio`` of the sites' weights."""
+        raise NotImplementedError
 
     def factor(self, name: str, weight: "torch.Tensor", stats: "LinearStats | None", rank: int) -> "Factors":
         raise NotImplementedError
 
-    def spectrum(self, name: str, weight: "torch.Tensor", gram: "torch.Tensor | None") -> "torch.Tensor":
-        """Singular values whose dropped squares measure the truncation loss (for adaptive ranks)."""
-        raise NotImplementedError
+    def refines(self) -> bool:
+        """Whether ``refine_layer`` changes anything (the stage then carries the compressed stream)."""
+        return False
+
+    def refine_layer(self, stage: "Factorization", layer: int, params: list, inputs: list, targets: list,
+                     outputs: list) -> tuple[list, dict]:
+        """Adjust a finished layer's factors ``params`` given the layer's inputs on the compressed
+        stream, the dense layer's outputs (``targets``) and its current outputs; returns the outputs
+        after adjustment and a record for the report."""
+        return outputs, {}

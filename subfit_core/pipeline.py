@@ -26,7 +26,7 @@ from .deploy import BenchSettings, benchmark, ratios
 from .errors import ConfigError, SubFitError, did_you_mean
 from .evaluate import check_tasks, compare_tasks, geometric_mean, run_tasks
 from .export import check_exportable
-from .factorize import FactorizeResult, factorize_rest, total_sparsity
+from .factorize import FactorizeResult, factorize_rest, parameter_counts
 from .interfaces import Fitted, Plan, Submodule
 from .metrics import forward_seconds, perplexity
 from .models import find_adapter, load_model, resolve_device
@@ -260,9 +260,9 @@ def compress(session: Session, cfg: dict, before_eval: Callable[[], None] | None
     fz = comps.factorizer
     if fz is None:
         budget = removal = Budget(cfg["sparsity"], cfg["sparsity_unit"], adapter)
-    else:  # one total budget, split between removal and factorization (see factorize.total_sparsity)
-        budget = Budget(total_sparsity(bench, fz.params.kept_ratio), "params", adapter)
-        removal = Budget(fz.params.removal_share * budget.sparsity, "params", adapter)
+    else:  # the factorizer's total budget, part of which removal may take first
+        total, removal_part = fz.budget(*parameter_counts(bench))
+        budget, removal = Budget(total, "params", adapter), Budget(removal_part, "params", adapter)
     comps.fitter.attach(adapter)
     evaluations_before, replayed_before, replayed_s_before = bench.evaluations, bench.replayed, bench.replayed_seconds
     t0 = time.perf_counter()

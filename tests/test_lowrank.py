@@ -17,7 +17,7 @@ from subfit_plugins.factorizers.closed_forms import (
 from subfit_core.artifact import load_compressed, save_compressed
 from subfit_core.config import validate
 from subfit_core.errors import ConfigError, SubFitError
-from subfit_core.factorize import factorize, total_sparsity
+from subfit_core.factorize import factorize, parameter_counts
 from subfit_core.lowrank import (
     FactoredLinear,
     allocate_ranks,
@@ -218,7 +218,8 @@ def decoder_param_count(model) -> int:
 def test_standalone_budget_and_parameter_accounting(tiny_model, random_windows, name, extra):
     cfg, session = make_session(tiny_model, random_windows, factorize={"name": name, "kept_ratio": 0.6, **extra})
     before = decoder_param_count(session.model)
-    total = total_sparsity(session.bench, 0.6)
+    linear, decoder = parameter_counts(session.bench)
+    total = 0.4 * linear / decoder
     outcome = compress(session, cfg)
     res = outcome.results
     after = decoder_param_count(session.model)

@@ -1,14 +1,14 @@
 """Low-rank factorizers: plain SVD, SVD-LLM (whitened, truncation-aware) and AA-SVD (anchored).
 
-The closed forms are in ``subfit_core.lowrank``; these classes say which statistics each needs.
+The closed forms are in ``closed_forms``; these classes say which statistics each needs. Budget,
+ranks and block refinement are shared (``budgeted``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from subfit_core.interfaces import Factorizer, FactorizerParams
-
+from .budgeted import BudgetedFactorizer, FactorizerParams
 from .closed_forms import (
     factor_anchored,
     factor_plain,
@@ -18,7 +18,7 @@ from .closed_forms import (
 )
 
 
-class SVDFactorizer(Factorizer):
+class SVDFactorizer(BudgetedFactorizer):
     description = "truncated SVD of each weight (no calibration data)"
     statistics = "none"
 
@@ -29,7 +29,7 @@ class SVDFactorizer(Factorizer):
         return spectrum_plain(weight)
 
 
-class SVDLLMFactorizer(Factorizer):
+class SVDLLMFactorizer(BudgetedFactorizer):
     description = "SVD-LLM: SVD of W chol(X^T X) on dense inputs, truncation loss = sqrt(sum dropped sigma^2)"
     statistics = "dense"
 
@@ -57,7 +57,7 @@ class AASVDParams(FactorizerParams):
             raise ValueError(f"ridge: {self.ridge} must be >= 0")
 
 
-class AASVDFactorizer(Factorizer):
+class AASVDFactorizer(BudgetedFactorizer):
     Params = AASVDParams
     description = "AA-SVD: fit each linear to the dense outputs from the compressed model's inputs"
     statistics = "anchored"
