@@ -28,29 +28,13 @@ import lzma
 import os
 from pathlib import Path
 
-from subfit_core.corpus import CorpusText
+from subfit_core.corpus import DEDUP_MIN_CHARS, HELDOUT_CHUNK, HELDOUT_EVERY, CorpusText, split_heldout  # noqa: F401
 
 CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
-HELDOUT_CHUNK = 100        # units per chunk
-HELDOUT_EVERY = 10         # chunk i is held out when i % HELDOUT_EVERY == HELDOUT_EVERY - 1
-DEDUP_MIN_CHARS = 40       # longer held-out units that also occur in train are dropped
 FILE_SUFFIXES = (".txt", ".json", ".jsonl")
 C4_TRAIN_DOCS = 20000
 C4_HELDOUT_DOCS = 2000
 _USE_INSTEAD = "use a bundled corpus (kjv, shakespeare, pydocs, jargon) or a local .txt/.jsonl file"
-
-
-def split_heldout(units: list[str], sep: str) -> tuple[str, str]:
-    """Deterministic train/held-out split of ``units`` (lines or documents), joined by ``sep``."""
-    chunk = max(1, min(HELDOUT_CHUNK, len(units) // HELDOUT_EVERY))
-    train: list[str] = []
-    heldout: list[str] = []
-    for start in range(0, len(units), chunk):
-        is_heldout = (start // chunk) % HELDOUT_EVERY == HELDOUT_EVERY - 1
-        (heldout if is_heldout else train).extend(units[start:start + chunk])
-    seen = set(train)
-    heldout = [u for u in heldout if len(u) <= DEDUP_MIN_CHARS or u not in seen]
-    return sep.join(train), sep.join(heldout)
 
 
 def _bundled(name: str, source: str) -> CorpusText:

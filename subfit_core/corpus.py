@@ -8,6 +8,26 @@ import torch
 
 from .errors import SubFitError
 
+# The held-out split of a text given as units (lines, documents): chunks of HELDOUT_CHUNK units,
+# every HELDOUT_EVERY-th chunk held out; a longer held-out unit also found in train is dropped.
+HELDOUT_CHUNK = 100
+HELDOUT_EVERY = 10
+DEDUP_MIN_CHARS = 40
+
+
+def split_heldout(units: list[str], sep: str) -> tuple[str, str]:
+    """Deterministic train/held-out split of ``units`` (lines or documents), joined by ``sep``."""
+    chunk = max(1, min(HELDOUT_CHUNK, len(units) // HELDOUT_EVERY))
+    train: list[str] = []
+    heldout: list[str] = []
+    for start in range(0, len(units), chunk):
+        is_heldout = (start // chunk) % HELDOUT_EVERY == HELDOUT_EVERY - 1
+        (heldout if is_heldout else train).extend(units[start:start + chunk])
+    seen = set(train)
+    heldout = [u for u in heldout if len(u) <= DEDUP_MIN_CHARS or u not in seen]
+    return sep.join(train), sep.join(heldout)
+
+
 
 @dataclass(frozen=True)
 class CorpusText:

@@ -2,7 +2,8 @@
 
 With X = [x, 1] (the bypass input plus a constant for the intercept) and Y the submodule's
 contribution: G = X^T X, H = X^T Y, and
-    ridge:         W = (G + lam * tr(G)/d * I)^-1 H          (the intercept is not penalised)
+    ridge:         W = (G + lam * tr(G)/d * I)^-1 H          (the intercept is not penalised;
+                   ``subfit_core`` ``ridge_solve``)
     reduced rank:  V_r = top-r eigenvectors of W_x^T C W_x (the covariance of the fitted values,
                    C the centred input covariance), W_r = (W_x V_r) V_r^T stored as a down (r x d)
                    and an up (d x r) factor; the intercept is refitted freely for W_r.
@@ -15,25 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from subfit_core.bypass import LinearBypass, LowRankBypass
-from subfit_core.errors import NumericalError
 from subfit_core.interfaces import Fitter, Submodule
-from subfit_core.stats import SubStats
-
-
-def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, name: str = "?") -> torch.Tensor:
-    """W = (G + lam tr(G)/d I)^-1 H for a Gram whose last row/column is the constant input."""
-    d = gram.shape[0] - 1
-    reg = torch.full((d + 1,), ridge * float(torch.trace(gram[:d, :d])) / max(d, 1), dtype=gram.dtype)
-    reg[d] = 0.0
-    a = gram + torch.diag(reg)
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
-        w = torch.cholesky_solve(cross, chol)
-    else:  # singular even after the ridge (e.g. a dead input): least squares still gives the minimum-norm fit
-        w = torch.linalg.lstsq(a, cross, driver="gelsd").solution  # gelsd: SVD-based, right on rank-deficient input
-    if not torch.isfinite(w).all():
-        raise NumericalError(f"{name}: ridge solve produced NaN/Inf (try a larger ridge)")
-    return w
+from subfit_core.stats import SubStats, ridge_solve
 
 
 def without_intercept(stats: SubStats) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,9 @@ from subfit_core.bypass import Bypass
 from subfit_core.interfaces import Fitter, Submodule
 from subfit_core.stats import SubStats
 
-from .linear import centered_gram, gram_of, ridge_solve, top_eigvecs
+from subfit_core.stats import ridge_solve
+
+from .linear import centered_gram, gram_of, top_eigvecs
 
 
 class SharedBasisBypass(Bypass):
