@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,6 +85,8 @@ def test_one_worker_pays_for_dense_statistics_once_and_its_best_recipe_reproduce
     assert sweep_main([f"strategy={tiny / 'recipe.yaml'}", "--report", f"sweep.storage={tmp_path / 'sweep.db'}",
                        f"sweep.output_dir={tmp_path / 'report'}"]) == 0
     assert (tmp_path / "report" / "trials.csv").read_text() == (out / "trials.csv").read_text()
+    # and a worker that finds the study complete writes the outputs and stops, without the model too
+    assert run_worker(cfg_for(tiny, "sweep.trials=5", f"sweep.output_dir={out}"))["finished"] == 5
 
     recipe = yaml.safe_load((out / "best.yaml").read_text())
     assert "sweep" not in recipe and recipe["fitter"]["attn"]["rank"] == best["params"]["fitter.attn.rank"]
@@ -180,23 +184,37 @@ def test_two_workers_on_one_journal_file_finish_n_trials_together(tiny, tmp_path
     # (whether both workers got a trial depends on how fast each starts on a loaded machine, so it is not asserted)
 
 
-def test_a_killed_sweep_resumes_and_keeps_its_finished_trials(tiny, tmp_path):
-    db = tmp_path / "study.db"
-    url = f"sqlite:///{db}"
+def read_progress_until(proc: subprocess.Popen, finished_trials: int) -> None:
+    """Read a worker's progress lines ("[k/N] trial ...") until k reaches ``finished_trials``; a
+    worker that is not there within 600 s is killed (generous: a loaded machine, not a hang)."""
+    timer = threading.Timer(600, proc.kill)
+    timer.start()
+    try:
+        for line in proc.stderr:
+            progress = re.match(r"\[(\d+)/\d+\] trial ", line)
+            if progress and int(progress.group(1)) >= finished_trials:
+                return
+    finally:
+        timer.cancel()
+
+
+def test_a_killed_sweep_resumes_keeps_its_finished_trials_and_reruns_the_one_it_left_running(tiny, tmp_path):
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    storage = optuna.storages.RDBStorage(url)  # slow to open: done first, so the kill comes soon after trial 2
     proc = worker(tiny, url, tmp_path / "out", 10, "sweep.pruner=none")
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if db.exists():
-            try:
-                if len(finished(url)) >= 2:
-                    break
-            except Exception:  # noqa: BLE001 - the study is not created yet
-                pass
-        time.sleep(0.3)
+    read_progress_until(proc, 2)
+    study = optuna.load_study(study_name="subfit-sweep", storage=storage)
+    running = (optuna.trial.TrialState.RUNNING,)
+    deadline = time.monotonic() + 600  # the worker starts its next trial at once; kill it during that trial
+    while not study.get_trials(states=running) and time.monotonic() < deadline:
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     before = {t.number: t.values for t in finished(url)}
     assert 2 <= len(before) < 10
+    orphans = study.get_trials(states=running)  # almost always one (it may have finished before the kill)
     again = worker(tiny, url, tmp_path / "out", 10, "sweep.pruner=none")
     out, err = again.communicate(timeout=900)  # generous: a loaded machine, not a hang
     assert again.returncode == 0, err[-2000:]
@@ -204,6 +222,39 @@ def test_a_killed_sweep_resumes_and_keeps_its_finished_trials(tiny, tmp_path):
     assert len(after) == 10
     assert all(after[n] == v for n, v in before.items())  # the finished trials were kept as they were
     assert "10 finished trials" in out
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state.name == "RUNNING"]  # a dead worker's trial is failed (heartbeat)
+    for orphan in orphans:  # ... and its parameters are run again
+        assert trials[orphan.number].state.name == "FAIL"
+        assert any(t.number > orphan.number and t.number in after and
+                   all(t.params.get(k) == v for k, v in orphan.params.items()) for t in trials)
+
+
+def test_a_worker_waits_for_the_last_trial_and_reruns_it_when_its_worker_is_dead(tiny, tmp_path):
+    """The study needs one more trial and it is running in a worker that died, on a journal file (no
+    heartbeat): the worker waits, fails that trial once it has run 3x longer than any finished trial,
+    and runs its parameters itself."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from subfit_core.sweep import open_study, run_worker
+
+    cfg = cfg_for(tiny, "sweep.trials=2", f"sweep.storage={tmp_path / 'study.log'}",
+                  f"sweep.output_dir={tmp_path / 'o'}")
+    study = open_study(cfg)
+    dists = {"fitter.attn.rank": IntDistribution(2, 16, log=True),
+             "fitter.ffn.ridge": FloatDistribution(1e-4, 1e-1, log=True),
+             "selector.ratio": CategoricalDistribution([True, False])}
+    done = {"fitter.attn.rank": 8, "fitter.ffn.ridge": 1e-3, "selector.ratio": True}
+    attrs = {"val_ratio": 2.0, "test_ratio": 2.0, "test_ppl": 1.0, "achieved_sparsity": 0.34, "replaced": []}
+    study.add_trial(optuna.trial.create_trial(params=done, distributions=dists, value=2.0, user_attrs=attrs))  # 0 s
+    left = {"fitter.attn.rank": 4, "fitter.ffn.ridge": 1e-2, "selector.ratio": False}
+    study.add_trial(optuna.trial.create_trial(params=left, distributions=dists, state=optuna.trial.TrialState.RUNNING))
+    summary = run_worker(cfg)
+    assert summary["finished"] == 2
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[2].params == left
 
 
 # ----------------------------------------------------------------------------- the optuna selector
