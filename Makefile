@@ -15,7 +15,7 @@ RUN_ARGS ?= strategy=subfit output_dir=runs/subfit overwrite=true $(TASKS) eval.
 
 COMPARE_STRATEGIES ?= subfit,subfit-delete,subfit-contiguous,replaceme,replaceme-cosine,llm-streamline,laco,shortgpt,uidl,sleb,blockpruner,finercut
 
-.PHONY: setup run test bench compare clean
+.PHONY: setup run test sparsity-sweep compare clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ run: setup
 test: setup
 	$(OFFLINE) SUBFIT_PROGRESS=0 $(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: setup
+sparsity-sweep: setup
 	$(OFFLINE) $(PY) benchmarks/sparsity_sweep.py
 
 # Every strategy at 12.5/25/37.5% in one process (dense statistics shared); writes docs/results/compare

@@ -1,11 +1,11 @@
 """Deployment benchmark of a saved SubFit run against its dense original (SmolLM2-135M by default).
 
     python benchmarks/deployment.py                          # runs/eval-subfit25, compressing it first if missing
-    python benchmarks/deployment.py --run runs/x -- bench.prompt_lengths=[128,512] device=cuda
+    python benchmarks/deployment.py --run runs/x -- speed.prompt_lengths=[128,512] device=cuda
 
 Time to first token at several prompt lengths and batch sizes, decode tokens/s, working memory and
 KV-cache bytes read from the cache object after generation, dense and compressed in one process
-(``subfit_core.deploy``; the same as ``subfit-bench``). On CUDA the same command times with CUDA
+(``subfit_core.deploy``; the same as ``subfit-speed``). On CUDA the same command times with CUDA
 events. Prints the table and writes benchmarks/results/deployment.{json,md}.
 """
 
@@ -21,20 +21,20 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from subfit_core.bench import bench  # noqa: E402
+from subfit_core.bench import measure  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=Path("runs/eval-subfit25"), help="a saved subfit-run output_dir")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("overrides", nargs="*", help="device=... and bench.KEY=VALUE settings")
+    parser.add_argument("overrides", nargs="*", help="device=... and speed.KEY=VALUE settings")
     args = parser.parse_args()
     if not (args.run / "model.safetensors").exists():
         cmd = ["subfit-run", "strategy=subfit", "sparsity=0.25", f"output_dir={args.run}"]
         print("compressing first:", " ".join(cmd), file=sys.stderr)
         subprocess.run(cmd, check=True)
-    result, table, _ = bench([f"output_dir={args.run}", *args.overrides])
+    result, table, _ = measure([f"output_dir={args.run}", *args.overrides])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "deployment.json").write_text(json.dumps(result, indent=2))
     (args.out / "deployment.md").write_text(f"# Deployment: {args.run} vs {result['model']}\n\n{table}")

@@ -1,4 +1,4 @@
-"""``subfit-bench output_dir=RUN``: deployment speed, memory and KV cache of a saved SubFit model
+"""``subfit-speed output_dir=RUN``: deployment speed, memory and KV cache of a saved SubFit model
 against its dense original, measured in one process (see ``subfit_core.deploy``).
 
 The compressed model is loaded with ``load_compressed``; the dense original is ``model=`` if given,
@@ -17,17 +17,17 @@ from .cli import command
 from .config import SCHEMA, ConfigError, coerce, defaults, parse_bool, parse_override, validate_section
 from .errors import SubFitError, did_you_mean
 
-USAGE = """usage: subfit-bench output_dir=RUN_DIR [device=auto|cpu|cuda[:N]] [model=DENSE] [trust_remote_code=true] [bench.KEY=VALUE ...]
+USAGE = """usage: subfit-speed output_dir=RUN_DIR [device=auto|cpu|cuda[:N]] [model=DENSE] [trust_remote_code=true] [speed.KEY=VALUE ...]
 
 Time to first token, decode tokens/s, working memory and KV-cache bytes of the compressed model in
 RUN_DIR (a subfit-run output) and of its dense original, in one process, quoted as ratios.
-  bench.prompt_lengths=[64,256]  bench.batch_sizes=[1,4]  bench.new_tokens=32  bench.repeats=3
+  speed.prompt_lengths=[64,256]  speed.batch_sizes=[1,4]  speed.new_tokens=32  speed.repeats=3
 Writes RUN_DIR/deployment.json and RUN_DIR/deployment.md and prints the table.
 """
 
 
 def parse_args(argv: list[str]) -> tuple[Path, str, dict, dict]:
-    """(run folder, device, bench section, {model, trust_remote_code} given on the command line)."""
+    """(run folder, device, speed section, {model, trust_remote_code} given on the command line)."""
     run_dir, device, section, dense = None, "auto", {}, {"model": None, "trust_remote_code": False}
     for key, value in map(parse_override, argv):
         if key == "output_dir":
@@ -38,16 +38,16 @@ def parse_args(argv: list[str]) -> tuple[Path, str, dict, dict]:
             dense["model"] = str(value)
         elif key == "trust_remote_code":
             dense["trust_remote_code"] = parse_bool(key, value)
-        elif key.startswith("bench."):
-            section[key.removeprefix("bench.")] = value
+        elif key.startswith("speed."):
+            section[key.removeprefix("speed.")] = value
         else:
-            allowed = ["output_dir", "device", "model", "trust_remote_code"] + [f"bench.{k}" for k in SCHEMA["bench"]]
+            allowed = ["output_dir", "device", "model", "trust_remote_code"] + [f"speed.{k}" for k in SCHEMA["speed"]]
             raise ConfigError(f"{key}: unknown key; {did_you_mean(key, allowed)}")
     if run_dir is None:
         raise ConfigError("output_dir: give the run directory to measure, e.g. output_dir=runs/subfit")
     if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "model.safetensors").is_file():
         raise SubFitError(f"output_dir: '{run_dir}' is not a saved subfit-run directory (no recipe.yaml / model.safetensors)")
-    return run_dir, device, {**defaults()["bench"], **validate_section("bench.", section, SCHEMA["bench"])}, dense
+    return run_dir, device, {**defaults()["speed"], **validate_section("speed.", section, SCHEMA["speed"])}, dense
 
 
 def read_run_recipe(run_dir: Path) -> dict:
@@ -61,12 +61,12 @@ def read_run_recipe(run_dir: Path) -> dict:
     return recipe
 
 
-def bench(argv: list[str]) -> tuple[dict, str, Path]:
+def measure(argv: list[str]) -> tuple[dict, str, Path]:
     import torch
 
     from .artifact import load_compressed
     from .outputs import claim, write_atomic
-    from .deploy import BenchSettings, benchmark, markdown, ratios
+    from .deploy import SpeedSettings, measure_speed, markdown, ratios
     from .models import load_model, resolve_device
     from .plugins import get_plugins
 
@@ -81,7 +81,7 @@ def bench(argv: list[str]) -> tuple[dict, str, Path]:
         raise ConfigError(f"model: {run_dir / 'recipe.yaml'} names no dense model; give model=NAME")
     dense, _, source = load_model(get_plugins(), model, device, dtype, given["trust_remote_code"])
     dense.eval()
-    result = benchmark({"dense": dense, "compressed": compressed}, BenchSettings.from_config(section), device)
+    result = measure_speed({"dense": dense, "compressed": compressed}, SpeedSettings.from_config(section), device)
     result["ratios"] = ratios(result)
     result["run"], result["model"] = str(run_dir), source
     table = markdown(result, result["ratios"])
@@ -93,12 +93,12 @@ def bench(argv: list[str]) -> tuple[dict, str, Path]:
     return result, table, run_dir
 
 
-@command("subfit-bench")
-def bench_main(argv: list[str]) -> int:
+@command("subfit-speed")
+def speed_main(argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv:
         print(USAGE)
         return 0
-    _, table, run_dir = bench(argv)
+    _, table, run_dir = measure(argv)
     print(table)
     print(f"written to {run_dir / 'deployment.json'} and deployment.md")
     return 0

@@ -34,6 +34,7 @@ class Field:
 
 
 COMPONENT_SECTIONS = ("scorer", "selector", "fitter", "factorize")
+RENAMED = {"bench": "speed"}  # recipe keys of earlier versions -> their name now
 
 SCHEMA: dict[str, Any] = {
     "name": Field(str, "custom", "recipe name"),
@@ -76,9 +77,9 @@ SCHEMA: dict[str, Any] = {
                                  "folders, listed by subfit-plugins; online: arc_easy, hellaswag, ...)",
                        items=str),
         "limit": Field(int, None, "at most this many items per lm-eval task (null: all)", min=1, nullable=True),
-        "speed": Field(bool, False, "measure deployment speed, memory and KV cache, dense and compressed (see bench.*)"),
+        "speed": Field(bool, False, "measure deployment speed, memory and KV cache, dense and compressed (see speed.*)"),
     },
-    "bench": {
+    "speed": {  # what eval.speed and subfit-speed measure
         "prompt_lengths": Field(list, [64, 256], "prompt lengths (tokens) for time to first token", items=int),
         "batch_sizes": Field(list, [1, 4], "batch sizes for time to first token and decoding", items=int),
         "new_tokens": Field(int, 32, "tokens generated to time decoding", min=2),
@@ -240,6 +241,8 @@ def validate_section(prefix: str, values: dict, schema: dict) -> dict:
     for key, value in values.items():
         full = f"{prefix}{key}"
         if key not in schema:
+            if full in RENAMED:
+                raise ConfigError(f"{full}: renamed to {RENAMED[full]}; write {RENAMED[full]}: instead")
             raise ConfigError(f"{full}: unknown key; {did_you_mean(key, schema)}")
         spec = schema[key]
         out[key] = validate_section(f"{full}.", value, spec) if isinstance(spec, dict) else coerce(full, value, spec)

@@ -34,14 +34,14 @@ from .progress import progress
 
 
 @dataclass
-class BenchSettings:
+class SpeedSettings:
     prompt_lengths: list[int]
     batch_sizes: list[int]
     new_tokens: int = 32
     repeats: int = 3
 
     @classmethod
-    def from_config(cls, section: dict) -> "BenchSettings":
+    def from_config(cls, section: dict) -> "SpeedSettings":
         return cls(list(section["prompt_lengths"]), list(section["batch_sizes"]), section["new_tokens"], section["repeats"])
 
 
@@ -156,7 +156,7 @@ def generate(model, ids: torch.Tensor, new_tokens: int):
                           pad_token_id=pad if pad is not None else 0)
 
 
-def measure_setting(model, ids: torch.Tensor, settings: BenchSettings, device: torch.device) -> dict:
+def measure_setting(model, ids: torch.Tensor, settings: SpeedSettings, device: torch.device) -> dict:
     """TTFT, decode speed, working memory and KV cache of ``model`` for one (batch, prompt length)."""
     ids = ids.to(device)
     batch, length = ids.shape
@@ -189,7 +189,7 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def benchmark(models: dict[str, torch.nn.Module], settings: BenchSettings, device: torch.device) -> dict:
+def measure_speed(models: dict[str, torch.nn.Module], settings: SpeedSettings, device: torch.device) -> dict:
     """Measure every model at every (prompt length, batch size), models interleaved per setting."""
     vocab = min(m.config.vocab_size for m in models.values())
     rows = {name: [] for name in models}

@@ -22,7 +22,7 @@ from .budget import Budget
 from .cache import cache_root, max_cache_bytes, stats_key
 from .bypass import Bypass
 from .corpus import CorpusText, Windows, heldout_windows, make_windows
-from .deploy import BenchSettings, benchmark, ratios
+from .deploy import SpeedSettings, measure_speed, ratios
 from .errors import ConfigError, SubFitError, did_you_mean
 from .evaluate import check_tasks, compare_tasks, geometric_mean, run_tasks
 from .export import check_exportable
@@ -36,7 +36,7 @@ from .surgery import records, split_bypass_params
 from .trace import Workbench
 
 # Keys that must agree for two runs to share a Session (model, data and the dense reference).
-SESSION_KEYS = ("model", "device", "dtype", "seed", "trust_remote_code", "calib", "scoring", "eval", "bench")
+SESSION_KEYS = ("model", "device", "dtype", "seed", "trust_remote_code", "calib", "scoring", "eval", "speed")
 
 
 @dataclass
@@ -231,7 +231,7 @@ def evaluate_dense(session: Session, cfg: dict) -> None:
         session.dense_tasks = run_tasks(session.model, session.tokenizer, ev["tasks"], ev["limit"], ev["batch_size"],
                                         get_plugins())
     if ev["speed"] and session.dense_speed is None:
-        session.dense_speed = benchmark({"dense": session.model}, BenchSettings.from_config(cfg["bench"]), session.device)
+        session.dense_speed = measure_speed({"dense": session.model}, SpeedSettings.from_config(cfg["speed"]), session.device)
 
 
 def evaluate_compressed(session: Session, cfg: dict, results: dict) -> None:
@@ -242,7 +242,7 @@ def evaluate_compressed(session: Session, cfg: dict, results: dict) -> None:
         compressed = run_tasks(session.model, session.tokenizer, ev["tasks"], ev["limit"], ev["batch_size"], get_plugins())
         results["downstream"] = {**compare_tasks(session.dense_tasks, compressed), "limit": ev["limit"]}
     if ev["speed"]:
-        measured = benchmark({"compressed": session.model}, BenchSettings.from_config(cfg["bench"]), session.device)
+        measured = measure_speed({"compressed": session.model}, SpeedSettings.from_config(cfg["speed"]), session.device)
         both = {**session.dense_speed, "models": {**session.dense_speed["models"], **measured["models"]}}
         results["deployment"] = {**both, "ratios": ratios(both)}
     results["timings"]["evaluation_s"] = time.perf_counter() - t0

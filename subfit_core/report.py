@@ -2,7 +2,7 @@
 
 Each run directory gives its ``results.json`` (perplexity, sparsity, KV cache, and, when run with
 ``eval.tasks`` / ``eval.speed``, downstream scores and deployment measurements) and, if
-``subfit-bench`` was run on it, ``deployment.json`` (which then replaces the run's own deployment
+``subfit-speed`` was run on it, ``deployment.json`` (which then replaces the run's own deployment
 numbers). Written atomically to ``output_dir``: ``report.md``, ``report.json``,
 ``accuracy_ppl_vs_sparsity.png`` and ``latency_kv_vs_sparsity.png``.
 

@@ -249,3 +249,8 @@ def test_choosing_another_component_drops_the_recipes_parameters_for_the_old_one
     assert cfg["scorer"] == {"name": "rotation", "combine": "rot"}  # subfit.yaml's scorer.metric is gone
     same = resolve_recipe(["strategy=subfit", "scorer.name=output"])
     assert same["scorer"]["metric"] == "kl"  # same component: the recipe's parameters stay
+
+
+def test_a_renamed_section_names_its_new_name():
+    msg = error_of(validate, {"bench": {"repeats": 2}})
+    assert msg == "bench: renamed to speed; write speed: instead"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from subfit_core.bypass import LowRankBypass, ZeroBypass
-from subfit_core.deploy import BenchSettings, benchmark, kv_cache_bytes, markdown, ratios
+from subfit_core.deploy import SpeedSettings, measure_speed, kv_cache_bytes, markdown, ratios
 from subfit_core.interfaces import Submodule
 from subfit_core.surgery import apply_bypasses
 from subfit_plugins.adapters.llama import LlamaFamilyAdapter
@@ -36,8 +36,8 @@ def compressed_copy(tiny_model, removed_attn: list[int]):
 def test_kv_cache_after_generation_drops_by_removed_attention_share(tiny_model, removed):
     dense = tiny_model("llama", seed=3, num_hidden_layers=LAYERS)
     compressed = compressed_copy(tiny_model, removed)
-    settings = BenchSettings(prompt_lengths=[7], batch_sizes=[2], new_tokens=5, repeats=1)
-    result = benchmark({"dense": dense, "compressed": compressed}, settings, torch.device("cpu"))
+    settings = SpeedSettings(prompt_lengths=[7], batch_sizes=[2], new_tokens=5, repeats=1)
+    result = measure_speed({"dense": dense, "compressed": compressed}, settings, torch.device("cpu"))
     d, c = (result["models"][k]["rows"][0] for k in ("dense", "compressed"))
     # 2 (K and V) x batch x (prompt + new - 1) tokens x KV heads x head_dim x 4 bytes x attentions kept
     per_layer = 2 * 2 * (7 + 5 - 1) * 2 * 8 * 4
@@ -55,8 +55,8 @@ def test_kv_cache_after_generation_drops_by_removed_attention_share(tiny_model, 
 def test_benchmark_covers_every_setting_and_prints_a_table(tiny_model):
     dense = tiny_model("llama", seed=3, num_hidden_layers=LAYERS)
     compressed = compressed_copy(tiny_model, [2])
-    settings = BenchSettings(prompt_lengths=[4, 9], batch_sizes=[1, 3], new_tokens=3, repeats=1)
-    result = benchmark({"dense": dense, "compressed": compressed}, settings, torch.device("cpu"))
+    settings = SpeedSettings(prompt_lengths=[4, 9], batch_sizes=[1, 3], new_tokens=3, repeats=1)
+    result = measure_speed({"dense": dense, "compressed": compressed}, settings, torch.device("cpu"))
     rows = result["models"]["compressed"]["rows"]
     assert [(r["prompt_len"], r["batch"]) for r in rows] == [(4, 1), (4, 3), (9, 1), (9, 3)]
     assert result["device"].startswith("cpu") and result["timing"].startswith("time.perf_counter")

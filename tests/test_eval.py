@@ -92,10 +92,10 @@ def test_bad_task_name_fails_before_the_model_loads(monkeypatch, capsys, tmp_pat
 def test_eval_keys_are_validated():
     with pytest.raises(ConfigError, match=r"eval.tasks: 3 is not a str"):
         validate({"eval": {"tasks": ["piqa", 3]}})
-    with pytest.raises(ConfigError, match=r"bench.batch_sizes: \[1, 0\]; every entry must be at least 1"):
-        validate({"bench": {"batch_sizes": [1, 0]}})
+    with pytest.raises(ConfigError, match=r"speed.batch_sizes: \[1, 0\]; every entry must be at least 1"):
+        validate({"speed": {"batch_sizes": [1, 0]}})
     cfg = validate({"eval": {"tasks": ["piqa"], "limit": 5, "speed": True}})
-    assert cfg["eval"]["tasks"] == ["piqa"] and cfg["bench"]["new_tokens"] == 32
+    assert cfg["eval"]["tasks"] == ["piqa"] and cfg["speed"]["new_tokens"] == 32
 
 
 def test_lm_eval_on_shipped_tasks_reaches_results_json(byte_model_dir, tmp_path, monkeypatch, capfd):
@@ -112,7 +112,7 @@ def test_lm_eval_on_shipped_tasks_reaches_results_json(byte_model_dir, tmp_path,
     code = run_main([f"model={byte_model_dir}", f"calib.dataset={text}", "calib.samples=4", "calib.seq_len=32",
                      "scoring.samples=2", "eval.windows=2", "eval.seq_len=32", "sparsity=0.3", "cache_stats=false",
                      "eval.tasks=[subfit_kjv_cloze,subfit_heldout_ppl]", "eval.limit=6", "eval.speed=true",
-                     "bench.prompt_lengths=[8]", "bench.batch_sizes=[2]", "bench.new_tokens=3", "bench.repeats=1",
+                     "speed.prompt_lengths=[8]", "speed.batch_sizes=[2]", "speed.new_tokens=3", "speed.repeats=1",
                      f"output_dir={out}"])
     assert code == 0
     err = capfd.readouterr().err

@@ -177,7 +177,7 @@ def test_an_unwritable_output_dir_fails_before_anything_loads(local, tmp_path, c
 def test_bench_never_takes_trust_remote_code_from_the_run_folder(tmp_path, monkeypatch, capsys):
     import subfit_core.artifact
     import subfit_core.models
-    from subfit_core.bench import bench_main
+    from subfit_core.bench import speed_main
 
     run = tmp_path / "received"
     run.mkdir()
@@ -191,11 +191,11 @@ def test_bench_never_takes_trust_remote_code_from_the_run_folder(tmp_path, monke
 
     monkeypatch.setattr(subfit_core.artifact, "load_compressed", lambda *a, **k: (None, None))
     monkeypatch.setattr(subfit_core.models, "load_model", fake_load_model)
-    assert bench_main([f"output_dir={run}"]) == 2
-    assert bench_main([f"output_dir={run}", "trust_remote_code=true"]) == 2
+    assert speed_main([f"output_dir={run}"]) == 2
+    assert speed_main([f"output_dir={run}", "trust_remote_code=true"]) == 2
     assert seen == [("someone/evil-model", False), ("someone/evil-model", True)]
     (run / "recipe.yaml").write_text("model: x\ndtype: load\n")
-    assert bench_main([f"output_dir={run}"]) == 2
+    assert speed_main([f"output_dir={run}"]) == 2
     assert "dtype" in capsys.readouterr().err.splitlines()[-1]
 
 
@@ -231,14 +231,14 @@ def test_artifact_fields_are_checked_against_what_is_allowed(saved, change, need
 
 
 def test_truncated_weights_are_a_one_line_error_in_every_loader(saved, capsys):
-    from subfit_core.bench import bench_main
+    from subfit_core.bench import speed_main
 
     data = (saved / "model.safetensors").read_bytes()
     (saved / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(SubFitError, match="model.safetensors' cannot be loaded"):
         load_compressed(saved)
-    assert bench_main([f"output_dir={saved}", "model=x"]) == 2
-    one_line_error(capsys, "subfit-bench", "model.safetensors")
+    assert speed_main([f"output_dir={saved}", "model=x"]) == 2
+    one_line_error(capsys, "subfit-speed", "model.safetensors")
 
 
 # ----------------------------------------------------------------------------- corruption used silently

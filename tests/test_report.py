@@ -1,4 +1,4 @@
-"""subfit-bench on a saved run (dense original from its recipe) and subfit-report over several runs:
+"""subfit-speed on a saved run (dense original from its recipe) and subfit-report over several runs:
 tables, JSON, PNG plots, atomic output, one-line errors."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from subfit_core.bench import bench_main
+from subfit_core.bench import speed_main
 from subfit_core.cli import run_main
 from subfit_core.report import report_main
 
@@ -31,8 +31,8 @@ def two_runs(tmp_path_factory):
 
 def test_bench_measures_a_saved_run_against_its_dense_original(two_runs, capsys):
     run = two_runs[1]
-    code = bench_main([f"output_dir={run}", "device=cpu", "bench.prompt_lengths=[5]", "bench.batch_sizes=[1,2]",
-                       "bench.new_tokens=3", "bench.repeats=1"])
+    code = speed_main([f"output_dir={run}", "device=cpu", "speed.prompt_lengths=[5]", "speed.batch_sizes=[1,2]",
+                       "speed.new_tokens=3", "speed.repeats=1"])
     assert code == 0
     out = capsys.readouterr().out
     assert "TTFT speed-up" in out and out.count("| dense |") == 2
@@ -44,13 +44,13 @@ def test_bench_measures_a_saved_run_against_its_dense_original(two_runs, capsys)
     assert (run / "deployment.md").read_text().startswith("# Deployment")
 
 
-def test_bench_errors_are_one_line(two_runs, capsys, tmp_path):
-    assert bench_main([f"output_dir={tmp_path}"]) == 2
+def test_speed_errors_are_one_line(two_runs, capsys, tmp_path):
+    assert speed_main([f"output_dir={tmp_path}"]) == 2
     assert "is not a saved subfit-run directory" in capsys.readouterr().err
-    assert bench_main([f"output_dir={two_runs[0]}", "bench.new_token=3"]) == 2
+    assert speed_main([f"output_dir={two_runs[0]}", "speed.new_token=3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "did you mean 'new_tokens'" in err
-    assert bench_main([f"output_dir={two_runs[0]}", "prompt=3"]) == 2
+    assert speed_main([f"output_dir={two_runs[0]}", "prompt=3"]) == 2
     assert "prompt: unknown key" in capsys.readouterr().err
 
 
