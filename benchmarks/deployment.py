@@ -5,7 +5,7 @@
 
 Time to first token at several prompt lengths and batch sizes, decode tokens/s, working memory and
 KV-cache bytes read from the cache object after generation, dense and compressed in one process
-(``subfit_core.deploy``; the same as ``subfit-speed``). On CUDA the same command times with CUDA
+(``subfit_core.evaluation.speed``; the same as ``subfit-speed``). On CUDA the same command times with CUDA
 events. Prints the table and writes benchmarks/results/deployment.{json,md}.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from subfit_core.bench import measure  # noqa: E402
+from subfit_core.apps.speed import measure  # noqa: E402
 
 
 def main() -> int:

@@ -26,8 +26,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from subfit_core.cli import resolve_recipe  # noqa: E402
-from subfit_core.pipeline import SESSION_KEYS, compress, open_session  # noqa: E402
+from subfit_core.apps.cli import resolve_recipe  # noqa: E402
+from subfit_core.engine.pipeline import SESSION_KEYS, compress, open_session  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

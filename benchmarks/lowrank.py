@@ -27,9 +27,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from subfit_core.cli import resolve_recipe  # noqa: E402
-from subfit_core.factorize import parameter_counts  # noqa: E402
-from subfit_core.pipeline import SESSION_KEYS, compress, open_session  # noqa: E402
+from subfit_core.apps.cli import resolve_recipe  # noqa: E402
+from subfit_core.engine.factorize import parameter_counts  # noqa: E402
+from subfit_core.engine.pipeline import SESSION_KEYS, compress, open_session  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +77,7 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    from subfit_core.plotting import pyplot, ratio_lines, save_ratio_plot
+    from subfit_core.apps.plotting import pyplot, ratio_lines, save_ratio_plot
 
     fig, ax = pyplot().subplots(figsize=(7.2, 4.8))
     series = {name: [(r["kept_ratio"], r["ppl_ratio"]) for r in rows if r["method"] == name]

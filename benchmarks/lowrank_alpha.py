@@ -15,12 +15,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from subfit_core.corpus import make_windows  # noqa: E402
-from subfit_core.factorize import factorize  # noqa: E402
-from subfit_core.models import find_adapter, load_model  # noqa: E402
-from subfit_core.pipeline import load_text  # noqa: E402
+from subfit_core.engine.corpus import make_windows  # noqa: E402
+from subfit_core.engine.factorize import factorize  # noqa: E402
+from subfit_core.engine.models import find_adapter, load_model  # noqa: E402
+from subfit_core.engine.pipeline import load_text  # noqa: E402
 from subfit_core.plugins import build_component, get_plugins  # noqa: E402
-from subfit_core.trace import Workbench  # noqa: E402
+from subfit_core.engine.workbench import Workbench  # noqa: E402
 
 
 def main() -> int:

@@ -74,9 +74,9 @@ def subfit_fitters():
 @hookimpl
 def subfit_bypass_kinds():
     return {
-        "zero": "subfit_core.bypass:ZeroBypass",
-        "linear": "subfit_core.bypass:LinearBypass",
-        "lowrank": "subfit_core.bypass:LowRankBypass",
+        "zero": "subfit_core.engine.bypass:ZeroBypass",
+        "linear": "subfit_core.engine.bypass:LinearBypass",
+        "lowrank": "subfit_core.engine.bypass:LowRankBypass",
         "shared_basis": f"{P}.fitters.shared_basis:SharedBasisBypass",
         "mlp": f"{P}.fitters.streamline:MLPBypass",
     }

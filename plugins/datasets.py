@@ -28,7 +28,7 @@ import lzma
 import os
 from pathlib import Path
 
-from subfit_core.corpus import DEDUP_MIN_CHARS, HELDOUT_CHUNK, HELDOUT_EVERY, CorpusText, split_heldout  # noqa: F401
+from subfit_core.engine.corpus import DEDUP_MIN_CHARS, HELDOUT_CHUNK, HELDOUT_EVERY, CorpusText, split_heldout  # noqa: F401
 
 CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
 FILE_SUFFIXES = (".txt", ".json", ".jsonl")

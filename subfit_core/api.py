@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .corpus import CorpusText
-from .errors import ConfigError
+from subfit_core.engine.corpus import CorpusText
+from subfit_core.errors import ConfigError
 
 HELDOUT_EVERY = 10  # every 10th calibration text is held out for the reported perplexity
 CALIBRATION = "calibration"  # the name a run gives text passed in as a list or a Dataset
@@ -41,18 +41,18 @@ class Report:
         return self.results[key]
 
     def __str__(self) -> str:
-        from .cli import summary
+        from subfit_core.apps.cli import summary
 
         return summary(self.results)
 
 
 def resolve(recipe: str | dict | None, overrides: dict) -> dict:
-    from .config import apply_overrides, flatten, validate
-    from .plugins import get_plugins
-    from .recipes import read_recipe
+    from subfit_core.config import apply_overrides, flatten, validate
+    from subfit_core.plugins import get_plugins
+    from subfit_core.recipes import read_recipe
 
     if recipe is None:
-        from .cli import default_strategy
+        from subfit_core.apps.cli import default_strategy
 
         recipe = default_strategy()
     data = dict(recipe) if isinstance(recipe, dict) else read_recipe(get_plugins(), str(recipe))[0]
@@ -85,8 +85,8 @@ def compress(model: str | nn.Module, tokenizer=None, recipe: str | dict | None =
     recipe's ``calib.dataset``), a registered text source or a file path, a list of strings, or a
     ``datasets.Dataset`` with a ``text`` column. No model is saved: call ``save``.
     """
-    from .models import resolve_device
-    from .pipeline import check_before_work, compress as run_compression, open_session
+    from subfit_core.engine.models import resolve_device
+    from subfit_core.engine.pipeline import check_before_work, compress as run_compression, open_session
 
     t_start = time.perf_counter()
     texts = {}
@@ -118,10 +118,10 @@ def compress(model: str | nn.Module, tokenizer=None, recipe: str | dict | None =
 def save(model: nn.Module, report: Report, output_dir: str | Path, overwrite: bool = False) -> Path:
     """Write ``model`` (compressed by ``compress``) to ``output_dir`` atomically, in the layout that
     transformers, pipelines and lm-eval load with ``trust_remote_code=True``; returns the folder."""
-    from .artifact import describe, save_compressed
-    from .outputs import check_output_dir, claim
-    from .models import find_adapter
-    from .plugins import get_plugins
+    from subfit_core.artifact.folder import describe, save_compressed
+    from subfit_core.artifact.outputs import check_output_dir, claim
+    from subfit_core.engine.models import find_adapter
+    from subfit_core.plugins import get_plugins
 
     out = check_output_dir(output_dir, overwrite)
     replacements, factored = describe(find_adapter(get_plugins(), model))

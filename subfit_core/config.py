@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, did_you_mean
+from subfit_core.errors import ConfigError, did_you_mean
 
 
 
@@ -112,7 +112,7 @@ SCHEMA: dict[str, Any] = {
 
 def defaults() -> dict:
     """Every engine key's default; the plugins' defaults (``subfit_defaults``) fill the rest."""
-    from .plugins import get_plugins
+    from subfit_core.plugins import get_plugins
 
     def walk(node):
         return {k: walk(v) if isinstance(v, dict) else v.default for k, v in node.items()}

@@ -20,50 +20,50 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def subfit_model_adapters() -> dict:
-    """Adapters that locate attention/FFN submodules in a model family (``subfit_core.adapter.Adapter``)."""
+    """Adapters that locate attention/FFN submodules in a model family (``subfit_core.engine.adapter.Adapter``)."""
 
 
 @hookspec
 def subfit_scorers() -> dict:
-    """Redundancy scorers (``subfit_core.interfaces.Scorer`` subclasses); lower score = remove first."""
+    """Redundancy scorers (``subfit_core.engine.interfaces.Scorer`` subclasses); lower score = remove first."""
 
 
 @hookspec
 def subfit_statistics() -> dict:
-    """Statistics (``subfit_core.interfaces.Statistic`` subclasses) accumulated per submodule in the
+    """Statistics (``subfit_core.engine.interfaces.Statistic`` subclasses) accumulated per submodule in the
     dense calibration pass, for scorers that declare them in ``Scorer.statistics``."""
 
 
 @hookspec
 def subfit_metrics() -> dict:
-    """Metrics (``subfit_core.interfaces.Metric`` subclasses) that judge a model on the scoring windows
+    """Metrics (``subfit_core.engine.interfaces.Metric`` subclasses) that judge a model on the scoring windows
     from its next-token logits; scorers and selectors name them in their parameters."""
 
 
 @hookspec
 def subfit_selectors() -> dict:
-    """Selectors (``subfit_core.interfaces.Selector`` subclasses) that turn scores into a Plan."""
+    """Selectors (``subfit_core.engine.interfaces.Selector`` subclasses) that turn scores into a Plan."""
 
 
 @hookspec
 def subfit_fitters() -> dict:
-    """Bypass fitters (``subfit_core.interfaces.Fitter`` subclasses)."""
+    """Bypass fitters (``subfit_core.engine.interfaces.Fitter`` subclasses)."""
 
 
 @hookspec
 def subfit_bypass_kinds() -> dict:
-    """Bypass classes (``subfit_core.bypass.Bypass`` subclasses) by their ``kind``, so that a saved
+    """Bypass classes (``subfit_core.engine.bypass.Bypass`` subclasses) by their ``kind``, so that a saved
     model whose fitter returned one can be rebuilt by ``load_compressed`` (``Bypass.empty``)."""
 
 
 @hookspec
 def subfit_factorizers() -> dict:
-    """Low-rank factorizers of linear layers (``subfit_core.interfaces.Factorizer`` subclasses)."""
+    """Low-rank factorizers of linear layers (``subfit_core.engine.interfaces.Factorizer`` subclasses)."""
 
 
 @hookspec
 def subfit_datasets() -> dict:
-    """Text sources: callables returning ``subfit_core.corpus.CorpusText``."""
+    """Text sources: callables returning ``subfit_core.engine.corpus.CorpusText``."""
 
 
 @hookspec

@@ -9,22 +9,22 @@ from pathlib import Path
 
 import pluggy
 
-from . import hookspecs
-from .errors import SubFitError, did_you_mean
-from .registry import Registry
+from subfit_core import hookspecs
+from subfit_core.errors import SubFitError, did_you_mean
+from subfit_core.registry import Registry
 
 # hook name -> (registry kind, recipe key used in messages, what every entry must be)
 COMPONENT_HOOKS = {
-    "subfit_model_adapters": ("adapter", "adapter", "subfit_core.adapter:Adapter"),
-    "subfit_scorers": ("scorer", "scorer.name", "subfit_core.interfaces:Scorer"),
-    "subfit_statistics": ("statistic", "scorer.statistics", "subfit_core.interfaces:Statistic"),
-    "subfit_metrics": ("metric", "scorer.metric", "subfit_core.interfaces:Metric"),
-    "subfit_selectors": ("selector", "selector.name", "subfit_core.interfaces:Selector"),
-    "subfit_fitters": ("fitter", "fitter.name", "subfit_core.interfaces:Fitter"),
-    "subfit_factorizers": ("factorizer", "factorize.name", "subfit_core.interfaces:Factorizer"),
+    "subfit_model_adapters": ("adapter", "adapter", "subfit_core.engine.adapter:Adapter"),
+    "subfit_scorers": ("scorer", "scorer.name", "subfit_core.engine.interfaces:Scorer"),
+    "subfit_statistics": ("statistic", "scorer.statistics", "subfit_core.engine.interfaces:Statistic"),
+    "subfit_metrics": ("metric", "scorer.metric", "subfit_core.engine.interfaces:Metric"),
+    "subfit_selectors": ("selector", "selector.name", "subfit_core.engine.interfaces:Selector"),
+    "subfit_fitters": ("fitter", "fitter.name", "subfit_core.engine.interfaces:Fitter"),
+    "subfit_factorizers": ("factorizer", "factorize.name", "subfit_core.engine.interfaces:Factorizer"),
     "subfit_datasets": ("dataset", "calib.dataset", "callable"),
     "subfit_models": ("model", "model", "callable"),
-    "subfit_bypass_kinds": ("bypass kind", "saved bypass", "subfit_core.bypass:Bypass"),
+    "subfit_bypass_kinds": ("bypass kind", "saved bypass", "subfit_core.engine.bypass:Bypass"),
 }
 
 
@@ -138,7 +138,7 @@ def get_plugins() -> Plugins:
 
 def build_component(plugins: Plugins, kind: str, section: dict, prefix: str):
     """Instantiate the ``kind`` component named in ``section`` with its validated parameters."""
-    from .config import validate_params
+    from subfit_core.config import validate_params
 
     cls = plugins.registries[kind].get(section["name"], f"{prefix}.name")
     return cls(validate_params(prefix, section, cls.Params), plugins)
@@ -148,7 +148,7 @@ def require(plugins: Plugins | None, kind: str, name: str, key: str):
     """The ``kind`` entry ``name`` that a component's parameter ``key`` names, refused in one line
     (with the nearest registered name) when it is not registered: components call this in
     ``__init__`` so that a bad name fails when the recipe is validated."""
-    from .errors import ConfigError
+    from subfit_core.errors import ConfigError
 
     registry = (plugins or get_plugins()).registries[kind]
     if not isinstance(name, str) or name not in registry:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, did_you_mean
-from .plugins import Plugins
+from subfit_core.config import ConfigError, did_you_mean
+from subfit_core.plugins import Plugins
 
 
 def available(plugins: Plugins) -> dict[str, Path]:

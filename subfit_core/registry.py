@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import SubFitError, did_you_mean
+from subfit_core.errors import SubFitError, did_you_mean
 
 
 @dataclass

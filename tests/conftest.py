@@ -11,7 +11,7 @@ Fixtures
                     ``arch``/``seed``/overrides always give the same weights, and building a model does
                     not disturb the global torch RNG. Each call builds a new model (safe to modify).
 ``random_windows``  a factory ``random_windows(calib=8, scoring=4, heldout=2, seq_len=16, vocab=128,
-                    seed=0)`` returning a ``subfit_core.corpus.Windows`` of random token ids.
+                    seed=0)`` returning a ``subfit_core.engine.corpus.Windows`` of random token ids.
 
 Both fixtures are session-scoped factories, so fixtures of any scope can use them.
 
@@ -60,7 +60,7 @@ def build_tiny_model(arch: str = "llama", seed: int = 0, **overrides):
 def build_random_windows(calib: int = 8, scoring: int = 4, heldout: int = 2, seq_len: int = 16, vocab: int = 128,
                          seed: int = 0):
     """``Windows`` of uniformly random token ids: calib, scoring and heldout of shape (n, seq_len)."""
-    from subfit_core.corpus import Windows
+    from subfit_core.engine.corpus import Windows
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (calib + scoring + heldout, seq_len), generator=g)

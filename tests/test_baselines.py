@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from subfit_core.budget import Budget
-from subfit_core.bypass import ZeroBypass
-from subfit_core.interfaces import Submodule
-from subfit_core.surgery import apply_bypasses
-from subfit_core.trace import Workbench
+from subfit_core.engine.budget import Budget
+from subfit_core.engine.bypass import ZeroBypass
+from subfit_core.engine.interfaces import Submodule
+from subfit_core.engine.surgery import apply_bypasses
+from subfit_core.engine.workbench import Workbench
 from subfit_plugins.adapters.llama import LlamaFamilyAdapter
 from subfit_plugins.fitters.identity import IdentityFitter
 from subfit_plugins.scorers.angular import AngularDistanceScorer

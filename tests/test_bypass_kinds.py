@@ -14,13 +14,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from subfit_plugins.adapters.llama import LlamaFamilyAdapter
 from test_surgery import make_model, tiny_tokenizer
 
-from subfit_core import artifact, load_compressed
-from subfit_core.bypass import Bypass, LowRankBypass, build_bypasses
+from subfit_core import load_compressed
+
+from subfit_core.artifact import folder
+from subfit_core.engine.bypass import Bypass, LowRankBypass, build_bypasses
 from subfit_core.errors import SubFitError
 from subfit_core.hookspecs import hookimpl
-from subfit_core.interfaces import Submodule
+from subfit_core.engine.interfaces import Submodule
 from subfit_core.plugins import Plugins, get_plugins, make_plugin_manager
-from subfit_core.surgery import apply_bypasses, records
+from subfit_core.engine.surgery import apply_bypasses, records
 
 
 class DiagonalBypass(Bypass):
@@ -63,7 +65,7 @@ def save_diagonal_model(tmp_path):
     with torch.no_grad():
         before = model(input_ids=ids).logits
     out = tmp_path / "compressed"
-    artifact.save_compressed(model, tiny_tokenizer(), records(bypasses), out, {"name": "test"}, {})
+    folder.save_compressed(model, tiny_tokenizer(), records(bypasses), out, {"name": "test"}, {})
     return out, ids, before
 
 

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from subfit_core.compare import compare
+from subfit_core.apps.compare import compare
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,11 +27,11 @@ def local_model_and_text(tmp_path_factory):
 
 def test_compare_shares_one_dense_pass_and_reports_failures(local_model_and_text, monkeypatch):
     folder = local_model_and_text
-    from subfit_core import trace
+    from subfit_core.engine import workbench
 
     passes = []
-    original = trace.Workbench._collect_calibration
-    monkeypatch.setattr(trace.Workbench, "_collect_calibration", lambda self: (passes.append(1), original(self))[1])
+    original = workbench.Workbench._collect_calibration
+    monkeypatch.setattr(workbench.Workbench, "_collect_calibration", lambda self: (passes.append(1), original(self))[1])
     out = folder / "compare"
     summary = compare([
         "strategies=[subfit,shortgpt,sleb," + str(folder / "broken.yaml") + "]", "sparsities=[0.17,0.34]",
@@ -122,10 +122,10 @@ def test_window_strategies_save_and_load_with_identical_logits(local_model_and_t
     import torch
 
     from subfit_core import load_compressed
-    from subfit_core.artifact import save_compressed
-    from subfit_core.cli import resolve_recipe
-    from subfit_core.pipeline import compress, open_session
-    from subfit_core.surgery import records
+    from subfit_core.artifact.folder import save_compressed
+    from subfit_core.apps.cli import resolve_recipe
+    from subfit_core.engine.pipeline import compress, open_session
+    from subfit_core.engine.surgery import records
 
     folder = local_model_and_text
     extra = ["fitter.epochs=1"] if strategy == "llm-streamline" else []
@@ -145,7 +145,7 @@ def test_window_strategies_save_and_load_with_identical_logits(local_model_and_t
 
 
 def test_an_interrupted_comparison_resumes_where_it_stopped(local_model_and_text, monkeypatch):
-    from subfit_core import compare as compare_module
+    from subfit_core.apps import compare as compare_module
 
     folder, calls = local_model_and_text, []
     real = compare_module.compress
@@ -174,7 +174,7 @@ def test_an_interrupted_comparison_resumes_where_it_stopped(local_model_and_text
 
 
 def test_table_shows_retained_accuracy_only_when_tasks_ran():
-    from subfit_core.compare import markdown
+    from subfit_core.apps.compare import markdown
 
     row = {"strategy": "subfit", "sparsity": 0.25, "status": "ok", "ppl_ratio": 1.47, "achieved_layers": 0.2568,
            "achieved_params": 0.2568, "attn_removed": 6, "ffn_removed": 9, "kv_saving": 0.2,

@@ -234,7 +234,7 @@ def test_cli_help_lists_keys():
 
 
 def test_exponent_floats_are_floats_although_yaml_1_1_reads_them_as_strings():
-    from subfit_core.cli import resolve_recipe
+    from subfit_core.apps.cli import resolve_recipe
 
     cfg = resolve_recipe(["strategy=subfit", "sparsity=2.5e-1"])
     assert cfg["sparsity"] == 0.25
@@ -243,7 +243,7 @@ def test_exponent_floats_are_floats_although_yaml_1_1_reads_them_as_strings():
 
 
 def test_choosing_another_component_drops_the_recipes_parameters_for_the_old_one():
-    from subfit_core.cli import resolve_recipe
+    from subfit_core.apps.cli import resolve_recipe
 
     cfg = resolve_recipe(["strategy=subfit", "scorer.name=rotation", "scorer.combine=rot"])
     assert cfg["scorer"] == {"name": "rotation", "combine": "rot"}  # subfit.yaml's scorer.metric is gone

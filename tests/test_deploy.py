@@ -8,10 +8,10 @@ from fractions import Fraction
 import pytest
 import torch
 
-from subfit_core.bypass import LowRankBypass, ZeroBypass
-from subfit_core.deploy import SpeedSettings, measure_speed, kv_cache_bytes, markdown, ratios
-from subfit_core.interfaces import Submodule
-from subfit_core.surgery import apply_bypasses
+from subfit_core.engine.bypass import LowRankBypass, ZeroBypass
+from subfit_core.evaluation.speed import SpeedSettings, measure_speed, kv_cache_bytes, markdown, ratios
+from subfit_core.engine.interfaces import Submodule
+from subfit_core.engine.surgery import apply_bypasses
 from subfit_plugins.adapters.llama import LlamaFamilyAdapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,10 +17,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from test_export import IDS, run_isolated  # noqa: E402
 from test_surgery import tiny_tokenizer  # noqa: E402
 
-from subfit_core import artifact, load_compressed  # noqa: E402
-from subfit_core.bypass import LinearBypass, LowRankBypass, ZeroBypass  # noqa: E402
-from subfit_core.interfaces import Submodule  # noqa: E402
-from subfit_core.surgery import apply_bypasses, records  # noqa: E402
+from subfit_core import load_compressed  # noqa: E402
+
+from subfit_core.artifact import folder  # noqa: E402
+from subfit_core.engine.bypass import LinearBypass, LowRankBypass, ZeroBypass  # noqa: E402
+from subfit_core.engine.interfaces import Submodule  # noqa: E402
+from subfit_core.engine.surgery import apply_bypasses, records  # noqa: E402
 
 TUTORIAL = Path(__file__).resolve().parents[1] / "docs" / "writing-plugins.md"
 
@@ -76,7 +78,7 @@ def test_tutorial_gpt2_adapter_compresses_saves_and_loads_everywhere(gpt2_plugin
         seq = torch.cat([seq, model(input_ids=seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out, seq)
 
-    artifact.save_compressed(model, tiny_tokenizer(), records(bypasses), tmp_path / "gpt2", {}, {},
+    folder.save_compressed(model, tiny_tokenizer(), records(bypasses), tmp_path / "gpt2", {}, {},
                              layout=gpt2_plugin.layout)
     got = run_isolated([tmp_path / "gpt2"], tmp_path)
     assert torch.allclose(got["0"], before, atol=1e-5, rtol=0)

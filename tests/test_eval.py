@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from subfit_core import evaluate
-from subfit_core.cli import run_main
+from subfit_core.evaluation import tasks as lm_tasks
+from subfit_core.apps.cli import run_main
 from subfit_core.config import validate
 from subfit_core.errors import ConfigError
 from subfit_core.plugins import get_plugins
@@ -47,7 +47,7 @@ def byte_model_dir(tmp_path_factory):
 
 
 def test_shipped_tasks_are_registered_with_absolute_data_files():
-    tasks = evaluate.local_tasks(get_plugins())
+    tasks = lm_tasks.local_tasks(get_plugins())
     assert set(SHIPPED) <= set(tasks)
     for name in SHIPPED:
         path = tasks[name]["dataset_kwargs"]["data_files"]["test"]
@@ -70,19 +70,19 @@ def test_shipped_task_data_is_what_the_script_builds():
 
 
 def test_bad_task_name_is_one_line_error_listing_the_available_ones(monkeypatch):
-    monkeypatch.setattr(evaluate, "_lm_eval_index", lambda: {"arc_easy", "lambada_openai"})  # no slow indexing
+    monkeypatch.setattr(lm_tasks, "_lm_eval_index", lambda: {"arc_easy", "lambada_openai"})  # no slow indexing
     with pytest.raises(ConfigError) as err:
-        evaluate.check_tasks(["subfit_kjv_cloz"], get_plugins())
+        lm_tasks.check_tasks(["subfit_kjv_cloz"], get_plugins())
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("eval.tasks: unknown task 'subfit_kjv_cloz'")
     assert all(n in msg for n in SHIPPED + ("hellaswag", "arc_easy")) and "did you mean 'subfit_kjv_cloze'" in msg
-    evaluate.check_tasks(["lambada_openai", "piqa", "subfit_kjv_cloze"], get_plugins())  # known to lm-eval: fine
+    lm_tasks.check_tasks(["lambada_openai", "piqa", "subfit_kjv_cloze"], get_plugins())  # known to lm-eval: fine
 
 
 def test_bad_task_name_fails_before_the_model_loads(monkeypatch, capsys, tmp_path):
-    import subfit_core.pipeline as pipeline
+    import subfit_core.engine.pipeline as pipeline
 
-    monkeypatch.setattr(evaluate, "_lm_eval_index", lambda: set())
+    monkeypatch.setattr(lm_tasks, "_lm_eval_index", lambda: set())
     monkeypatch.setattr(pipeline, "open_session", lambda cfg: pytest.fail("the model was loaded"))
     code = run_main(["eval.tasks=[subfit_kjv_cloze,hellaswagg]", f"output_dir={tmp_path / 'x'}"])
     err = capsys.readouterr().err
@@ -99,10 +99,10 @@ def test_eval_keys_are_validated():
 
 
 def test_lm_eval_on_shipped_tasks_reaches_results_json(byte_model_dir, tmp_path, monkeypatch, capfd):
-    from subfit_core import pipeline
+    from subfit_core.engine import pipeline
 
     calls = []
-    original = evaluate.run_tasks
+    original = lm_tasks.run_tasks
     monkeypatch.setattr(pipeline, "run_tasks", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
     rng = random.Random(0)
     text = tmp_path / "text.txt"
@@ -135,7 +135,7 @@ def test_lm_eval_on_shipped_tasks_reaches_results_json(byte_model_dir, tmp_path,
 def test_dense_scores_are_computed_once_per_session(monkeypatch):
     from types import SimpleNamespace
 
-    from subfit_core import pipeline
+    from subfit_core.engine import pipeline
 
     calls = []
     monkeypatch.setattr(pipeline, "run_tasks", lambda *a, **k: calls.append(1) or {"t": {"acc": 0.5}})
@@ -149,6 +149,6 @@ def test_dense_scores_are_computed_once_per_session(monkeypatch):
 def test_compare_tasks_metrics():
     dense = {"a": {"acc": 0.5}, "b": {"acc": 0.8}, "p": {"word_perplexity": 10.0}, "q": {"word_perplexity": 20.0}}
     comp = {"a": {"acc": 0.4}, "b": {"acc": 0.8}, "p": {"word_perplexity": 20.0}, "q": {"word_perplexity": 160.0}}
-    out = evaluate.compare_tasks(dense, comp)
+    out = lm_tasks.compare_tasks(dense, comp)
     assert out["retained_accuracy"] == pytest.approx((0.8 + 1.0) / 2)
     assert out["perplexity_degradation"] == pytest.approx(4.0)  # geometric mean of 2x and 8x

@@ -22,14 +22,16 @@ from test_bypass_kinds import DiagonalBypass, DiagonalPlugin, with_plugin  # noq
 from test_surgery import CONFIGS, D, make_model, tiny_tokenizer  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from subfit_core import artifact, load_compressed  # noqa: E402
-from subfit_core.bypass import LinearBypass, LowRankBypass, ZeroBypass  # noqa: E402
+from subfit_core import load_compressed  # noqa: E402
+
+from subfit_core.artifact import folder  # noqa: E402
+from subfit_core.engine.bypass import LinearBypass, LowRankBypass, ZeroBypass  # noqa: E402
 from subfit_plugins.fitters.shared_basis import SharedBasisBypass  # noqa: E402
 from subfit_plugins.fitters.streamline import MLPBypass  # noqa: E402
-from subfit_core.interfaces import Submodule  # noqa: E402
-from subfit_core.lowrank import FactoredLinear  # noqa: E402
-from subfit_core.rebuild import set_child  # noqa: E402
-from subfit_core.surgery import apply_bypasses, records  # noqa: E402
+from subfit_core.engine.interfaces import Submodule  # noqa: E402
+from subfit_core.engine.lowrank import FactoredLinear  # noqa: E402
+from subfit_core.artifact.rebuild import set_child  # noqa: E402
+from subfit_core.engine.surgery import apply_bypasses, records  # noqa: E402
 from subfit_plugins.adapters.llama import LlamaFamilyAdapter  # noqa: E402
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -69,7 +71,7 @@ def save_every_kind(arch: str, out):
     bypasses = every_kind()
     apply_bypasses(LlamaFamilyAdapter(model), bypasses)
     factored = [factor(model, 2, "ffn", "down_proj", 5, 7), factor(model, 3, "attn", "q_proj", 3, 8)]
-    artifact.save_compressed(model, tiny_tokenizer(), records(bypasses), out, {"name": "test"}, {}, factored)
+    folder.save_compressed(model, tiny_tokenizer(), records(bypasses), out, {"name": "test"}, {}, factored)
     with torch.no_grad():
         return model(input_ids=IDS).logits
 
@@ -183,7 +185,7 @@ def test_plugin_bypass_kind_travels_in_the_modeling_file(tmp_path):
     g = torch.Generator().manual_seed(1)
     bypasses = {Submodule(1, "ffn"): DiagonalBypass(torch.randn(D, generator=g))}
     apply_bypasses(LlamaFamilyAdapter(model), bypasses)
-    artifact.save_compressed(model, tiny_tokenizer(), records(bypasses), tmp_path / "m", {}, {})
+    folder.save_compressed(model, tiny_tokenizer(), records(bypasses), tmp_path / "m", {}, {})
     with torch.no_grad():
         before = model(input_ids=IDS).logits
     assert "class DiagonalBypass(Bypass)" in (tmp_path / "m" / "modeling_subfit.py").read_text()
@@ -246,5 +248,5 @@ def test_a_bypass_class_that_cannot_travel_is_refused_at_save_time(tmp_path):
     bypasses = {Submodule(1, "ffn"): Scaled(torch.ones(D))}
     apply_bypasses(LlamaFamilyAdapter(model), bypasses)
     with pytest.raises(SubFitError, match="modeling_subfit.py does not work .*NameError"):
-        artifact.save_compressed(model, tiny_tokenizer(), records(bypasses), tmp_path / "m", {}, {})
+        folder.save_compressed(model, tiny_tokenizer(), records(bypasses), tmp_path / "m", {}, {})
     assert not (tmp_path / "m").exists()

@@ -22,10 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from conftest import write_local_model_and_text  # noqa: E402
 
-from subfit_core import cache, load_compressed  # noqa: E402
-from subfit_core.cli import plugins_main, run_main  # noqa: E402
+from subfit_core import load_compressed  # noqa: E402
+
+from subfit_core.engine import cache  # noqa: E402
+from subfit_core.apps.cli import plugins_main, run_main  # noqa: E402
 from subfit_core.errors import ConfigError, SubFitError  # noqa: E402
-from subfit_core.outputs import MARKER, atomic_dir, claim  # noqa: E402
+from subfit_core.artifact.outputs import MARKER, atomic_dir, claim  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -63,8 +65,8 @@ def test_overwrite_replaces_only_what_subfit_wrote(local, tmp_path, capsys):
 
 @pytest.mark.parametrize("prog", ["subfit-report", "subfit-compare"])
 def test_overwrite_must_be_true_or_false(local, tmp_path, capsys, prog):
-    from subfit_core.compare import compare_main
-    from subfit_core.report import report_main
+    from subfit_core.apps.compare import compare_main
+    from subfit_core.apps.report import report_main
 
     target = tmp_path / "out"
     atomic_dir(target, lambda tmp: (tmp / "keep.txt").write_text("kept"))
@@ -80,7 +82,7 @@ def test_overwrite_must_be_true_or_false(local, tmp_path, capsys, prog):
 HOLD = textwrap.dedent('''
     import sys, time
     from pathlib import Path
-    from subfit_core.outputs import claim
+    from subfit_core.artifact.outputs import claim
     with claim(Path(sys.argv[1])):
         print("held", flush=True)
         time.sleep(60)
@@ -103,7 +105,7 @@ def test_a_second_writer_fails_at_once(local, tmp_path, capsys):
 DIE_WHILE_WRITING = textwrap.dedent('''
     import os, signal, sys
     from pathlib import Path
-    from subfit_core.outputs import atomic_dir
+    from subfit_core.artifact.outputs import atomic_dir
     def write(tmp):
         (tmp / "model.safetensors").write_bytes(b"x" * 1_000_000)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -157,9 +159,9 @@ def test_outputs_follow_the_umask(tmp_path, mask, folder, file):
 
 
 def test_an_unwritable_output_dir_fails_before_anything_loads(local, tmp_path, capsys, monkeypatch):
-    import subfit_core.pipeline
+    import subfit_core.engine.pipeline
 
-    monkeypatch.setattr(subfit_core.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(subfit_core.engine.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert run_main(tiny_args(local, f"output_dir={blocker / 'run'}")) == 2
@@ -175,9 +177,9 @@ def test_an_unwritable_output_dir_fails_before_anything_loads(local, tmp_path, c
 
 
 def test_bench_never_takes_trust_remote_code_from_the_run_folder(tmp_path, monkeypatch, capsys):
-    import subfit_core.artifact
-    import subfit_core.models
-    from subfit_core.bench import speed_main
+    import subfit_core.artifact.folder
+    import subfit_core.engine.models
+    from subfit_core.apps.speed import speed_main
 
     run = tmp_path / "received"
     run.mkdir()
@@ -189,8 +191,8 @@ def test_bench_never_takes_trust_remote_code_from_the_run_folder(tmp_path, monke
         seen.append((spec, trust_remote_code))
         raise SubFitError("stop here")
 
-    monkeypatch.setattr(subfit_core.artifact, "load_compressed", lambda *a, **k: (None, None))
-    monkeypatch.setattr(subfit_core.models, "load_model", fake_load_model)
+    monkeypatch.setattr(subfit_core.artifact.folder, "load_compressed", lambda *a, **k: (None, None))
+    monkeypatch.setattr(subfit_core.engine.models, "load_model", fake_load_model)
     assert speed_main([f"output_dir={run}"]) == 2
     assert speed_main([f"output_dir={run}", "trust_remote_code=true"]) == 2
     assert seen == [("someone/evil-model", False), ("someone/evil-model", True)]
@@ -231,7 +233,7 @@ def test_artifact_fields_are_checked_against_what_is_allowed(saved, change, need
 
 
 def test_truncated_weights_are_a_one_line_error_in_every_loader(saved, capsys):
-    from subfit_core.bench import speed_main
+    from subfit_core.apps.speed import speed_main
 
     data = (saved / "model.safetensors").read_bytes()
     (saved / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -248,7 +250,7 @@ def test_truncated_weights_are_a_one_line_error_in_every_loader(saved, capsys):
 def stats_file(tmp_path, tiny_model, random_windows):
     from subfit_plugins.adapters.llama import LlamaFamilyAdapter
 
-    from subfit_core.trace import Workbench
+    from subfit_core.engine.workbench import Workbench
 
     model = tiny_model("llama")
     bench = Workbench(model, LlamaFamilyAdapter(model), random_windows(), 4, torch.device("cpu"))
@@ -280,7 +282,7 @@ def test_cache_entries_with_nan_wrong_shapes_or_changed_bytes_are_recomputed(sta
 
 
 def test_non_finite_numbers_are_refused(local, tmp_path, capsys):
-    from subfit_core.sweep import sweep_main
+    from subfit_core.apps.sweep import sweep_main
 
     assert run_main(tiny_args(local, "sparsity=.nan", "save=false")) == 2
     one_line_error(capsys, "subfit-run", "sparsity: nan is not a finite number")
@@ -293,8 +295,8 @@ def test_non_finite_numbers_are_refused(local, tmp_path, capsys):
 
 
 def test_bad_files_and_arguments_are_one_line_errors(local, tmp_path, capsys):
-    from subfit_core.report import report_main
-    from subfit_core.sweep import storage_for
+    from subfit_core.apps.report import report_main
+    from subfit_core.apps.sweep import storage_for
 
     recipe = tmp_path / "latin1.yaml"
     recipe.write_bytes("name: caf\xe9\n".encode("latin-1"))
@@ -324,7 +326,7 @@ def test_bad_files_and_arguments_are_one_line_errors(local, tmp_path, capsys):
 
 
 def test_a_corrupted_compare_journal_is_read_around(tmp_path, capsys):
-    from subfit_core.compare import Journal
+    from subfit_core.apps.compare import Journal
 
     out = tmp_path / "compare"
     args = {"strategies": ["subfit"], "sparsities": [0.25], "shared": []}
@@ -341,14 +343,14 @@ def test_a_corrupted_compare_journal_is_read_around(tmp_path, capsys):
 
 KILL_AFTER = textwrap.dedent('''
     import os, signal, sys
-    from subfit_core import trace
-    metric = trace.Workbench._metric
+    from subfit_core.engine import workbench
+    metric = workbench.Workbench._metric
     def dying(self, *args, **kwargs):
         if self.evaluations >= int(os.environ["KILL_AFTER"]):
             os.kill(os.getpid(), signal.SIGKILL)
         return metric(self, *args, **kwargs)
-    trace.Workbench._metric = dying
-    from subfit_core.cli import run_main
+    workbench.Workbench._metric = dying
+    from subfit_core.apps.cli import run_main
     sys.exit(run_main(sys.argv[1:]))
 ''')
 
@@ -381,7 +383,7 @@ def test_a_run_killed_during_selection_resumes_there_with_the_same_result(local,
 
 
 def test_no_writer_replaces_a_folder_subfit_did_not_write(tmp_path):
-    from subfit_core.sweep import run_worker  # noqa: F401  (sweeps write through atomic_dir too)
+    from subfit_core.apps.sweep import run_worker  # noqa: F401  (sweeps write through atomic_dir too)
 
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -408,9 +410,9 @@ def test_a_waiting_writer_takes_its_turn(tmp_path):
     (["strategy=replaceme", "anchored=true"], "anchored: true is not supported by fitter replaceme"),
 ])
 def test_components_that_cannot_work_together_fail_before_any_work(local, capsys, monkeypatch, extra, needle):
-    import subfit_core.pipeline
+    import subfit_core.engine.pipeline
 
-    monkeypatch.setattr(subfit_core.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(subfit_core.engine.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     args = [a for a in tiny_args(local, "save=false") if not a.startswith("strategy=")]
     assert run_main([*extra, *args]) == 2
     one_line_error(capsys, "subfit-run", needle)

@@ -8,12 +8,12 @@ import copy
 import pytest
 import torch
 
-from subfit_core.bypass import LinearBypass, LowRankBypass, ZeroBypass
+from subfit_core.engine.bypass import LinearBypass, LowRankBypass, ZeroBypass
 from subfit_plugins.fitters.shared_basis import SharedBasisBypass
 from subfit_core.errors import NumericalError
-from subfit_core.interfaces import Submodule
-from subfit_core.stats import SubStats, ridge_solve
-from subfit_core.surgery import split_bypass_params
+from subfit_core.engine.interfaces import Submodule
+from subfit_core.engine.stats import SubStats, ridge_solve
+from subfit_core.engine.surgery import split_bypass_params
 from subfit_plugins.fitters.identity import IdentityFitter
 from subfit_plugins.fitters.linear import (LinearFitter, LinearParams, LowRankFitter, LowRankParams,
                                            relative_residual)
@@ -333,7 +333,7 @@ def test_overflowing_statistics_are_caught():
 
 
 def test_collect_names_the_submodule_whose_activations_are_nan(tiny_model, random_windows):
-    from subfit_core.trace import Workbench
+    from subfit_core.engine.workbench import Workbench
     from subfit_plugins.adapters.llama import LlamaFamilyAdapter
 
     model = tiny_model("llama")

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from subfit_core.cli import resolve_recipe
+from subfit_core.apps.cli import resolve_recipe
 from subfit_core.errors import ConfigError, SubFitError
-from subfit_core.pipeline import compress, mix_generated, open_session
-from subfit_core.sampling import sample_windows, start_token
+from subfit_core.engine.pipeline import compress, mix_generated, open_session
+from subfit_core.engine.sampling import sample_windows, start_token
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -117,7 +117,7 @@ def test_no_other_domain_means_no_out_of_domain_mean(two_domains):
 
 
 def test_an_unknown_domain_fails_before_the_model_loads(two_domains, monkeypatch):
-    import subfit_core.pipeline as pipeline
+    import subfit_core.engine.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
     cfg = resolve_recipe(domain_args(two_domains, "eval.domains=[kjv,jargn]"))

@@ -14,21 +14,21 @@ from subfit_plugins.factorizers.closed_forms import (
     factor_whitened,
 )
 
-from subfit_core.artifact import load_compressed, save_compressed
+from subfit_core.artifact.folder import load_compressed, save_compressed
 from subfit_core.config import validate
 from subfit_core.errors import ConfigError, SubFitError
-from subfit_core.factorize import factorize, parameter_counts
-from subfit_core.lowrank import (
+from subfit_core.engine.factorize import factorize, parameter_counts
+from subfit_core.engine.lowrank import (
     FactoredLinear,
     allocate_ranks,
     regularised_cholesky,
     uniform_rank,
 )
-from subfit_core.models import find_adapter
-from subfit_core.pipeline import Session, build_components, compress
+from subfit_core.engine.models import find_adapter
+from subfit_core.engine.pipeline import Session, build_components, compress
 from subfit_core.plugins import build_component, get_plugins
-from subfit_core.surgery import records
-from subfit_core.trace import Workbench
+from subfit_core.engine.surgery import records
+from subfit_core.engine.workbench import Workbench
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -118,7 +118,7 @@ def test_misspelled_hook_fails_at_startup():
 
 
 def test_good_extra_plugin_is_registered():
-    from subfit_core.interfaces import Fitter
+    from subfit_core.engine.interfaces import Fitter
 
     class MyFitter(Fitter):
         pass
@@ -236,13 +236,13 @@ SELECT_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from subfit_core.budget import Budget
+    from subfit_core.engine.budget import Budget
     from subfit_core.config import set_dotted, validate
-    from subfit_core.corpus import Windows
-    from subfit_core.pipeline import build_components
+    from subfit_core.engine.corpus import Windows
+    from subfit_core.engine.pipeline import build_components
     from subfit_core.plugins import get_plugins
     from subfit_core.recipes import read_recipe
-    from subfit_core.trace import Workbench
+    from subfit_core.engine.workbench import Workbench
     from subfit_plugins.adapters.llama import LlamaFamilyAdapter
 
     torch.manual_seed(0)

@@ -13,11 +13,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from subfit_core import artifact, load_compressed  # noqa: E402
-from subfit_core.bypass import LowRankBypass, ZeroBypass  # noqa: E402
+from subfit_core import load_compressed  # noqa: E402
+
+from subfit_core.artifact import folder  # noqa: E402
+from subfit_core.engine.bypass import LowRankBypass, ZeroBypass  # noqa: E402
 from subfit_plugins.fitters.shared_basis import SharedBasisBypass  # noqa: E402
-from subfit_core.interfaces import Submodule  # noqa: E402
-from subfit_core.surgery import apply_bypasses, records  # noqa: E402
+from subfit_core.engine.interfaces import Submodule  # noqa: E402
+from subfit_core.engine.surgery import apply_bypasses, records  # noqa: E402
 from subfit_plugins.adapters.llama import LlamaFamilyAdapter  # noqa: E402
 
 CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
@@ -100,7 +102,7 @@ def test_save_load_gives_identical_logits(tmp_path):
     with torch.no_grad():
         before = model(input_ids=ids).logits
     out = tmp_path / "compressed"
-    artifact.save_compressed(model, tiny_tokenizer(), records(bypasses), out, {"name": "test"}, {"ok": True})
+    folder.save_compressed(model, tiny_tokenizer(), records(bypasses), out, {"name": "test"}, {"ok": True})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compressed"]  # no temporary left behind
     saved = json.loads((out / "config.json").read_text())["subfit"]["replacements"]
     assert [(r["layer"], r["kind"], r["bypass"]["kind"]) for r in saved] == [
@@ -126,7 +128,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(artifact, "save_file", broken)
+    monkeypatch.setattr(folder, "save_file", broken)
     with pytest.raises(OSError):
-        artifact.save_compressed(model, tiny_tokenizer(), records(bypasses), tmp_path / "out", {}, {})
+        folder.save_compressed(model, tiny_tokenizer(), records(bypasses), tmp_path / "out", {}, {})
     assert list(tmp_path.iterdir()) == []

@@ -44,7 +44,7 @@ def tiny(tmp_path_factory):
 
 
 def cfg_for(folder: Path, *overrides: str) -> dict:
-    from subfit_core.cli import resolve_recipe
+    from subfit_core.apps.cli import resolve_recipe
 
     return resolve_recipe([f"strategy={folder / 'recipe.yaml'}", *overrides])
 
@@ -57,14 +57,14 @@ def finished(storage: str, name: str = "subfit-sweep") -> list:
 
 
 def test_one_worker_pays_for_dense_statistics_once_and_its_best_recipe_reproduces(tiny, tmp_path, monkeypatch):
-    from subfit_core import trace
+    from subfit_core.engine import workbench
     from subfit_core.config import validate
-    from subfit_core.pipeline import run
-    from subfit_core.sweep import run_worker
+    from subfit_core.engine.pipeline import run
+    from subfit_core.apps.sweep import run_worker
 
     passes = []
-    original = trace.Workbench._collect_calibration
-    monkeypatch.setattr(trace.Workbench, "_collect_calibration", lambda self: (passes.append(1), original(self))[1])
+    original = workbench.Workbench._collect_calibration
+    monkeypatch.setattr(workbench.Workbench, "_collect_calibration", lambda self: (passes.append(1), original(self))[1])
     out = tmp_path / "sweep"
     summary = run_worker(cfg_for(tiny, "sweep.trials=5", f"sweep.output_dir={out}"))
     assert len(passes) == 1  # five trials, one dense calibration pass
@@ -79,9 +79,9 @@ def test_one_worker_pays_for_dense_statistics_once_and_its_best_recipe_reproduce
     assert best["val_ratio"] != best["test_ratio"]  # two different splits
 
     # --report rewrites the outputs from the storage alone (no model is loaded)
-    from subfit_core.sweep import sweep_main
+    from subfit_core.apps.sweep import sweep_main
 
-    monkeypatch.setattr("subfit_core.sweep.open_session", lambda *a, **k: pytest.fail("--report loaded the model"))
+    monkeypatch.setattr("subfit_core.apps.sweep.open_session", lambda *a, **k: pytest.fail("--report loaded the model"))
     assert sweep_main([f"strategy={tiny / 'recipe.yaml'}", "--report", f"sweep.storage={tmp_path / 'sweep.db'}",
                        f"sweep.output_dir={tmp_path / 'report'}"]) == 0
     assert (tmp_path / "report" / "trials.csv").read_text() == (out / "trials.csv").read_text()
@@ -98,10 +98,10 @@ def test_one_worker_pays_for_dense_statistics_once_and_its_best_recipe_reproduce
 def test_validation_windows_are_disjoint_and_leave_the_other_windows_unchanged(tiny):
     from transformers import AutoTokenizer
 
-    from subfit_core.pipeline import load_text
+    from subfit_core.engine.pipeline import load_text
     from subfit_core.plugins import get_plugins
 
-    from subfit_core.corpus import make_windows
+    from subfit_core.engine.corpus import make_windows
 
     text = load_text(get_plugins(), str(tiny / "text.txt"))
     tok = AutoTokenizer.from_pretrained(tiny / "model")
@@ -126,7 +126,7 @@ def test_validation_windows_are_disjoint_and_leave_the_other_windows_unchanged(t
     ("sweep.storage=nosuchdb://x", "sweep.storage: cannot open 'nosuchdb://x'"),
 ])
 def test_bad_sweep_sections_fail_in_one_line_before_any_work(tiny, tmp_path, capsys, override, message):
-    from subfit_core.sweep import sweep_main
+    from subfit_core.apps.sweep import sweep_main
 
     assert sweep_main([f"strategy={tiny / 'recipe.yaml'}", override, f"sweep.output_dir={tmp_path / 'o'}"]) == 2
     err = capsys.readouterr().err
@@ -135,8 +135,8 @@ def test_bad_sweep_sections_fail_in_one_line_before_any_work(tiny, tmp_path, cap
 
 
 def test_the_shipped_sweep_recipe_is_valid():
-    from subfit_core.cli import resolve_recipe
-    from subfit_core.sweep import base_values, check_space
+    from subfit_core.apps.cli import resolve_recipe
+    from subfit_core.apps.sweep import base_values, check_space
 
     cfg = resolve_recipe(["strategy=subfit-sweep"])
     space = check_space(cfg)
@@ -146,7 +146,7 @@ def test_the_shipped_sweep_recipe_is_valid():
 
 
 def test_two_objectives_write_a_pareto_front(tiny, tmp_path):
-    from subfit_core.sweep import run_worker
+    from subfit_core.apps.sweep import run_worker
 
     out = tmp_path / "pareto"
     summary = run_worker(cfg_for(tiny, "sweep.trials=4", "sweep.objectives=[ppl,sparsity]", f"sweep.output_dir={out}",
@@ -237,7 +237,7 @@ def test_a_worker_waits_for_the_last_trial_and_reruns_it_when_its_worker_is_dead
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    from subfit_core.sweep import open_study, run_worker
+    from subfit_core.apps.sweep import open_study, run_worker
 
     cfg = cfg_for(tiny, "sweep.trials=2", f"sweep.storage={tmp_path / 'study.log'}",
                   f"sweep.output_dir={tmp_path / 'o'}")
@@ -262,7 +262,7 @@ def test_a_worker_waits_for_the_last_trial_and_reruns_it_when_its_worker_is_dead
 
 @pytest.fixture
 def bench(tiny_model, random_windows):
-    from subfit_core.trace import Workbench
+    from subfit_core.engine.workbench import Workbench
     from subfit_plugins.adapters.llama import LlamaFamilyAdapter
 
     model = tiny_model("llama", seed=3, num_hidden_layers=4)
@@ -273,7 +273,7 @@ def bench(tiny_model, random_windows):
 
 
 def test_optuna_selector_never_proposes_a_mask_off_budget(bench, monkeypatch):
-    from subfit_core.budget import Budget
+    from subfit_core.engine.budget import Budget
     from subfit_plugins.fitters.linear import LowRankFitter
     from subfit_plugins.scorers.output import OutputScorer
     from subfit_plugins.selectors import optuna_search
@@ -296,7 +296,7 @@ def test_optuna_selector_never_proposes_a_mask_off_budget(bench, monkeypatch):
 
 
 def test_optuna_selector_finds_the_brute_force_optimum_on_a_small_case(bench):
-    from subfit_core.budget import Budget
+    from subfit_core.engine.budget import Budget
     from subfit_plugins.fitters.identity import IdentityFitter
     from subfit_plugins.scorers.output import OutputScorer
     from subfit_plugins.selectors.budget_fill import achieved
@@ -320,7 +320,7 @@ def test_optuna_selector_finds_the_brute_force_optimum_on_a_small_case(bench):
 
 
 def test_clearly_worse_trials_are_pruned_before_their_test_evaluation(tiny, tmp_path, monkeypatch):
-    from subfit_core import sweep
+    from subfit_core.apps import sweep
 
     # A random tiny model's perplexity hardly depends on what is removed, so the validation
     # perplexity is made 10x worse for the 60% trials; the pruning machinery is the real one.
@@ -347,7 +347,7 @@ def test_a_trial_left_running_without_a_heartbeat_is_failed_and_rerun(tmp_path):
 
     import optuna
 
-    from subfit_core.sweep import fail_overdue_trials
+    from subfit_core.apps.sweep import fail_overdue_trials
 
     with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

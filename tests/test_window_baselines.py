@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
-from subfit_core.budget import Budget
-from subfit_core.bypass import ZeroBypass, build_bypasses
+from subfit_core.engine.budget import Budget
+from subfit_core.engine.bypass import ZeroBypass, build_bypasses
 from subfit_plugins.fitters.streamline import MLPBypass
 from subfit_core.errors import ConfigError
-from subfit_core.interfaces import Submodule
-from subfit_core.trace import Workbench
+from subfit_core.engine.interfaces import Submodule
+from subfit_core.engine.workbench import Workbench
 from subfit_plugins.adapters.llama import LlamaFamilyAdapter
 from subfit_plugins.fitters.identity import IdentityFitter
 from subfit_plugins.fitters.replaceme import (NormalEquations, ReplaceMeFitter, ReplaceMeParams, fit_cosine,

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from subfit_core.adapter import Adapter
-from subfit_core.bypass import Bypass
-from subfit_core.interfaces import Submodule
+from subfit_core.engine.adapter import Adapter
+from subfit_core.engine.bypass import Bypass
+from subfit_core.engine.interfaces import Submodule
 
 from . import llama_layout as layout
 

@@ -12,8 +12,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from subfit_core.interfaces import Factorizer
-from subfit_core.lowrank import allocate_ranks, uniform_rank
+from subfit_core.engine.interfaces import Factorizer
+from subfit_core.engine.lowrank import allocate_ranks, uniform_rank
 
 
 @dataclass

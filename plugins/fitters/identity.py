@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from subfit_core.bypass import ZeroBypass
-from subfit_core.interfaces import Fitter, Submodule
-from subfit_core.stats import SubStats
+from subfit_core.engine.bypass import ZeroBypass
+from subfit_core.engine.interfaces import Fitter, Submodule
+from subfit_core.engine.stats import SubStats
 
 
 class IdentityFitter(Fitter):

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from subfit_core.bypass import LinearBypass, LowRankBypass
-from subfit_core.interfaces import Fitter, Submodule
-from subfit_core.stats import SubStats, ridge_solve
+from subfit_core.engine.bypass import LinearBypass, LowRankBypass
+from subfit_core.engine.interfaces import Fitter, Submodule
+from subfit_core.engine.stats import SubStats, ridge_solve
 
 
 def without_intercept(stats: SubStats) -> tuple[torch.Tensor, torch.Tensor]:

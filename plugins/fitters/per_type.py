@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from subfit_core.bypass import Bypass
-from subfit_core.interfaces import Fitter, Submodule
+from subfit_core.engine.bypass import Bypass
+from subfit_core.engine.interfaces import Fitter, Submodule
 from subfit_core.plugins import build_component
-from subfit_core.stats import SubStats
+from subfit_core.engine.stats import SubStats
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from subfit_core.errors import ConfigError
-from subfit_core.interfaces import Submodule
+from subfit_core.engine.interfaces import Submodule
 
 
 def removed_windows(selected: list[Submodule], fitter: str) -> list[tuple[int, int]]:

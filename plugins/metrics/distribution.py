@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from subfit_core.interfaces import Metric
+from subfit_core.engine.interfaces import Metric
 
 
 class Loss(Metric):

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from subfit_core.interfaces import Scorer
+from subfit_core.engine.interfaces import Scorer
 
 
 def angular_distance(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:

@@ -3,7 +3,7 @@ whole decoder layer on the calibration set. Every submodule of layer l gets its 
 
 from __future__ import annotations
 
-from subfit_core.interfaces import Scorer
+from subfit_core.engine.interfaces import Scorer
 
 
 class BlockInfluenceScorer(Scorer):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from subfit_core.interfaces import Scorer
+from subfit_core.engine.interfaces import Scorer
 
 from ..fitters.linear import relative_residual
 

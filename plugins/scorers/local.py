@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from subfit_core.interfaces import Scorer, Submodule
+from subfit_core.engine.interfaces import Scorer, Submodule
 
 
 def rank_of(values: dict[Submodule, float]) -> dict[Submodule, float]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from subfit_core.interfaces import Scorer
+from subfit_core.engine.interfaces import Scorer
 from subfit_core.plugins import require
 from subfit_core.progress import progress
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from subfit_core.interfaces import Plan, Replacement, Selector, Submodule
+from subfit_core.engine.interfaces import Plan, Replacement, Selector, Submodule
 
 from .budget_fill import achieved as achieved_of
 from .budget_fill import marginal, pick

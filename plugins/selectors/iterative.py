@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from subfit_core.interfaces import Plan, Replacement, Selector
+from subfit_core.engine.interfaces import Plan, Replacement, Selector
 
 from .budget_fill import achieved as achieved_of
 from .budget_fill import marginal, pick

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from subfit_core.bypass import ZeroBypass
-from subfit_core.interfaces import Plan, Replacement, Selector, Submodule
+from subfit_core.engine.bypass import ZeroBypass
+from subfit_core.engine.interfaces import Plan, Replacement, Selector, Submodule
 
 from .budget_fill import achieved
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from subfit_core.interfaces import Plan, Replacement, Selector, Submodule
+from subfit_core.engine.interfaces import Plan, Replacement, Selector, Submodule
 from subfit_core.plugins import require
 from subfit_core.progress import progress
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from subfit_core.interfaces import Plan, Replacement, Selector
+from subfit_core.engine.interfaces import Plan, Replacement, Selector
 
 from .budget_fill import achieved as achieved_of
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from subfit_core.interfaces import Statistic
+from subfit_core.engine.interfaces import Statistic
 
 
 def _cos_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .interfaces import Submodule
+from subfit_core.engine.interfaces import Submodule
 
 
 class Adapter:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SubFitError
+from subfit_core.errors import SubFitError
 
 # The held-out split of a text given as units (lines, documents): chunks of HELDOUT_CHUNK units,
 # every HELDOUT_EVERY-th chunk held out; a longer held-out unit also found in train is dropped.

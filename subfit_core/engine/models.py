@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter
-from .errors import SubFitError, did_you_mean
-from .plugins import Plugins
-from .progress import quiet_transformers
+from subfit_core.engine.adapter import Adapter
+from subfit_core.errors import SubFitError, did_you_mean
+from subfit_core.plugins import Plugins
+from subfit_core.progress import quiet_transformers
 
 
 def resolve_device(name: str) -> torch.device:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import NumericalError
+from subfit_core.errors import NumericalError
 
 
 class FactoredLinear(nn.Module):

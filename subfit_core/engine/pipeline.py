@@ -16,24 +16,24 @@ from typing import Callable
 
 import torch
 
-from .artifact import save_compressed
-from .outputs import check_output_dir, claim
-from .budget import Budget
-from .cache import cache_root, max_cache_bytes, stats_key
-from .bypass import Bypass
-from .corpus import CorpusText, Windows, heldout_windows, make_windows
-from .deploy import SpeedSettings, measure_speed, ratios
-from .errors import ConfigError, SubFitError, did_you_mean
-from .evaluate import check_tasks, compare_tasks, geometric_mean, run_tasks
-from .export import check_exportable
-from .factorize import FactorizeResult, factorize_rest, parameter_counts
-from .interfaces import Fitted, Plan, Submodule
-from .metrics import forward_seconds, perplexity
-from .models import find_adapter, load_model, resolve_device
-from .plugins import Plugins, build_component, get_plugins
-from .sampling import sample_windows, start_token
-from .surgery import records, split_bypass_params
-from .trace import Workbench
+from subfit_core.artifact.folder import save_compressed
+from subfit_core.artifact.outputs import check_output_dir, claim
+from subfit_core.engine.budget import Budget
+from subfit_core.engine.cache import cache_root, max_cache_bytes, stats_key
+from subfit_core.engine.bypass import Bypass
+from subfit_core.engine.corpus import CorpusText, Windows, heldout_windows, make_windows
+from subfit_core.evaluation.speed import SpeedSettings, measure_speed, ratios
+from subfit_core.errors import ConfigError, SubFitError, did_you_mean
+from subfit_core.evaluation.tasks import check_tasks, compare_tasks, geometric_mean, run_tasks
+from subfit_core.artifact.export import check_exportable
+from subfit_core.engine.factorize import FactorizeResult, factorize_rest, parameter_counts
+from subfit_core.engine.interfaces import Fitted, Plan, Submodule
+from subfit_core.evaluation.perplexity import forward_seconds, perplexity
+from subfit_core.engine.models import find_adapter, load_model, resolve_device
+from subfit_core.plugins import Plugins, build_component, get_plugins
+from subfit_core.engine.sampling import sample_windows, start_token
+from subfit_core.engine.surgery import records, split_bypass_params
+from subfit_core.engine.workbench import Workbench
 
 # Keys that must agree for two runs to share a Session (model, data and the dense reference).
 SESSION_KEYS = ("model", "device", "dtype", "seed", "trust_remote_code", "calib", "scoring", "eval", "speed")

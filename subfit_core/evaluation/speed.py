@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .progress import progress
+from subfit_core.progress import progress
 
 
 @dataclass

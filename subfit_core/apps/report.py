@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .outputs import atomic_dir, check_output_dir
-from .cli import command
-from .config import ConfigError, parse_bool, parse_override
-from .errors import SubFitError, did_you_mean
-from .evaluate import geometric_mean
+from subfit_core.artifact.outputs import atomic_dir, check_output_dir
+from subfit_core.apps.cli import command
+from subfit_core.config import ConfigError, parse_bool, parse_override
+from subfit_core.errors import SubFitError, did_you_mean
+from subfit_core.evaluation.tasks import geometric_mean
 
 USAGE = """usage: subfit-report RUN_DIR [RUN_DIR ...] [output_dir=runs/report] [overwrite=true]
        subfit-report runs=[runs/a,runs/b] output_dir=reports/x

@@ -1,5 +1,5 @@
 """``subfit-speed output_dir=RUN``: deployment speed, memory and KV cache of a saved SubFit model
-against its dense original, measured in one process (see ``subfit_core.deploy``).
+against its dense original, measured in one process (see ``subfit_core.evaluation.speed``).
 
 The compressed model is loaded with ``load_compressed``; the dense original is ``model=`` if given,
 else the ``model`` named in the run's ``recipe.yaml``, loaded with the run's ``dtype``. Whether
@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cli import command
-from .config import SCHEMA, ConfigError, coerce, defaults, parse_bool, parse_override, validate_section
-from .errors import SubFitError, did_you_mean
+from subfit_core.apps.cli import command
+from subfit_core.config import SCHEMA, ConfigError, coerce, defaults, parse_bool, parse_override, validate_section
+from subfit_core.errors import SubFitError, did_you_mean
 
 USAGE = """usage: subfit-speed output_dir=RUN_DIR [device=auto|cpu|cuda[:N]] [model=DENSE] [trust_remote_code=true] [speed.KEY=VALUE ...]
 
@@ -52,7 +52,7 @@ def parse_args(argv: list[str]) -> tuple[Path, str, dict, dict]:
 
 def read_run_recipe(run_dir: Path) -> dict:
     """The run's recipe.yaml as data: the dense model's name and the dtype, each checked."""
-    from .recipes import load_yaml
+    from subfit_core.recipes import load_yaml
 
     recipe = load_yaml(run_dir / "recipe.yaml", "output_dir")
     for key in ("model", "dtype"):
@@ -64,11 +64,11 @@ def read_run_recipe(run_dir: Path) -> dict:
 def measure(argv: list[str]) -> tuple[dict, str, Path]:
     import torch
 
-    from .artifact import load_compressed
-    from .outputs import claim, write_atomic
-    from .deploy import SpeedSettings, measure_speed, markdown, ratios
-    from .models import load_model, resolve_device
-    from .plugins import get_plugins
+    from subfit_core.artifact.folder import load_compressed
+    from subfit_core.artifact.outputs import claim, write_atomic
+    from subfit_core.evaluation.speed import SpeedSettings, measure_speed, markdown, ratios
+    from subfit_core.engine.models import load_model, resolve_device
+    from subfit_core.plugins import get_plugins
 
     run_dir, device_name, section, given = parse_args(argv)
     folder = run_dir.stat().st_ino  # the folder measured: results go to it only if it is still there

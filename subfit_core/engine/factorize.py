@@ -33,11 +33,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import NumericalError, SubFitError
-from .interfaces import Submodule
-from .lowrank import FactoredLinear, Factors
-from .progress import progress
-from .rebuild import set_child
+from subfit_core.errors import NumericalError, SubFitError
+from subfit_core.engine.interfaces import Submodule
+from subfit_core.engine.lowrank import FactoredLinear, Factors
+from subfit_core.progress import progress
+from subfit_core.artifact.rebuild import set_child
 
 STATISTICS = ("none", "dense", "anchored")
 
@@ -320,7 +320,7 @@ def factorize_rest(bench, factorizer, budget, bypasses: dict) -> FactorizeResult
     """Factor the linears of the submodules that were not replaced so that, together with the
     removal already done (net of bypass parameters), the total reaches ``budget`` (``params`` unit):
     the factorizer's kept ratio over those linears is 1 - (still to remove) / (their weights)."""
-    from .surgery import split_bypass_params
+    from subfit_core.engine.surgery import split_bypass_params
 
     own, shared = split_bypass_params(bypasses)
     removed = budget.report(own, shared)["achieved_params"] * budget.decoder_params

@@ -17,10 +17,10 @@ import re
 
 from torch import nn
 
-from . import rebuild as rebuild_module
-from .bypass import Bypass
-from .errors import SubFitError
-from .lowrank import FactoredLinear
+from subfit_core.artifact import rebuild as rebuild_module
+from subfit_core.engine.bypass import Bypass
+from subfit_core.errors import SubFitError
+from subfit_core.engine.lowrank import FactoredLinear
 
 FORMAT = 2  # of the ``subfit`` entry in config.json; 1 (before the custom-code layout) no longer loads
 MODEL_TYPE = "subfit"

@@ -17,15 +17,15 @@ import time
 import traceback
 from pathlib import Path
 
-from .outputs import atomic_dir, check_output_dir, claim
-from .cli import command
-from .config import ConfigError, apply_overrides, parse_bool, parse_override, validate
-from .errors import SubFitError
-from .evaluate import check_tasks
-from .pipeline import SESSION_KEYS, build_components, compress, open_session
-from .plotting import pyplot, ratio_lines, save_ratio_plot
-from .plugins import get_plugins
-from .recipes import read_recipe
+from subfit_core.artifact.outputs import atomic_dir, check_output_dir, claim
+from subfit_core.apps.cli import command
+from subfit_core.config import ConfigError, apply_overrides, parse_bool, parse_override, validate
+from subfit_core.errors import SubFitError
+from subfit_core.evaluation.tasks import check_tasks
+from subfit_core.engine.pipeline import SESSION_KEYS, build_components, compress, open_session
+from subfit_core.apps.plotting import pyplot, ratio_lines, save_ratio_plot
+from subfit_core.plugins import get_plugins
+from subfit_core.recipes import read_recipe
 
 COLUMNS = ["strategy", "sparsity", "status", "ppl_ratio", "ppl", "ood_ppl_ratio", "achieved_layers", "achieved_params",
            "attn_removed", "ffn_removed", "kv_saving", "compression_s", "compression_over_dense_forward",

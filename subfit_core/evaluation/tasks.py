@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError, SubFitError, did_you_mean
-from .progress import quiet_lm_eval
+from subfit_core.errors import ConfigError, SubFitError, did_you_mean
+from subfit_core.progress import quiet_lm_eval
 
 # Zero-shot multiple-choice set for users with hub access (the usual structural-pruning evaluation protocol).
 STANDARD_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "piqa", "winogrande", "openbookqa")

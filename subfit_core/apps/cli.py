@@ -8,8 +8,8 @@ import logging
 import os
 import sys
 
-from .config import ConfigError, apply_overrides, params_help, parse_override, schema_help, validate
-from .errors import SubFitError
+from subfit_core.config import ConfigError, apply_overrides, params_help, parse_override, schema_help, validate
+from subfit_core.errors import SubFitError
 
 USAGE = """usage: subfit-run [strategy=NAME|PATH.yaml] [key=value ...] [--help] [--list]
 
@@ -45,7 +45,7 @@ def command(prog: str, interrupted: str = "interrupted"):
 
 
 def default_strategy() -> str:
-    from .plugins import get_plugins
+    from subfit_core.plugins import get_plugins
 
     strategy = get_plugins().default("strategy")
     if strategy is None:
@@ -55,8 +55,8 @@ def default_strategy() -> str:
 
 def resolve_recipe(args: list[str]) -> dict:
     """Recipe named by ``strategy=`` (default: the plugins') with the ``key=value`` overrides applied."""
-    from .plugins import get_plugins
-    from .recipes import read_recipe
+    from subfit_core.plugins import get_plugins
+    from subfit_core.recipes import read_recipe
 
     overrides = [parse_override(a) for a in args]
     strategy = next((v for k, v in overrides if k == "strategy"), None)
@@ -65,7 +65,7 @@ def resolve_recipe(args: list[str]) -> dict:
 
 
 def print_help(args: list[str]) -> None:
-    from .plugins import get_plugins
+    from subfit_core.plugins import get_plugins
 
     print(USAGE)
     print("Recipe keys (default):")
@@ -90,8 +90,8 @@ def print_help(args: list[str]) -> None:
 
 
 def print_plugins() -> None:
-    from .plugins import get_plugins
-    from .recipes import available
+    from subfit_core.plugins import get_plugins
+    from subfit_core.recipes import available
 
     plugins = get_plugins()
     width = max(len(kind) + 1 for kind in plugins.registries)
@@ -102,7 +102,7 @@ def print_plugins() -> None:
     print("recipes")
     for name, path in available(plugins).items():
         print(f"  {name:<20} {path}")
-    from .evaluate import STANDARD_TASKS, local_tasks
+    from subfit_core.evaluation.tasks import STANDARD_TASKS, local_tasks
 
     print("eval tasks (eval.tasks=[...])")
     for name, config in local_tasks(plugins).items():
@@ -126,7 +126,7 @@ def run_main(argv: list[str]) -> int:
     if unknown:
         raise ConfigError(f"option '{unknown[0]}' is not known; allowed: --help, --list, key=value")
     cfg = resolve_recipe(argv)
-    from .pipeline import run
+    from subfit_core.engine.pipeline import run
 
     results = run(cfg)
     print(summary(results))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import SubFitError
+from subfit_core.errors import SubFitError
 
 
 class Bypass(nn.Module):
@@ -112,7 +112,7 @@ class LowRankBypass(Bypass):
 def bypass_classes(kinds: list[str], plugins=None) -> dict[str, type[Bypass]]:
     """kind -> the class it is registered to (default: by the installed plugins)."""
     if plugins is None:
-        from .plugins import get_plugins
+        from subfit_core.plugins import get_plugins
 
         plugins = get_plugins()
     out = {}

@@ -6,9 +6,9 @@ from collections import Counter
 
 from torch import nn
 
-from .adapter import Adapter
-from .bypass import Bypass
-from .interfaces import Submodule
+from subfit_core.engine.adapter import Adapter
+from subfit_core.engine.bypass import Bypass
+from subfit_core.engine.interfaces import Submodule
 
 
 def apply_bypasses(adapter: Adapter, bypasses: dict[Submodule, Bypass]) -> None:

@@ -8,7 +8,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .progress import progress
+from subfit_core.progress import progress
 
 
 def _sync(device: torch.device) -> None:

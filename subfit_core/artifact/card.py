@@ -3,8 +3,8 @@ was replaced where, and what was measured."""
 
 from __future__ import annotations
 
-from . import __version__
-from .export import ARCHITECTURE
+from subfit_core import __version__
+from subfit_core.artifact.export import ARCHITECTURE
 
 
 def replacement_map(info: dict, layers: int) -> list[str]:

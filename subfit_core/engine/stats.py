@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import NumericalError
+from subfit_core.errors import NumericalError
 
 
 class SubStats:

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .cache import weights_fingerprint
-from .progress import progress
+from subfit_core.engine.cache import weights_fingerprint
+from subfit_core.progress import progress
 
 SAMPLES_VERSION = 1
 

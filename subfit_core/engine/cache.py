@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import SubFitError
-from .interfaces import Submodule
-from .stats import SubStats
+from subfit_core.errors import SubFitError
+from subfit_core.engine.interfaces import Submodule
+from subfit_core.engine.stats import SubStats
 
 
 # Bump when what the statistics hold, or how they are computed, changes: old files then miss.

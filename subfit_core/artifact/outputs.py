@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import SubFitError
+from subfit_core.errors import SubFitError
 
 MARKER = ".subfit-output"  # in every folder SubFit writes: overwrite replaces only such folders
 WRITING = ".subfit-writing"  # in a temporary folder while it is being written

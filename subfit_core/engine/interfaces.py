@@ -12,18 +12,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
-from .bypass import Bypass
-from .progress import progress
+from subfit_core.engine.bypass import Bypass
+from subfit_core.progress import progress
 
 if TYPE_CHECKING:
     import torch
 
-    from .adapter import Adapter
-    from .budget import Budget
-    from .factorize import Factorization, LinearStats
-    from .lowrank import Factors
-    from .stats import SubStats
-    from .trace import Workbench
+    from subfit_core.engine.adapter import Adapter
+    from subfit_core.engine.budget import Budget
+    from subfit_core.engine.factorize import Factorization, LinearStats
+    from subfit_core.engine.lowrank import Factors
+    from subfit_core.engine.stats import SubStats
+    from subfit_core.engine.workbench import Workbench
 
 
 @dataclass(frozen=True, order=True)
@@ -154,7 +154,7 @@ class Scorer(Component):
     def score_groups(self, groups: list[tuple[Submodule, ...]], bench: "Workbench", fitter: Fitter) -> list[float]:
         """Scores of replacing each group at once. By default only single-submodule groups, from ``score``."""
         if any(len(g) != 1 for g in groups):
-            from .errors import ConfigError
+            from subfit_core.errors import ConfigError
 
             raise ConfigError(f"scorer.name: {type(self).__name__} scores single submodules only, not the layers "
                               "or windows this selector asks for; use a scorer that scores groups")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .adapter import Adapter
-from .interfaces import Submodule
+from subfit_core.engine.adapter import Adapter
+from subfit_core.engine.interfaces import Submodule
 
 UNITS = ("layers", "params")
 

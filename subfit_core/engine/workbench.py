@@ -27,15 +27,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from .adapter import Adapter
-from .bypass import Bypass
-from .cache import digest, load_stats, save_stats
-from .corpus import Windows
-from .errors import ConfigError, did_you_mean
-from .interfaces import Fitter, Metric, Statistic, Submodule
-from .plugins import build_component
-from .progress import progress
-from .stats import SubStats
+from subfit_core.engine.adapter import Adapter
+from subfit_core.engine.bypass import Bypass
+from subfit_core.engine.cache import digest, load_stats, save_stats
+from subfit_core.engine.corpus import Windows
+from subfit_core.errors import ConfigError, did_you_mean
+from subfit_core.engine.interfaces import Fitter, Metric, Statistic, Submodule
+from subfit_core.plugins import build_component
+from subfit_core.progress import progress
+from subfit_core.engine.stats import SubStats
 
 _MAX_CACHED_REFERENCE_BYTES = 2 * 1024**3
 
@@ -44,7 +44,7 @@ class Workbench:
     def __init__(self, model: nn.Module, adapter: Adapter, windows: Windows, batch_size: int, device: torch.device,
                  stride: int = 1, plugins=None):
         if plugins is None:
-            from .plugins import get_plugins
+            from subfit_core.plugins import get_plugins
 
             plugins = get_plugins()
         self.plugins = plugins

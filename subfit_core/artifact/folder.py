@@ -23,14 +23,14 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file
 
-from . import __version__
-from .bypass import Bypass
-from .card import model_card
-from .errors import SubFitError
-from .export import FORMAT, MODEL_TYPE, MODELING_FILE, check_modeling_source, export_config, modeling_source
-from .lowrank import FactoredLinear
-from .outputs import atomic_dir
-from .rebuild import rebuild
+from subfit_core import __version__
+from subfit_core.engine.bypass import Bypass
+from subfit_core.artifact.card import model_card
+from subfit_core.errors import SubFitError
+from subfit_core.artifact.export import FORMAT, MODEL_TYPE, MODELING_FILE, check_modeling_source, export_config, modeling_source
+from subfit_core.engine.lowrank import FactoredLinear
+from subfit_core.artifact.outputs import atomic_dir
+from subfit_core.artifact.rebuild import rebuild
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -67,8 +67,8 @@ def save_compressed(model, tokenizer, replacements: list[dict], output_dir: Path
     """``factored``: one record per linear stored as two low-rank factors (layer, kind, linear path, shape).
     ``layout``: the adapter's portable layout module, ``kinds``: the bypass classes used (default:
     found on the model)."""
-    from .models import adapter_class
-    from .plugins import get_plugins
+    from subfit_core.engine.models import adapter_class
+    from subfit_core.plugins import get_plugins
 
     layout = layout or adapter_class(get_plugins(), model).layout
     kinds = kinds or sorted({type(m) for m in model.modules() if isinstance(m, Bypass)}, key=lambda c: c.kind)
@@ -172,9 +172,9 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype:
     installed ones) supply the model adapter and the classes of the saved bypass kinds."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .bypass import bypass_classes
-    from .models import find_adapter
-    from .plugins import get_plugins
+    from subfit_core.engine.bypass import bypass_classes
+    from subfit_core.engine.models import find_adapter
+    from subfit_core.plugins import get_plugins
 
     path = Path(path)
     if not (path / "model.safetensors").exists():
