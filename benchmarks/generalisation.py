@@ -74,12 +74,12 @@ SETS: dict[str, list[tuple[str, list[str]]]] = {
     ],
     # the low-rank stage: every calibration-fitted piece (whitening, anchoring, refinement)
     "lowrank": [
-        (f"{name} kept {kept}{label}", [f"strategy={strategy}", f"factorize.kept_ratio={kept}", *extra, calib])
+        (f"{name} kept {kept}{label}", [f"strategy={strategy}", f"factorizer.kept_ratio={kept}", *extra, calib])
         for kept in (0.8, 0.6)
         for calib, label in ((KJV, ", KJV calibration"), ("calib.generated=0.5", ", 50% self-sampled"))
         for name, strategy, extra in (("svd-llm", "svd-llm", []),
-                                      ("aa-svd", "aa-svd", ["factorize.refine_steps=0"]),
-                                      ("aa-svd + refine", "aa-svd", ["factorize.refine_steps=32"]),
+                                      ("aa-svd", "aa-svd", ["factorizer.refine_steps=0"]),
+                                      ("aa-svd + refine", "aa-svd", ["factorizer.refine_steps=32"]),
                                       ("subfit + aa-svd", "subfit-svd", []))
     ],
 }

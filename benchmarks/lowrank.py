@@ -35,20 +35,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def variants(ratio: float, total: float, refine_steps: int, removal_share: float) -> list[tuple[str, list[str]]]:
-    kept = f"factorize.kept_ratio={ratio}"
+    kept = f"factorizer.kept_ratio={ratio}"
     return [
         ("svd", ["strategy=svd", kept]),
         ("svd-llm", ["strategy=svd-llm", kept]),
         # refinement is not part of SVD-LLM; this row separates what anchoring and refinement each give
-        ("svd-llm + refine", ["strategy=svd-llm", kept, f"factorize.refine_steps={refine_steps}"]),
-        ("aa-svd", ["strategy=aa-svd", kept, "factorize.refine_steps=0"]),
-        ("aa-svd + refine", ["strategy=aa-svd", kept, f"factorize.refine_steps={refine_steps}"]),
+        ("svd-llm + refine", ["strategy=svd-llm", kept, f"factorizer.refine_steps={refine_steps}"]),
+        ("aa-svd", ["strategy=aa-svd", kept, "factorizer.refine_steps=0"]),
+        ("aa-svd + refine", ["strategy=aa-svd", kept, f"factorizer.refine_steps={refine_steps}"]),
         ("subfit", ["strategy=subfit", f"sparsity={total}", "sparsity_unit=params"]),
         (f"subfit + aa-svd ({removal_share:g} removal)",
-         ["strategy=subfit-svd", kept, f"factorize.removal_share={removal_share}", f"factorize.refine_steps={refine_steps}"]),
+         ["strategy=subfit-svd", kept, f"factorizer.removal_share={removal_share}", f"factorizer.refine_steps={refine_steps}"]),
         # the same hybrid with the whitened factorizer (no anchoring, no refinement), like svd-llm alone
         (f"subfit + svd-llm ({removal_share:g} removal)",
-         ["strategy=subfit-svd", f"factorize={{name: svd-llm, kept_ratio: {ratio}, removal_share: {removal_share}}}"]),
+         ["strategy=subfit-svd", f"factorizer={{name: svd-llm, kept_ratio: {ratio}, removal_share: {removal_share}}}"]),
     ]
 
 

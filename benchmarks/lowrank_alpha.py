@@ -52,7 +52,7 @@ def main() -> int:
     ids = {"calibration": w.calib[:8], "held-out": w.heldout}
     print(f"| factorizer | relative MSE after {args.layers} layers, calibration | held-out | seconds |\n|---|---|---|---|")
     for name, extra in [("svd-llm", {})] + [("aa-svd", {"alpha": a}) for a in args.alphas]:
-        fz = build_component(plugins, "factorizer", {"name": name, "kept_ratio": args.kept_ratio, **extra}, "factorize")
+        fz = build_component(plugins, "factorizer", {"name": name, "kept_ratio": args.kept_ratio, **extra}, "factorizer")
         t0 = time.perf_counter()
         factorize(bench, fz, args.kept_ratio, skip)
         err = {k: float((stream(ids[k]) - r).square().mean() / r.square().mean()) for k, r in refs.items()}

@@ -1,7 +1,7 @@
 """Recipe schema: validated nested settings, ``key=value`` overrides, errors that name the key.
 
 A recipe is YAML read with ``yaml.safe_load``. Engine-level keys are declared in ``SCHEMA``; the
-``scorer``, ``selector``, ``fitter`` and ``factorize`` sections hold ``name`` plus the parameters of that
+``scorer``, ``selector``, ``fitter`` and ``factorizer`` sections hold ``name`` plus the parameters of that
 component, validated against the component's own ``Params`` dataclass.
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from subfit_core.errors import ConfigError, did_you_mean
+from subfit_core.kinds import SECTIONS
 
 
 
@@ -33,8 +34,8 @@ class Field:
     items: type | None = None  # for list fields: the type every element must have
 
 
-COMPONENT_SECTIONS = ("scorer", "selector", "fitter", "factorize")
-RENAMED = {"bench": "speed"}  # recipe keys of earlier versions -> their name now
+COMPONENT_SECTIONS = SECTIONS  # scorer, selector, fitter, factorizer
+RENAMED = {"bench": "speed", "factorize": "factorizer"}  # recipe keys of earlier versions -> their name now
 
 SCHEMA: dict[str, Any] = {
     "name": Field(str, "custom", "recipe name"),
@@ -106,7 +107,7 @@ SCHEMA: dict[str, Any] = {
     "scorer": {"name": Field(str, "output", "registered scorer")},
     "selector": {"name": Field(str, "greedy", "registered selector")},
     "fitter": {"name": Field(str, "per-type", "registered fitter")},
-    "factorize": {"name": Field(str, "none", "registered factorizer of the remaining linears, or none")},
+    "factorizer": {"name": Field(str, "none", "registered factorizer of the remaining linears, or none")},
 }
 
 

@@ -13,19 +13,7 @@ from subfit_core import hookspecs
 from subfit_core.errors import SubFitError, did_you_mean
 from subfit_core.registry import Registry
 
-# hook name -> (registry kind, recipe key used in messages, what every entry must be)
-COMPONENT_HOOKS = {
-    "subfit_model_adapters": ("adapter", "adapter", "subfit_core.engine.adapter:Adapter"),
-    "subfit_scorers": ("scorer", "scorer.name", "subfit_core.engine.interfaces:Scorer"),
-    "subfit_statistics": ("statistic", "scorer.statistics", "subfit_core.engine.interfaces:Statistic"),
-    "subfit_metrics": ("metric", "scorer.metric", "subfit_core.engine.interfaces:Metric"),
-    "subfit_selectors": ("selector", "selector.name", "subfit_core.engine.interfaces:Selector"),
-    "subfit_fitters": ("fitter", "fitter.name", "subfit_core.engine.interfaces:Fitter"),
-    "subfit_factorizers": ("factorizer", "factorize.name", "subfit_core.engine.interfaces:Factorizer"),
-    "subfit_datasets": ("dataset", "calib.dataset", "callable"),
-    "subfit_models": ("model", "model", "callable"),
-    "subfit_bypass_kinds": ("bypass kind", "saved bypass", "subfit_core.engine.bypass:Bypass"),
-}
+from subfit_core.kinds import KINDS
 
 
 @dataclass
@@ -41,7 +29,7 @@ class Plugins:
 
     def __init__(self, pm: PluginManager):
         self.pm = pm
-        self.registries = {kind: Registry(kind, key, interface) for kind, key, interface in COMPONENT_HOOKS.values()}
+        self.registries = {k.name: Registry(k.name, k.key, k.interface) for k in KINDS}
         self.info: dict[str, PluginInfo] = {}
         self.recipe_dirs: list[tuple[Path, str]] = []  # (folder, origin)
         self.eval_task_dirs: list[tuple[Path, str]] = []  # (folder of lm-eval task YAMLs, origin)
@@ -61,9 +49,10 @@ class Plugins:
         for name, _ in self.pm.list_name_plugin():
             dist_name, version = dists.get(name, ("(not installed)", "-"))
             self.info[name] = PluginInfo(name=name, distribution=dist_name, version=version)
-        for hook_name, (kind, _, _) in COMPONENT_HOOKS.items():
+        for k in KINDS:
+            kind = k.name
             # Call each implementation on its own so every entry knows which plugin registered it.
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            for impl in getattr(self.pm.hook, k.hook).get_hookimpls():
                 info = self.info[impl.plugin_name]
                 origin = f"plugin '{impl.plugin_name}' ({info.distribution} {info.version})"
                 for comp_name, target in (impl.function() or {}).items():

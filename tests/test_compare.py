@@ -110,8 +110,8 @@ def test_every_shipped_strategy_runs_and_meets_its_budget(local_model_and_text):
                        f"output_dir={folder / 'all'}", *tiny_args(folder)])
     rows = {r["strategy"]: r for r in summary["rows"]}
     assert {n: rows[n]["status"] for n in names} == {n: "ok" for n in names}
-    factored = {n for n in names if "factorize" in (Path(subfit_strategies.__file__).parent / f"{n}.yaml").read_text()}
-    assert factored == {"svd", "svd-llm", "aa-svd", "subfit-svd"}  # their budget is factorize.kept_ratio
+    factored = {n for n in names if "factorizer" in (Path(subfit_strategies.__file__).parent / f"{n}.yaml").read_text()}
+    assert factored == {"svd", "svd-llm", "aa-svd", "subfit-svd"}  # their budget is factorizer.kept_ratio
     for name, r in rows.items():
         assert r["ppl_ratio"] > 0 and (name in factored or r["achieved_layers"] >= 0.34 - 1e-9)
 

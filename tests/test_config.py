@@ -254,3 +254,7 @@ def test_choosing_another_component_drops_the_recipes_parameters_for_the_old_one
 def test_a_renamed_section_names_its_new_name():
     msg = error_of(validate, {"bench": {"repeats": 2}})
     assert msg == "bench: renamed to speed; write speed: instead"
+
+
+def test_the_old_factorize_section_is_told_its_new_name():
+    assert error_of(validate, {"factorize": {"name": "svd"}}) == "factorize: renamed to factorizer; write factorizer: instead"

@@ -164,7 +164,7 @@ def bench_for(tiny_model, random_windows, calib=8, seq_len=16):
 
 
 def factorizer(name, **params):
-    return build_component(get_plugins(), "factorizer", {"name": name, **params}, "factorize")
+    return build_component(get_plugins(), "factorizer", {"name": name, **params}, "factorizer")
 
 
 def test_first_anchored_linears_equal_svd_llm_and_later_ones_see_the_drift(tiny_model, random_windows):
@@ -216,7 +216,7 @@ def decoder_param_count(model) -> int:
 
 @pytest.mark.parametrize("name,extra", [("svd", {}), ("svd-llm", {"ranks": "adaptive"}), ("aa-svd", {})])
 def test_standalone_budget_and_parameter_accounting(tiny_model, random_windows, name, extra):
-    cfg, session = make_session(tiny_model, random_windows, factorize={"name": name, "kept_ratio": 0.6, **extra})
+    cfg, session = make_session(tiny_model, random_windows, factorizer={"name": name, "kept_ratio": 0.6, **extra})
     before = decoder_param_count(session.model)
     linear, decoder = parameter_counts(session.bench)
     total = 0.4 * linear / decoder
@@ -239,7 +239,7 @@ def test_hybrid_splits_one_total_budget(tiny_model, random_windows):
                                 fitter={"name": "per-type", "attn": {"name": "low-rank", "rank": 4},
                                         "ffn": {"name": "shared-basis", "rank": 8}},
                                 selector={"name": "greedy", "rounds": 1},
-                                factorize={"name": "aa-svd", "kept_ratio": 0.6, "removal_share": 0.5})
+                                factorizer={"name": "aa-svd", "kept_ratio": 0.6, "removal_share": 0.5})
     before = decoder_param_count(session.model)
     res = compress(session, cfg).results
     assert res["replaced"], "removal took part of the budget"
@@ -261,7 +261,7 @@ def test_factored_model_saves_and_loads_with_identical_logits(tiny_model, random
                                 fitter={"name": "per-type", "attn": {"name": "low-rank", "rank": 4},
                                         "ffn": {"name": "linear"}},
                                 selector={"name": "greedy", "rounds": 1},
-                                factorize={"name": "aa-svd", "kept_ratio": 0.7, "removal_share": 0.3})
+                                factorizer={"name": "aa-svd", "kept_ratio": 0.7, "removal_share": 0.3})
     outcome = compress(session, cfg)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
@@ -282,14 +282,14 @@ def test_factored_model_saves_and_loads_with_identical_logits(tiny_model, random
 
 def test_factorize_section_is_validated():
     plugins = get_plugins()
-    with pytest.raises(ConfigError, match=r"factorize.kept_ratio: .*set factorize.name first"):
-        build_components(plugins, validate({"factorize": {"kept_ratio": 0.5}}))
-    with pytest.raises(ConfigError, match=r"factorize: kept_ratio: 1.5 must be in \(0, 1\)"):
-        build_components(plugins, validate({"factorize": {"name": "svd", "kept_ratio": 1.5}}))
-    with pytest.raises(ConfigError, match=r"factorize.alpha: unknown key.*svd-llm|factorize.alpha: unknown key"):
-        build_components(plugins, validate({"factorize": {"name": "svd-llm", "alpha": 0.5}}))
-    with pytest.raises(ConfigError, match=r"factorize.ranks: 'greedy' is not allowed; allowed: adaptive, uniform"):
-        build_components(plugins, validate({"factorize": {"name": "aa-svd", "ranks": "greedy"}}))
-    with pytest.raises(SubFitError, match="factorize.name: unknown factorizer 'aasvd'.*did you mean 'aa-svd'"):
-        build_components(plugins, validate({"factorize": {"name": "aasvd"}}))
+    with pytest.raises(ConfigError, match=r"factorizer.kept_ratio: .*set factorizer.name first"):
+        build_components(plugins, validate({"factorizer": {"kept_ratio": 0.5}}))
+    with pytest.raises(ConfigError, match=r"factorizer: kept_ratio: 1.5 must be in \(0, 1\)"):
+        build_components(plugins, validate({"factorizer": {"name": "svd", "kept_ratio": 1.5}}))
+    with pytest.raises(ConfigError, match=r"factorizer.alpha: unknown key.*svd-llm|factorizer.alpha: unknown key"):
+        build_components(plugins, validate({"factorizer": {"name": "svd-llm", "alpha": 0.5}}))
+    with pytest.raises(ConfigError, match=r"factorizer.ranks: 'greedy' is not allowed; allowed: adaptive, uniform"):
+        build_components(plugins, validate({"factorizer": {"name": "aa-svd", "ranks": "greedy"}}))
+    with pytest.raises(SubFitError, match="factorizer.name: unknown factorizer 'aasvd'.*did you mean 'aa-svd'"):
+        build_components(plugins, validate({"factorizer": {"name": "aasvd"}}))
     assert build_components(plugins, validate({})).factorizer is None

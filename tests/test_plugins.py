@@ -21,13 +21,14 @@ import pytest  # noqa: E402
 import subfit_core  # noqa: E402
 from subfit_core.errors import SubFitError  # noqa: E402
 from subfit_core.hookspecs import hookimpl  # noqa: E402
-from subfit_core.plugins import COMPONENT_HOOKS, Plugins, get_plugins, make_plugin_manager  # noqa: E402
+from subfit_core.kinds import KINDS as ALL_KINDS  # noqa: E402
+from subfit_core.plugins import Plugins, get_plugins, make_plugin_manager  # noqa: E402
 from subfit_core.registry import Registry  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "subfit_example_plugin"
 BIN = Path(sys.executable).parent
 SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "SUBFIT_PROGRESS": "0"}
-KINDS = [kind for kind, _, _ in COMPONENT_HOOKS.values()]
+KINDS = [k.name for k in ALL_KINDS]
 
 
 def run(cmd, **kw):

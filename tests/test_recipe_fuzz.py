@@ -20,7 +20,7 @@ from subfit_core.recipes import load_yaml  # noqa: E402
 
 KNOWN = [k for k, _ in flatten({k: v for k, v in SCHEMA.items()})] + [
     "scorer.name", "selector.name", "fitter.name", "fitter.attn.rank", "fitter.ffn.name", "selector.rounds",
-    "factorize.name", "factorize.kept_ratio", "sweep.space", "eval.tasks", "calib.generated"]
+    "factorizer.name", "factorizer.kept_ratio", "sweep.space", "eval.tasks", "calib.generated"]
 keys = st.one_of(st.sampled_from(KNOWN), st.text(min_size=0, max_size=12),
                  st.builds(lambda a, b: f"{a}.{b}", st.sampled_from(KNOWN), st.text(max_size=6)))
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),

@@ -18,7 +18,7 @@ from subfit_core.engine.lowrank import allocate_ranks, uniform_rank
 
 @dataclass
 class FactorizerParams:
-    """Recipe section ``factorize``."""
+    """Recipe section ``factorizer``."""
 
     kept_ratio: float = 0.8  # total budget: share of the decoder's linear-layer weights kept
     removal_share: float = 0.0  # share of the removed parameters taken by submodule removal (hybrid)

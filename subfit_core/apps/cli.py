@@ -10,6 +10,7 @@ import sys
 
 from subfit_core.config import ConfigError, apply_overrides, params_help, parse_override, schema_help, validate
 from subfit_core.errors import SubFitError
+from subfit_core.kinds import KINDS, SECTIONS
 
 USAGE = """usage: subfit-run [strategy=NAME|PATH.yaml] [key=value ...] [--help] [--list]
 
@@ -77,12 +78,11 @@ def print_help(args: list[str]) -> None:
         return
     plugins = get_plugins()
     print(f"\nComponent keys of recipe '{cfg['name']}':")
-    kinds = {"scorer": "scorer", "selector": "selector", "fitter": "fitter", "factorize": "factorizer"}
-    for section, kind in kinds.items():
+    for section in SECTIONS:
         if cfg[section]["name"] == "none":
             print(f"  {section}.name = none")
             continue
-        cls = plugins.registries[kind].get(cfg[section]["name"])
+        cls = plugins.registries[section].get(cfg[section]["name"])
         given = {k: v for k, v in cfg[section].items() if k != "name"}
         print(f"  {section}.name = {cfg[section]['name']}  ({cls.description})")
         for key, default in params_help(cls.Params):
@@ -94,11 +94,12 @@ def print_plugins() -> None:
     from subfit_core.recipes import available
 
     plugins = get_plugins()
-    width = max(len(kind) + 1 for kind in plugins.registries)
+    headings = {k.name: k.heading for k in KINDS}
+    width = max(len(h) for h in headings.values())
     for info in plugins.info.values():
         print(f"{info.name}  ({info.distribution} {info.version})")
         for kind, names in sorted(info.registers.items()):
-            print(f"  {kind + 's':<{width}} {', '.join(names)}")
+            print(f"  {headings[kind]:<{width}} {', '.join(names)}")
     print("recipes")
     for name, path in available(plugins).items():
         print(f"  {name:<20} {path}")

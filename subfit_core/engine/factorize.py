@@ -330,6 +330,6 @@ def factorize_rest(bench, factorizer, budget, bypasses: dict) -> FactorizeResult
         return FactorizeResult(kept_ratio=1.0)
     kept = 1.0 - to_remove / remaining
     if kept <= 0.0:
-        raise SubFitError(f"factorize: removal left {remaining:,} linear weights, "
+        raise SubFitError(f"factorizer: removal left {remaining:,} linear weights, "
                           f"fewer than the {to_remove:,.0f} still to remove")
     return factorize(bench, factorizer, kept, set(bypasses))

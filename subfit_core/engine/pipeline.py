@@ -91,7 +91,7 @@ def build_components(plugins: Plugins, cfg: dict) -> Components:
         scorer=build_component(plugins, "scorer", cfg["scorer"], "scorer"),
         selector=build_component(plugins, "selector", cfg["selector"], "selector"),
         fitter=build_component(plugins, "fitter", cfg["fitter"], "fitter"),
-        factorizer=build_factorizer(plugins, cfg["factorize"]),
+        factorizer=build_factorizer(plugins, cfg["factorizer"]),
     )
     if comps.selector.needs_group_scores() and not comps.scorer.scores_groups:
         able = [n for n in plugins.scorer.names() if getattr(plugins.scorer.get(n), "scores_groups", False)]
@@ -115,10 +115,10 @@ def build_components(plugins: Plugins, cfg: dict) -> Components:
 
 def build_factorizer(plugins: Plugins, section: dict):
     if section["name"] != "none":
-        return build_component(plugins, "factorizer", section, "factorize")
+        return build_component(plugins, "factorizer", section, "factorizer")
     extra = sorted(k for k in section if k != "name")
     if extra:
-        raise ConfigError(f"factorize.{extra[0]}: set factorize.name first (it is none: no factorization)")
+        raise ConfigError(f"factorizer.{extra[0]}: set factorizer.name first (it is none: no factorization)")
     return None
 
 
@@ -345,7 +345,7 @@ def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: di
                     "scoring_evaluations": evaluations,
                     "scoring_evaluations_replayed": replayed},
         "notes": plan.notes,
-        **({"factorization": {"factorizer": cfg["factorize"]["name"], **factored.summary()}} if factored is not None else {}),
+        **({"factorization": {"factorizer": cfg["factorizer"]["name"], **factored.summary()}} if factored is not None else {}),
     }
 
 
