@@ -21,12 +21,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from subfit_core.apps.cli import resolve_recipe  # noqa: E402
 from subfit_core.engine.bypass import ZeroBypass  # noqa: E402
 from subfit_core.engine.cache import cache_root, stats_key  # noqa: E402
-from subfit_core.apps.cli import resolve_recipe  # noqa: E402
 from subfit_core.engine.corpus import make_windows  # noqa: E402
-from subfit_core.evaluation.perplexity import perplexity  # noqa: E402
 from subfit_core.engine.pipeline import compress, load_text, mix_generated, open_session  # noqa: E402
+from subfit_core.evaluation.perplexity import perplexity  # noqa: E402
 from subfit_core.plugins import build_component, get_plugins  # noqa: E402
 
 BASE = ["strategy=subfit", "save=false", "eval.windows=16"]

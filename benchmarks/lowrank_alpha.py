@@ -19,8 +19,8 @@ from subfit_core.engine.corpus import make_windows  # noqa: E402
 from subfit_core.engine.factorize import factorize  # noqa: E402
 from subfit_core.engine.models import find_adapter, load_model  # noqa: E402
 from subfit_core.engine.pipeline import load_text  # noqa: E402
-from subfit_core.plugins import build_component, get_plugins  # noqa: E402
 from subfit_core.engine.workbench import Workbench  # noqa: E402
+from subfit_core.plugins import build_component, get_plugins  # noqa: E402
 
 
 def main() -> int:

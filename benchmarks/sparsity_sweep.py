@@ -22,11 +22,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from subfit_core.engine.bypass import ZeroBypass  # noqa: E402
 from subfit_core.apps.cli import resolve_recipe  # noqa: E402
-from subfit_core.evaluation.perplexity import perplexity  # noqa: E402
-from subfit_core.engine.pipeline import compress, open_session  # noqa: E402
 from subfit_core.apps.compare import strategy_config  # noqa: E402
+from subfit_core.engine.bypass import ZeroBypass  # noqa: E402
+from subfit_core.engine.pipeline import compress, open_session  # noqa: E402
+from subfit_core.evaluation.perplexity import perplexity  # noqa: E402
 
 
 def plain_removal_ppl(session, subs, batch_size: int) -> float:

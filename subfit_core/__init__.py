@@ -9,21 +9,31 @@ Plugins import from here, not from the modules inside, which may move.
 
 __version__ = "0.1.0"
 
-from subfit_core.hookspecs import hookimpl  # noqa: E402  (__version__ first: the artifact writes it)
-from subfit_core.errors import ConfigError, NumericalError, SubFitError  # noqa: E402
-from subfit_core.progress import progress  # noqa: E402
-from subfit_core.engine.interfaces import (  # noqa: E402
-    Component, Factorizer, Fitted, Fitter, Metric, Plan, Replacement, Scorer, Selector, Statistic, Submodule,
-)
+from subfit_core.api import Report, compress, save  # noqa: E402
+from subfit_core.artifact.folder import load_compressed  # noqa: E402
 from subfit_core.engine.adapter import Adapter  # noqa: E402
 from subfit_core.engine.budget import Budget  # noqa: E402
 from subfit_core.engine.bypass import Bypass, LinearBypass, LowRankBypass, ZeroBypass  # noqa: E402
 from subfit_core.engine.corpus import CorpusText, split_heldout  # noqa: E402
+from subfit_core.engine.interfaces import (  # noqa: E402
+    Component,
+    Factorizer,
+    Fitted,
+    Fitter,
+    Metric,
+    Plan,
+    Replacement,
+    Scorer,
+    Selector,
+    Statistic,
+    Submodule,
+)
 from subfit_core.engine.lowrank import FactoredLinear, Factors, regularised_cholesky  # noqa: E402
 from subfit_core.engine.stats import SubStats, ridge_solve  # noqa: E402
 from subfit_core.engine.workbench import Workbench  # noqa: E402
-from subfit_core.api import Report, compress, save  # noqa: E402
-from subfit_core.artifact.folder import load_compressed  # noqa: E402
+from subfit_core.errors import ConfigError, NumericalError, SubFitError  # noqa: E402
+from subfit_core.hookspecs import hookimpl  # noqa: E402  (__version__ first: the artifact writes it)
+from subfit_core.progress import progress  # noqa: E402
 
 __all__ = [
     # using SubFit

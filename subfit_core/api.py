@@ -86,7 +86,8 @@ def compress(model: str | nn.Module, tokenizer=None, recipe: str | dict | None =
     ``datasets.Dataset`` with a ``text`` column. No model is saved: call ``save``.
     """
     from subfit_core.engine.models import resolve_device
-    from subfit_core.engine.pipeline import check_before_work, compress as run_compression, open_session
+    from subfit_core.engine.pipeline import check_before_work, open_session
+    from subfit_core.engine.pipeline import compress as run_compression
 
     t_start = time.perf_counter()
     texts = {}

@@ -8,8 +8,8 @@ component, validated against the component's own ``Params`` dataclass.
 from __future__ import annotations
 
 import copy
-import math
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -19,7 +19,6 @@ import yaml
 
 from subfit_core.errors import ConfigError, did_you_mean
 from subfit_core.kinds import SECTIONS
-
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,8 @@ SCHEMA: dict[str, Any] = {
     "sparsity": Field(float, 0.25, "share of the decoder to remove", min=0.0, max=0.95),
     "sparsity_unit": Field(str, "layers", "layers: layer-equivalents; params: decoder parameters",
                            choices=("layers", "params")),
-    "cache_stats": Field(bool, True, "keep dense statistics and scoring evaluations under $SUBFIT_CACHE: a killed run resumes where it was"),
+    "cache_stats": Field(bool, True, "keep dense statistics and scoring evaluations under $SUBFIT_CACHE: "
+                                     "a killed run resumes where it was"),
     "anchored": Field(bool, False, "refit bypasses on the compressed model's inputs (dense targets)"),
     "calib": {
         "dataset": Field(str, None, "registered text source or a local .txt/.json/.jsonl file (default: the plugins')"),

@@ -11,9 +11,8 @@ import pluggy
 
 from subfit_core import hookspecs
 from subfit_core.errors import SubFitError, did_you_mean
-from subfit_core.registry import Registry
-
 from subfit_core.kinds import KINDS
+from subfit_core.registry import Registry
 
 
 @dataclass

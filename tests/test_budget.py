@@ -8,13 +8,13 @@ import torch
 
 from subfit_core.engine.budget import Budget
 from subfit_core.engine.bypass import LowRankBypass, ZeroBypass
-from subfit_plugins.fitters.shared_basis import SharedBasisBypass
 from subfit_core.engine.interfaces import Submodule
 from subfit_core.engine.surgery import apply_bypasses, split_bypass_params
 from subfit_core.engine.workbench import Workbench
 from subfit_plugins.adapters.llama import LlamaFamilyAdapter
 from subfit_plugins.fitters.identity import IdentityFitter
 from subfit_plugins.fitters.linear import LinearFitter
+from subfit_plugins.fitters.shared_basis import SharedBasisBypass
 from subfit_plugins.scorers.local import RotationMagnitudeScorer
 from subfit_plugins.scorers.output import OutputScorer
 from subfit_plugins.selectors.greedy import GreedyParams, GreedySelector

@@ -11,18 +11,17 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from subfit_plugins.adapters.llama import LlamaFamilyAdapter
 from test_surgery import make_model, tiny_tokenizer
 
 from subfit_core import load_compressed
-
 from subfit_core.artifact import folder
 from subfit_core.engine.bypass import Bypass, LowRankBypass, build_bypasses
+from subfit_core.engine.interfaces import Submodule
+from subfit_core.engine.surgery import apply_bypasses, records
 from subfit_core.errors import SubFitError
 from subfit_core.hookspecs import hookimpl
-from subfit_core.engine.interfaces import Submodule
 from subfit_core.plugins import Plugins, get_plugins, make_plugin_manager
-from subfit_core.engine.surgery import apply_bypasses, records
+from subfit_plugins.adapters.llama import LlamaFamilyAdapter
 
 
 class DiagonalBypass(Bypass):

@@ -37,9 +37,8 @@ def test_evict_never_deletes_the_file_just_written(tmp_path):
 
 
 def test_save_evicts_and_load_marks_a_file_as_used(tmp_path, tiny_model, random_windows, monkeypatch):
-    from subfit_plugins.adapters.llama import LlamaFamilyAdapter
-
     from subfit_core.engine.workbench import Workbench
+    from subfit_plugins.adapters.llama import LlamaFamilyAdapter
 
     model = tiny_model("llama")
     bench = Workbench(model, LlamaFamilyAdapter(model), random_windows(), 4, torch.device("cpu"))

@@ -100,8 +100,9 @@ def tiny_args(folder) -> list[str]:
 
 
 def test_every_shipped_strategy_runs_and_meets_its_budget(local_model_and_text):
-    import subfit_strategies
     from pathlib import Path
+
+    import subfit_strategies
 
     folder = local_model_and_text
     names = sorted(p.stem for p in Path(subfit_strategies.__file__).parent.glob("*.yaml"))
@@ -122,8 +123,8 @@ def test_window_strategies_save_and_load_with_identical_logits(local_model_and_t
     import torch
 
     from subfit_core import load_compressed
-    from subfit_core.artifact.folder import save_compressed
     from subfit_core.apps.cli import resolve_recipe
+    from subfit_core.artifact.folder import save_compressed
     from subfit_core.engine.pipeline import compress, open_session
     from subfit_core.engine.surgery import records
 

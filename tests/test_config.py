@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from subfit_core.config import (SCHEMA, defaults, merge, parse_override, schema_help, set_dotted, validate,
-                                validate_params)
+from subfit_core.config import SCHEMA, defaults, merge, parse_override, schema_help, set_dotted, validate, validate_params
 from subfit_core.errors import ConfigError, SubFitError
 from subfit_core.plugins import build_component, get_plugins
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from subfit_core.engine.bypass import LowRankBypass, ZeroBypass
-from subfit_core.evaluation.speed import SpeedSettings, measure_speed, kv_cache_bytes, markdown, ratios
 from subfit_core.engine.interfaces import Submodule
 from subfit_core.engine.surgery import apply_bypasses
+from subfit_core.evaluation.speed import SpeedSettings, kv_cache_bytes, markdown, measure_speed, ratios
 from subfit_plugins.adapters.llama import LlamaFamilyAdapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")

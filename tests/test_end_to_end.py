@@ -15,12 +15,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from subfit_core import load_compressed  # noqa: E402
+from subfit_core.apps.cli import resolve_recipe  # noqa: E402
 from subfit_core.artifact.folder import save_compressed  # noqa: E402
 from subfit_core.engine.bypass import ZeroBypass  # noqa: E402
-from subfit_core.apps.cli import resolve_recipe  # noqa: E402
-from subfit_core.evaluation.perplexity import perplexity  # noqa: E402
 from subfit_core.engine.pipeline import compress, open_session  # noqa: E402
 from subfit_core.engine.surgery import apply_bypasses, records  # noqa: E402
+from subfit_core.evaluation.perplexity import perplexity  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SMALL = ["calib.samples=16", "calib.seq_len=128", "scoring.samples=2", "eval.windows=8", "eval.seq_len=128"]

@@ -11,11 +11,11 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from subfit_core.engine.corpus import Windows  # noqa: E402
-from subfit_core.errors import SubFitError  # noqa: E402
 from subfit_core.engine.interfaces import Submodule  # noqa: E402
 from subfit_core.engine.models import find_adapter  # noqa: E402
-from subfit_core.plugins import get_plugins  # noqa: E402
 from subfit_core.engine.workbench import Workbench  # noqa: E402
+from subfit_core.errors import SubFitError  # noqa: E402
+from subfit_core.plugins import get_plugins  # noqa: E402
 from subfit_plugins.adapters.llama import LlamaFamilyAdapter  # noqa: E402
 from subfit_plugins.fitters.linear import LinearFitter, LinearParams  # noqa: E402
 

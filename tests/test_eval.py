@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from subfit_core.evaluation import tasks as lm_tasks
 from subfit_core.apps.cli import run_main
 from subfit_core.config import validate
 from subfit_core.errors import ConfigError
+from subfit_core.evaluation import tasks as lm_tasks
 from subfit_core.plugins import get_plugins
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -23,16 +23,15 @@ from test_surgery import CONFIGS, D, make_model, tiny_tokenizer  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from subfit_core import load_compressed  # noqa: E402
-
 from subfit_core.artifact import folder  # noqa: E402
+from subfit_core.artifact.rebuild import set_child  # noqa: E402
 from subfit_core.engine.bypass import LinearBypass, LowRankBypass, ZeroBypass  # noqa: E402
-from subfit_plugins.fitters.shared_basis import SharedBasisBypass  # noqa: E402
-from subfit_plugins.fitters.streamline import MLPBypass  # noqa: E402
 from subfit_core.engine.interfaces import Submodule  # noqa: E402
 from subfit_core.engine.lowrank import FactoredLinear  # noqa: E402
-from subfit_core.artifact.rebuild import set_child  # noqa: E402
 from subfit_core.engine.surgery import apply_bypasses, records  # noqa: E402
 from subfit_plugins.adapters.llama import LlamaFamilyAdapter  # noqa: E402
+from subfit_plugins.fitters.shared_basis import SharedBasisBypass  # noqa: E402
+from subfit_plugins.fitters.streamline import MLPBypass  # noqa: E402
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
 
@@ -199,9 +198,8 @@ def test_plugin_bypass_kind_travels_in_the_modeling_file(tmp_path):
 def test_push_to_hub_writes_what_save_pretrained_writes(tmp_path, monkeypatch):
     """push_to_hub saves through save_pretrained into a temporary folder, then uploads it; the
     upload is redirected to a local folder (no network)."""
-    from types import SimpleNamespace
-
     import shutil
+    from types import SimpleNamespace
 
     from transformers.utils import hub
 

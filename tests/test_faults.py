@@ -23,11 +23,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from conftest import write_local_model_and_text  # noqa: E402
 
 from subfit_core import load_compressed  # noqa: E402
-
-from subfit_core.engine import cache  # noqa: E402
 from subfit_core.apps.cli import plugins_main, run_main  # noqa: E402
-from subfit_core.errors import ConfigError, SubFitError  # noqa: E402
 from subfit_core.artifact.outputs import MARKER, atomic_dir, claim  # noqa: E402
+from subfit_core.engine import cache  # noqa: E402
+from subfit_core.errors import SubFitError  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -248,9 +247,8 @@ def test_truncated_weights_are_a_one_line_error_in_every_loader(saved, capsys):
 
 @pytest.fixture()
 def stats_file(tmp_path, tiny_model, random_windows):
-    from subfit_plugins.adapters.llama import LlamaFamilyAdapter
-
     from subfit_core.engine.workbench import Workbench
+    from subfit_plugins.adapters.llama import LlamaFamilyAdapter
 
     model = tiny_model("llama")
     bench = Workbench(model, LlamaFamilyAdapter(model), random_windows(), 4, torch.device("cpu"))

@@ -9,16 +9,14 @@ import pytest
 import torch
 
 from subfit_core.engine.bypass import LinearBypass, LowRankBypass, ZeroBypass
-from subfit_plugins.fitters.shared_basis import SharedBasisBypass
-from subfit_core.errors import NumericalError
 from subfit_core.engine.interfaces import Submodule
 from subfit_core.engine.stats import SubStats, ridge_solve
 from subfit_core.engine.surgery import split_bypass_params
+from subfit_core.errors import NumericalError
 from subfit_plugins.fitters.identity import IdentityFitter
-from subfit_plugins.fitters.linear import (LinearFitter, LinearParams, LowRankFitter, LowRankParams,
-                                           relative_residual)
+from subfit_plugins.fitters.linear import LinearFitter, LinearParams, LowRankFitter, LowRankParams, relative_residual
 from subfit_plugins.fitters.per_type import PerTypeFitter, PerTypeParams
-from subfit_plugins.fitters.shared_basis import SharedBasisFitter, SharedBasisParams
+from subfit_plugins.fitters.shared_basis import SharedBasisBypass, SharedBasisFitter, SharedBasisParams
 from subfit_plugins.scorers.fit_residual import bypass_as_matrix
 
 pytestmark = pytest.mark.usefixtures("one_thread")

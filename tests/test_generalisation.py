@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from subfit_core.apps.cli import resolve_recipe
-from subfit_core.errors import ConfigError, SubFitError
 from subfit_core.engine.pipeline import compress, mix_generated, open_session
 from subfit_core.engine.sampling import sample_windows, start_token
+from subfit_core.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")

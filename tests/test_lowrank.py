@@ -8,15 +8,9 @@ import json
 
 import pytest
 import torch
-from subfit_plugins.factorizers.closed_forms import (
-    factor_anchored,
-    factor_plain,
-    factor_whitened,
-)
 
 from subfit_core.artifact.folder import load_compressed, save_compressed
 from subfit_core.config import validate
-from subfit_core.errors import ConfigError, SubFitError
 from subfit_core.engine.factorize import factorize, parameter_counts
 from subfit_core.engine.lowrank import (
     FactoredLinear,
@@ -26,9 +20,15 @@ from subfit_core.engine.lowrank import (
 )
 from subfit_core.engine.models import find_adapter
 from subfit_core.engine.pipeline import Session, build_components, compress
-from subfit_core.plugins import build_component, get_plugins
 from subfit_core.engine.surgery import records
 from subfit_core.engine.workbench import Workbench
+from subfit_core.errors import ConfigError, SubFitError
+from subfit_core.plugins import build_component, get_plugins
+from subfit_plugins.factorizers.closed_forms import (
+    factor_anchored,
+    factor_plain,
+    factor_whitened,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,8 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from subfit_core.apps.cli import resolve_recipe  # noqa: E402
 from subfit_core.config import SCHEMA, ConfigError, apply_overrides, flatten, parse_override, validate  # noqa: E402
-from subfit_core.errors import SubFitError  # noqa: E402
 from subfit_core.engine.pipeline import build_components  # noqa: E402
+from subfit_core.errors import SubFitError  # noqa: E402
 from subfit_core.plugins import get_plugins  # noqa: E402
 from subfit_core.recipes import load_yaml  # noqa: E402
 

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from subfit_core.apps.speed import speed_main
 from subfit_core.apps.cli import run_main
 from subfit_core.apps.report import report_main
+from subfit_core.apps.speed import speed_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from subfit_core.engine.bypass import LowRankBypass, ZeroBypass
-from subfit_core.errors import ConfigError
 from subfit_core.engine.interfaces import Submodule
 from subfit_core.engine.workbench import Workbench
+from subfit_core.errors import ConfigError
 from subfit_plugins.adapters.llama import LlamaFamilyAdapter
 from subfit_plugins.fitters.identity import IdentityFitter
 from subfit_plugins.fitters.linear import LinearFitter, LowRankFitter, LowRankParams

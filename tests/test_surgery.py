@@ -14,13 +14,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from subfit_core import load_compressed  # noqa: E402
-
 from subfit_core.artifact import folder  # noqa: E402
 from subfit_core.engine.bypass import LowRankBypass, ZeroBypass  # noqa: E402
-from subfit_plugins.fitters.shared_basis import SharedBasisBypass  # noqa: E402
 from subfit_core.engine.interfaces import Submodule  # noqa: E402
 from subfit_core.engine.surgery import apply_bypasses, records  # noqa: E402
 from subfit_plugins.adapters.llama import LlamaFamilyAdapter  # noqa: E402
+from subfit_plugins.fitters.shared_basis import SharedBasisBypass  # noqa: E402
 
 CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
 D, LAYERS = 32, 4

@@ -57,10 +57,10 @@ def finished(storage: str, name: str = "subfit-sweep") -> list:
 
 
 def test_one_worker_pays_for_dense_statistics_once_and_its_best_recipe_reproduces(tiny, tmp_path, monkeypatch):
-    from subfit_core.engine import workbench
-    from subfit_core.config import validate
-    from subfit_core.engine.pipeline import run
     from subfit_core.apps.sweep import run_worker
+    from subfit_core.config import validate
+    from subfit_core.engine import workbench
+    from subfit_core.engine.pipeline import run
 
     passes = []
     original = workbench.Workbench._collect_calibration
@@ -98,10 +98,9 @@ def test_one_worker_pays_for_dense_statistics_once_and_its_best_recipe_reproduce
 def test_validation_windows_are_disjoint_and_leave_the_other_windows_unchanged(tiny):
     from transformers import AutoTokenizer
 
+    from subfit_core.engine.corpus import make_windows
     from subfit_core.engine.pipeline import load_text
     from subfit_core.plugins import get_plugins
-
-    from subfit_core.engine.corpus import make_windows
 
     text = load_text(get_plugins(), str(tiny / "text.txt"))
     tok = AutoTokenizer.from_pretrained(tiny / "model")

@@ -9,18 +9,23 @@ import torch
 
 from subfit_core.engine.budget import Budget
 from subfit_core.engine.bypass import ZeroBypass, build_bypasses
-from subfit_plugins.fitters.streamline import MLPBypass
-from subfit_core.errors import ConfigError
 from subfit_core.engine.interfaces import Submodule
 from subfit_core.engine.workbench import Workbench
+from subfit_core.errors import ConfigError
 from subfit_plugins.adapters.llama import LlamaFamilyAdapter
 from subfit_plugins.fitters.identity import IdentityFitter
-from subfit_plugins.fitters.replaceme import (NormalEquations, ReplaceMeFitter, ReplaceMeParams, fit_cosine,
-                                              fold_into_down_proj, solve_transform)
-from subfit_plugins.fitters.streamline import GatedFFN, StreamlineFitter, StreamlineParams, train_ffn
+from subfit_plugins.fitters.replaceme import (
+    NormalEquations,
+    ReplaceMeFitter,
+    ReplaceMeParams,
+    fit_cosine,
+    fold_into_down_proj,
+    solve_transform,
+)
+from subfit_plugins.fitters.streamline import GatedFFN, MLPBypass, StreamlineFitter, StreamlineParams, train_ffn
 from subfit_plugins.fitters.windows import removed_windows
-from subfit_plugins.selectors.laco import LaCoParams, LaCoSelector, merge_coefs, merged_module
 from subfit_plugins.scorers.output import OutputScorer
+from subfit_plugins.selectors.laco import LaCoParams, LaCoSelector, merge_coefs, merged_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LAYERS = 6

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from subfit_core.errors import NumericalError
 from subfit_core.engine.lowrank import Factors, regularised_cholesky
+from subfit_core.errors import NumericalError
 
 
 def _truncate(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

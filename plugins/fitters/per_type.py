@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from subfit_core.engine.bypass import Bypass
 from subfit_core.engine.interfaces import Fitter, Submodule
-from subfit_core.plugins import build_component
 from subfit_core.engine.stats import SubStats
+from subfit_core.plugins import build_component
 
 
 @dataclass

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from subfit_core.engine.bypass import ZeroBypass
-from subfit_core.errors import ConfigError, NumericalError
 from subfit_core.engine.interfaces import Fitted, Fitter, Submodule
+from subfit_core.errors import ConfigError, NumericalError
 from subfit_core.progress import progress
 
 from .windows import removed_windows, rows

@@ -22,9 +22,7 @@ from torch import nn
 
 from subfit_core.engine.bypass import Bypass
 from subfit_core.engine.interfaces import Fitter, Submodule
-from subfit_core.engine.stats import SubStats
-
-from subfit_core.engine.stats import ridge_solve
+from subfit_core.engine.stats import SubStats, ridge_solve
 
 from .linear import centered_gram, gram_of, top_eigvecs
 

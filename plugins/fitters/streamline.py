@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from subfit_core.engine.bypass import Bypass, ZeroBypass
-from subfit_core.errors import ConfigError, NumericalError
 from subfit_core.engine.interfaces import Fitted, Fitter, Submodule
+from subfit_core.errors import ConfigError, NumericalError
 from subfit_core.progress import progress
 
 from .windows import removed_windows, rows

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from subfit_core.errors import ConfigError
 from subfit_core.engine.interfaces import Submodule
+from subfit_core.errors import ConfigError
 
 
 def removed_windows(selected: list[Submodule], fitter: str) -> list[tuple[int, int]]:

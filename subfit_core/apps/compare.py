@@ -17,13 +17,13 @@ import time
 import traceback
 from pathlib import Path
 
-from subfit_core.artifact.outputs import atomic_dir, check_output_dir, claim
 from subfit_core.apps.cli import command
+from subfit_core.apps.plotting import pyplot, ratio_lines, save_ratio_plot
+from subfit_core.artifact.outputs import atomic_dir, check_output_dir, claim
 from subfit_core.config import ConfigError, apply_overrides, parse_bool, parse_override, validate
+from subfit_core.engine.pipeline import SESSION_KEYS, build_components, compress, open_session
 from subfit_core.errors import SubFitError
 from subfit_core.evaluation.tasks import check_tasks
-from subfit_core.engine.pipeline import SESSION_KEYS, build_components, compress, open_session
-from subfit_core.apps.plotting import pyplot, ratio_lines, save_ratio_plot
 from subfit_core.plugins import get_plugins
 from subfit_core.recipes import read_recipe
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from subfit_core.artifact.outputs import atomic_dir, check_output_dir
 from subfit_core.apps.cli import command
+from subfit_core.artifact.outputs import atomic_dir, check_output_dir
 from subfit_core.config import ConfigError, parse_bool, parse_override
 from subfit_core.errors import SubFitError, did_you_mean
 from subfit_core.evaluation.tasks import geometric_mean

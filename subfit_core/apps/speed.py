@@ -66,8 +66,8 @@ def measure(argv: list[str]) -> tuple[dict, str, Path]:
 
     from subfit_core.artifact.folder import load_compressed
     from subfit_core.artifact.outputs import claim, write_atomic
-    from subfit_core.evaluation.speed import SpeedSettings, measure_speed, markdown, ratios
     from subfit_core.engine.models import load_model, resolve_device
+    from subfit_core.evaluation.speed import SpeedSettings, markdown, measure_speed, ratios
     from subfit_core.plugins import get_plugins
 
     run_dir, device_name, section, given = parse_args(argv)

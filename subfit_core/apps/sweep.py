@@ -32,12 +32,12 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from subfit_core.apps.cli import command, resolve_recipe
+from subfit_core.apps.plotting import pyplot, save_ratio_plot
+from subfit_core.artifact.outputs import atomic_dir
 from subfit_core.config import ConfigError, apply_overrides, validate
+from subfit_core.engine.pipeline import SESSION_KEYS, Session, build_components, compress, open_session
 from subfit_core.errors import SubFitError
 from subfit_core.evaluation.perplexity import forward_seconds, perplexity
-from subfit_core.artifact.outputs import atomic_dir
-from subfit_core.engine.pipeline import SESSION_KEYS, Session, build_components, compress, open_session
-from subfit_core.apps.plotting import pyplot, save_ratio_plot
 from subfit_core.plugins import get_plugins
 
 # objective -> (direction, what it measures)

@@ -19,8 +19,8 @@ from torch import nn
 
 from subfit_core.artifact import rebuild as rebuild_module
 from subfit_core.engine.bypass import Bypass
-from subfit_core.errors import SubFitError
 from subfit_core.engine.lowrank import FactoredLinear
+from subfit_core.errors import SubFitError
 
 FORMAT = 2  # of the ``subfit`` entry in config.json; 1 (before the custom-code layout) no longer loads
 MODEL_TYPE = "subfit"

@@ -24,13 +24,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file
 
 from subfit_core import __version__
-from subfit_core.engine.bypass import Bypass
 from subfit_core.artifact.card import model_card
-from subfit_core.errors import SubFitError
 from subfit_core.artifact.export import FORMAT, MODEL_TYPE, MODELING_FILE, check_modeling_source, export_config, modeling_source
-from subfit_core.engine.lowrank import FactoredLinear
 from subfit_core.artifact.outputs import atomic_dir
 from subfit_core.artifact.rebuild import rebuild
+from subfit_core.engine.bypass import Bypass
+from subfit_core.engine.lowrank import FactoredLinear
+from subfit_core.errors import SubFitError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 

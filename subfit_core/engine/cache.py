@@ -14,10 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from subfit_core.errors import SubFitError
 from subfit_core.engine.interfaces import Submodule
 from subfit_core.engine.stats import SubStats
-
+from subfit_core.errors import SubFitError
 
 # Bump when what the statistics hold, or how they are computed, changes: old files then miss.
 STATS_VERSION = 3  # 2: files carry a sha256 of their tensors; 3: plugins' statistics per submodule

@@ -26,18 +26,18 @@ given the layer's input on the compressed stream, the dense layer's output and i
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
 
-from subfit_core.errors import NumericalError, SubFitError
+from subfit_core.artifact.rebuild import set_child
 from subfit_core.engine.interfaces import Submodule
 from subfit_core.engine.lowrank import FactoredLinear, Factors
+from subfit_core.errors import NumericalError, SubFitError
 from subfit_core.progress import progress
-from subfit_core.artifact.rebuild import set_child
 
 STATISTICS = ("none", "dense", "anchored")
 
@@ -191,7 +191,7 @@ class Factorization:
         return [pair for subs in self.sites.values() for pair in subs]
 
     @torch.no_grad()
-    def dense_pass(self, visit: Callable[[Site, nn.Linear, "LinearStats"], None]) -> None:
+    def dense_pass(self, visit: Callable[[Site, nn.Linear, LinearStats], None]) -> None:
         """Stream the calibration windows through the dense model and call ``visit(site, linear,
         stats)`` with each site's dense input Gram (one submodule's statistics alive at a time)."""
         b = self.bench

@@ -78,7 +78,7 @@ class Fitter(Component):
     supports_anchored: ClassVar[bool] = True  # can refit on the compressed model's inputs (anchored: true)
     fits_windows: ClassVar[bool] = False  # fits removed windows of whole layers: needs a whole-layer selector
 
-    def fit_selection(self, selected: list[Submodule], bench: "Workbench", anchored: bool = False) -> Fitted:
+    def fit_selection(self, selected: list[Submodule], bench: Workbench, anchored: bool = False) -> Fitted:
         """Fit the final selection. By default each bypass is fitted on its own from the dense
         statistics (``anchored``: on the compressed model's inputs instead). Fitters that fit a
         removed window as a whole from activations (ReplaceMe, LLM-Streamline) override this."""
@@ -88,13 +88,13 @@ class Fitter(Component):
         return Fitted({s: self.fit(s, bench.stats[s]).to(bench.device, bench.dtype)
                        for s in progress(selected, desc="fitting bypasses")})
 
-    def attach(self, adapter: "Adapter") -> None:
+    def attach(self, adapter: Adapter) -> None:
         """Called once before selection, for fitters whose bypass size depends on the model."""
 
-    def prepare(self, subs: list[Submodule], stats: dict[Submodule, "SubStats"]) -> None:
+    def prepare(self, subs: list[Submodule], stats: dict[Submodule, SubStats]) -> None:
         """Called once with the final selection before ``fit``; e.g. to build a shared basis."""
 
-    def fit(self, sub: Submodule, stats: "SubStats") -> Bypass:
+    def fit(self, sub: Submodule, stats: SubStats) -> Bypass:
         raise NotImplementedError
 
     def estimate_params(self, sub: Submodule, dim: int) -> int:
@@ -118,10 +118,10 @@ class Statistic(Component):
 
     width: ClassVar[int] = 1
 
-    def observe(self, sub: Submodule, h: "torch.Tensor", y: "torch.Tensor", layer_input: "torch.Tensor") -> "torch.Tensor":
+    def observe(self, sub: Submodule, h: torch.Tensor, y: torch.Tensor, layer_input: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def value(self, sums: "torch.Tensor", tokens: int) -> float:
+    def value(self, sums: torch.Tensor, tokens: int) -> float:
         return float(sums[0]) / max(tokens, 1)
 
 
@@ -134,8 +134,8 @@ class Metric(Component):
 
     needs_reference: ClassVar[bool] = True
 
-    def total(self, logits: "torch.Tensor", lse: "torch.Tensor", labels: "torch.Tensor",
-              reference: "tuple[torch.Tensor, torch.Tensor] | None") -> "torch.Tensor":
+    def total(self, logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor,
+              reference: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -146,12 +146,12 @@ class Scorer(Component):
     scores_groups: ClassVar[bool] = False  # can score a group (a whole layer, a window) at once
     statistics: ClassVar[tuple[str, ...]] = ()  # registered statistics it reads (checked before any work)
 
-    def score(self, candidates: list[Submodule], bench: "Workbench", fitter: Fitter) -> dict[Submodule, float]:
+    def score(self, candidates: list[Submodule], bench: Workbench, fitter: Fitter) -> dict[Submodule, float]:
         if not self.scores_groups:
             raise NotImplementedError
         return dict(zip(candidates, self.score_groups([(s,) for s in candidates], bench, fitter)))
 
-    def score_groups(self, groups: list[tuple[Submodule, ...]], bench: "Workbench", fitter: Fitter) -> list[float]:
+    def score_groups(self, groups: list[tuple[Submodule, ...]], bench: Workbench, fitter: Fitter) -> list[float]:
         """Scores of replacing each group at once. By default only single-submodule groups, from ``score``."""
         if any(len(g) != 1 for g in groups):
             from subfit_core.errors import ConfigError
@@ -189,7 +189,7 @@ class Plan:
 class Selector(Component):
     """Chooses which submodules to replace within the budget."""
 
-    def select(self, bench: "Workbench", scorer: Scorer, fitter: Fitter, budget: "Budget") -> Plan:
+    def select(self, bench: Workbench, scorer: Scorer, fitter: Fitter, budget: Budget) -> Plan:
         raise NotImplementedError
 
     def needs_group_scores(self) -> bool:
@@ -218,19 +218,19 @@ class Factorizer(Component):
         of decoder parameters submodule removal takes before factorization (0: none)."""
         raise NotImplementedError
 
-    def ranks(self, stage: "Factorization", kept_ratio: float) -> dict:
+    def ranks(self, stage: Factorization, kept_ratio: float) -> dict:
         """A rank per site of ``stage`` (``stage.shapes()``; spectra through ``stage.linears()`` or
         ``stage.dense_pass``) keeping ``kept_ratio`` of the sites' weights."""
         raise NotImplementedError
 
-    def factor(self, name: str, weight: "torch.Tensor", stats: "LinearStats | None", rank: int) -> "Factors":
+    def factor(self, name: str, weight: torch.Tensor, stats: LinearStats | None, rank: int) -> Factors:
         raise NotImplementedError
 
     def refines(self) -> bool:
         """Whether ``refine_layer`` changes anything (the stage then carries the compressed stream)."""
         return False
 
-    def refine_layer(self, stage: "Factorization", layer: int, params: list, inputs: list, targets: list,
+    def refine_layer(self, stage: Factorization, layer: int, params: list, inputs: list, targets: list,
                      outputs: list) -> tuple[list, dict]:
         """Adjust a finished layer's factors ``params`` given the layer's inputs on the compressed
         stream, the dense layer's outputs (``targets``) and its current outputs; returns the outputs

@@ -26,7 +26,7 @@ class FactoredLinear(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     @classmethod
-    def empty(cls, in_features: int, out_features: int, rank: int, bias: bool, dtype: torch.dtype) -> "FactoredLinear":
+    def empty(cls, in_features: int, out_features: int, rank: int, bias: bool, dtype: torch.dtype) -> FactoredLinear:
         return cls(torch.zeros(rank, in_features, dtype=dtype), torch.zeros(out_features, rank, dtype=dtype),
                    torch.zeros(out_features, dtype=dtype) if bias else None)
 

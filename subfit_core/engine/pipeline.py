@@ -10,30 +10,30 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from subfit_core.artifact.export import check_exportable
 from subfit_core.artifact.folder import save_compressed
 from subfit_core.artifact.outputs import check_output_dir, claim
 from subfit_core.engine.budget import Budget
-from subfit_core.engine.cache import cache_root, max_cache_bytes, stats_key
 from subfit_core.engine.bypass import Bypass
+from subfit_core.engine.cache import cache_root, max_cache_bytes, stats_key
 from subfit_core.engine.corpus import CorpusText, Windows, heldout_windows, make_windows
-from subfit_core.evaluation.speed import SpeedSettings, measure_speed, ratios
-from subfit_core.errors import ConfigError, SubFitError, did_you_mean
-from subfit_core.evaluation.tasks import check_tasks, compare_tasks, geometric_mean, run_tasks
-from subfit_core.artifact.export import check_exportable
 from subfit_core.engine.factorize import FactorizeResult, factorize_rest, parameter_counts
 from subfit_core.engine.interfaces import Fitted, Plan, Submodule
-from subfit_core.evaluation.perplexity import forward_seconds, perplexity
 from subfit_core.engine.models import find_adapter, load_model, resolve_device
-from subfit_core.plugins import Plugins, build_component, get_plugins
 from subfit_core.engine.sampling import sample_windows, start_token
 from subfit_core.engine.surgery import records, split_bypass_params
 from subfit_core.engine.workbench import Workbench
+from subfit_core.errors import ConfigError, SubFitError, did_you_mean
+from subfit_core.evaluation.perplexity import forward_seconds, perplexity
+from subfit_core.evaluation.speed import SpeedSettings, measure_speed, ratios
+from subfit_core.evaluation.tasks import check_tasks, compare_tasks, geometric_mean, run_tasks
+from subfit_core.plugins import Plugins, build_component, get_plugins
 
 # Keys that must agree for two runs to share a Session (model, data and the dense reference).
 SESSION_KEYS = ("model", "device", "dtype", "seed", "trust_remote_code", "calib", "scoring", "eval", "speed")

@@ -49,7 +49,7 @@ class SubStats:
                 **{f"extra.{name}": sums for name, sums in self.extra.items()}}
 
     @classmethod
-    def from_state(cls, name: str, state: dict[str, torch.Tensor]) -> "SubStats":
+    def from_state(cls, name: str, state: dict[str, torch.Tensor]) -> SubStats:
         st = cls(state["cross"].shape[1], name)
         st.gram, st.cross = state["gram"], state["cross"]
         tokens, st.y_sq = state["scalars"].tolist()

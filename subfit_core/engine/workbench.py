@@ -15,27 +15,27 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 import hashlib
 import json
 import time
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from subfit_core.engine.adapter import Adapter
 from subfit_core.engine.bypass import Bypass
 from subfit_core.engine.cache import digest, load_stats, save_stats
 from subfit_core.engine.corpus import Windows
-from subfit_core.errors import ConfigError, did_you_mean
 from subfit_core.engine.interfaces import Fitter, Metric, Statistic, Submodule
+from subfit_core.engine.stats import SubStats
+from subfit_core.errors import ConfigError, did_you_mean
 from subfit_core.plugins import build_component
 from subfit_core.progress import progress
-from subfit_core.engine.stats import SubStats
 
 _MAX_CACHED_REFERENCE_BYTES = 2 * 1024**3
 

@@ -41,7 +41,7 @@ class SpeedSettings:
     repeats: int = 3
 
     @classmethod
-    def from_config(cls, section: dict) -> "SpeedSettings":
+    def from_config(cls, section: dict) -> SpeedSettings:
         return cls(list(section["prompt_lengths"]), list(section["batch_sizes"]), section["new_tokens"], section["repeats"])
 
 
