@@ -32,6 +32,8 @@ run: setup
 	$(OFFLINE) $(VENV)/bin/subfit-run $(RUN_ARGS)
 
 test: setup
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(OFFLINE) SUBFIT_PROGRESS=0 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 sparsity-sweep: setup
