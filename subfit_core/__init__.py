@@ -14,7 +14,8 @@ from subfit_core.artifact.folder import load_compressed  # noqa: E402
 from subfit_core.engine.adapter import Adapter  # noqa: E402
 from subfit_core.engine.budget import Budget  # noqa: E402
 from subfit_core.engine.bypass import Bypass, LinearBypass, LowRankBypass, ZeroBypass  # noqa: E402
-from subfit_core.engine.corpus import CorpusText, split_heldout  # noqa: E402
+from subfit_core.engine.corpus import CorpusText, Windows, split_heldout  # noqa: E402
+from subfit_core.engine.factorize import Factorization, LinearStats, Site  # noqa: E402
 from subfit_core.engine.interfaces import (  # noqa: E402
     Component,
     Factorizer,
@@ -28,11 +29,12 @@ from subfit_core.engine.interfaces import (  # noqa: E402
     Statistic,
     Submodule,
 )
-from subfit_core.engine.lowrank import FactoredLinear, Factors, regularised_cholesky  # noqa: E402
+from subfit_core.engine.lowrank import FactoredLinear, Factors, allocate_ranks, regularised_cholesky, uniform_rank  # noqa: E402
 from subfit_core.engine.stats import SubStats, ridge_solve  # noqa: E402
 from subfit_core.engine.workbench import Workbench  # noqa: E402
 from subfit_core.errors import ConfigError, NumericalError, SubFitError  # noqa: E402
 from subfit_core.hookspecs import hookimpl  # noqa: E402  (__version__ first: the artifact writes it)
+from subfit_core.plugins import Plugins, build_component, get_plugins, make_plugin_manager, require  # noqa: E402
 from subfit_core.progress import progress  # noqa: E402
 
 __all__ = [
@@ -42,6 +44,8 @@ __all__ = [
     "hookimpl", "Component", "Scorer", "Selector", "Fitter", "Factorizer", "Statistic", "Metric",
     "Submodule", "Plan", "Replacement", "Fitted", "Adapter", "Budget", "Workbench",
     "Bypass", "ZeroBypass", "LinearBypass", "LowRankBypass", "FactoredLinear", "Factors",
-    "SubStats", "CorpusText", "ridge_solve", "split_heldout", "regularised_cholesky", "progress",
+    "SubStats", "CorpusText", "Windows", "ridge_solve", "split_heldout", "regularised_cholesky", "progress",
+    "Factorization", "Site", "LinearStats", "allocate_ranks", "uniform_rank",
+    "Plugins", "get_plugins", "make_plugin_manager", "build_component", "require",
     "SubFitError", "ConfigError", "NumericalError",
 ]

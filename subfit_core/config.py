@@ -7,6 +7,7 @@ component, validated against the component's own ``Params`` dataclass.
 
 from __future__ import annotations
 
+import builtins
 import copy
 import dataclasses
 import math
@@ -30,7 +31,7 @@ class Field:
     min: float | None = None
     max: float | None = None
     nullable: bool = False
-    items: type | None = None  # for list fields: the type every element must have
+    items: builtins.type | None = None  # for list fields: the type every element must have
 
 
 COMPONENT_SECTIONS = SECTIONS  # scorer, selector, fitter, factorizer
@@ -122,7 +123,7 @@ def defaults() -> dict:
     for key, (value, origin) in get_plugins().defaults.items():
         if key == "strategy":
             continue
-        node = SCHEMA
+        node: Any = SCHEMA  # a section (dict), then a Field, or None for a key the schema lacks
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         if not isinstance(node, Field):
@@ -306,8 +307,8 @@ def params_help(params_cls: type) -> list[tuple[str, Any]]:
     for f in dataclasses.fields(params_cls):
         if f.default is not dataclasses.MISSING:
             out.append((f.name, f.default))
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            out.append((f.name, f.default_factory()))  # type: ignore[misc]
+        elif f.default_factory is not dataclasses.MISSING:
+            out.append((f.name, f.default_factory()))
     return out
 
 

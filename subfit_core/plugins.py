@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import pluggy
 
@@ -57,9 +59,12 @@ class Plugins:
                 for comp_name, target in (impl.function() or {}).items():
                     self.registries[kind].add(comp_name, target, origin)
                     info.registers.setdefault(kind, []).append(comp_name)
-        for hook_name, items, as_item in (("subfit_recipe_dirs", self.recipe_dirs, Path),
-                                          ("subfit_eval_task_dirs", self.eval_task_dirs, Path),
-                                          ("subfit_eval_domains", self.eval_domains, str)):
+        # (hook, the list of (entry, origin) it fills, the entry's type: Path for folders, str for source names),
+        # declared as one shape: else mypy checks each list against the other hooks' entry types
+        listed: list[tuple[str, list, Callable[[Any], object]]] = [("subfit_recipe_dirs", self.recipe_dirs, Path),
+                                                                   ("subfit_eval_task_dirs", self.eval_task_dirs, Path),
+                                                                   ("subfit_eval_domains", self.eval_domains, str)]
+        for hook_name, items, as_item in listed:
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 info = self.info[impl.plugin_name]
                 origin = f"plugin '{impl.plugin_name}' ({info.distribution} {info.version})"
@@ -67,7 +72,8 @@ class Plugins:
         for impl in self.pm.hook.subfit_defaults.get_hookimpls():
             info = self.info[impl.plugin_name]
             origin = f"plugin '{impl.plugin_name}' ({info.distribution} {info.version})"
-            for key, value in (impl.function() or {}).items():
+            # pluggy types a hook's result as object; subfit_defaults returns a dict (hookspecs)
+            for key, value in cast(dict, impl.function() or {}).items():
                 if key in self.defaults:
                     raise SubFitError(f"default for '{key}' is set twice: by {self.defaults[key][1]} and by {origin}")
                 self.defaults[key] = (value, origin)

@@ -77,11 +77,7 @@ COVERED = {
 # What the tutorial's python blocks may import besides ``subfit_core``'s exported names.
 ALLOWED_ROOTS = set(sys.stdlib_module_names) | {"torch", "transformers", "yaml", "pytest",
                                                 "my_plugin", "subfit_example_plugin"}
-# Test scaffolding the tutorial's test file imports from inside the engine, because subfit_core
-# does not export it (yet): (module, name) -> allowed in that one file only.
-SCAFFOLDING = {("subfit_core.engine.corpus", "Windows"), ("subfit_core.plugins", "Plugins"),
-               ("subfit_core.plugins", "make_plugin_manager")}
-SCAFFOLDING_FILE = "tests/test_my_plugin.py"
+SCAFFOLDING_FILE = "tests/test_my_plugin.py"  # the tutorial's own test file
 LANGUAGES = {"python", "toml", "yaml", "bash", ""}  # "": file trees and output listings
 FILE_LANGUAGES = {"python", "toml", "yaml"}  # these are files: each must be named
 
@@ -220,22 +216,12 @@ def test_tutorial_imports_only_the_public_api():
             root = module.split(".")[0]
             if module == "subfit_core":
                 ok = name is None or name in subfit_core.__all__
-            elif (module, name) in SCAFFOLDING:
-                ok = b.path == SCAFFOLDING_FILE
             else:
                 ok = root in ALLOWED_ROOTS
             if not ok:
                 bad.append(f"{b.path}: from {module} import {name}" if name else f"{b.path}: import {module}")
     assert not bad, "the tutorial may import only subfit_core's exported names (plus stdlib, torch, transformers, " \
                     f"yaml, pytest and its own packages): {bad}"
-
-
-def test_the_scaffolding_the_test_file_imports_from_inside_is_still_unexported():
-    used = {(m, n) for m, n in imports(block(SCAFFOLDING_FILE).code) if m.startswith("subfit_core.")}
-    assert used == SCAFFOLDING
-    exported = sorted(n for _, n in SCAFFOLDING if n in subfit_core.__all__)
-    assert not exported, (f"subfit_core now exports {exported}: import them from subfit_core in the tutorial's "
-                          f"{SCAFFOLDING_FILE} and remove them from SCAFFOLDING")
 
 
 def test_pyproject_block_declares_the_subfit_entry_point():

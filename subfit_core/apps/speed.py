@@ -28,6 +28,7 @@ Writes RUN_DIR/deployment.json and RUN_DIR/deployment.md and prints the table.
 
 def parse_args(argv: list[str]) -> tuple[Path, str, dict, dict]:
     """(run folder, device, speed section, {model, trust_remote_code} given on the command line)."""
+    dense: dict[str, str | bool | None]  # the dense model's name (None: the run's) and trust_remote_code
     run_dir, device, section, dense = None, "auto", {}, {"model": None, "trust_remote_code": False}
     for key, value in map(parse_override, argv):
         if key == "output_dir":

@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Literal
 
 import optuna
 import yaml
@@ -41,7 +42,7 @@ from subfit_core.evaluation.perplexity import forward_seconds, perplexity
 from subfit_core.plugins import get_plugins
 
 # objective -> (direction, what it measures)
-OBJECTIVES = {
+OBJECTIVES: dict[str, tuple[Literal["minimize", "maximize"], str]] = {
     "ppl": ("minimize", "validation perplexity ratio (compressed / dense)"),
     "sparsity": ("maximize", "achieved sparsity in the recipe's unit"),
     "latency": ("minimize", "forward seconds on the validation windows, this process (noisy)"),
@@ -139,7 +140,7 @@ def base_values(cfg: dict, space: dict[str, dict]) -> dict:
     """The recipe's own value of each swept key, where the recipe sets one inside the space."""
     out = {}
     for key, spec in space.items():
-        node = cfg
+        node: Any = cfg  # a section (dict), then the value, or None for a key the recipe lacks
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         kind = next(k for k in spec if k in DISTRIBUTIONS)
@@ -268,6 +269,7 @@ class Worker:
         objective). It is measured over growing chunks of the validation windows, each running value
         reported, so that the pruner stops a clearly worse trial before its held-out evaluation."""
         sweep, windows = self.cfg["sweep"], self.session.windows.validation
+        assert windows is not None  # start_worker opens the session with sweep.validation_windows (at least 1)
         model, batch, device = self.session.model, cfg["eval"]["batch_size"], self.session.device
         prunable = len(sweep["objectives"]) == 1  # Optuna reports and prunes single-objective trials only
         nll, tokens = 0.0, 0
@@ -322,6 +324,7 @@ def run_worker(cfg: dict, on_trial=None) -> dict:
 def start_worker(cfg: dict, space: dict, study: optuna.Study) -> Worker:
     """Open the Session every trial of this worker reuses; the dense perplexities go into the study."""
     session = open_session(trial_config(cfg, []), validation_windows=cfg["sweep"]["validation_windows"])
+    assert session.windows.validation is not None  # sweep.validation_windows is at least 1
     dense_val = perplexity(session.model, session.windows.validation, cfg["eval"]["batch_size"], session.device,
                            "dense validation perplexity")
     study.set_user_attr("dense_val_ppl", dense_val)

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import inspect
 import re
-
-from torch import nn
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from subfit_core.artifact import rebuild as rebuild_module
 from subfit_core.engine.bypass import Bypass
 from subfit_core.engine.lowrank import FactoredLinear
 from subfit_core.errors import SubFitError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 FORMAT = 2  # of the ``subfit`` entry in config.json; 1 (before the custom-code layout) no longer loads
 MODEL_TYPE = "subfit"
@@ -80,7 +83,7 @@ class SubFitModel(BaseModel):
 '''
 
 
-def base_classes(model: nn.Module) -> tuple[str, str, str]:
+def base_classes(model: PreTrainedModel) -> tuple[str, str, str]:
     """Names of the model's config, base model and causal-LM classes, all importable from
     transformers (the modeling file subclasses them)."""
     import transformers
@@ -92,10 +95,11 @@ def base_classes(model: nn.Module) -> tuple[str, str, str]:
                               "only models that transformers itself defines can be saved as a standard-tools model")
     if model.base_model is model:
         raise SubFitError(f"save: {type(model).__name__} has no base model under a language-model head")
-    return tuple(cls.__name__ for cls in classes)
+    config_class, base_model, causal_lm = classes
+    return config_class.__name__, base_model.__name__, causal_lm.__name__
 
 
-def base_entry(model: nn.Module) -> dict:
+def base_entry(model: PreTrainedModel) -> dict:
     config_class, _, architecture = base_classes(model)
     return {"model_type": model.config.model_type, "architecture": architecture, "config_class": config_class}
 
@@ -105,9 +109,9 @@ def _portable(source: str) -> str:
     return re.sub(r"^from __future__ import .*\n", "", source, flags=re.M).strip() + "\n"
 
 
-def bypass_lineage(kinds: list[type]) -> list[type]:
+def bypass_lineage(kinds: list[type[Bypass]]) -> list[type[Bypass]]:
     """The bypass classes to write, each after the bypass classes it derives from."""
-    out: list[type] = []
+    out: list[type[Bypass]] = []
     for cls in kinds:
         for base in reversed(cls.__mro__):
             if isinstance(base, type) and issubclass(base, Bypass) and base is not Bypass and base not in out:
@@ -115,7 +119,7 @@ def bypass_lineage(kinds: list[type]) -> list[type]:
     return out
 
 
-def check_exportable(model: nn.Module, layout) -> tuple[str, str, str]:
+def check_exportable(model: PreTrainedModel, layout: ModuleType | None) -> tuple[str, str, str]:
     """Fail (before any work, when a run will save) on a model whose artifact standard tools could not load."""
     if layout is None:
         raise SubFitError(f"save: the adapter for {type(model).__name__} has no portable layout module, "
@@ -123,7 +127,7 @@ def check_exportable(model: nn.Module, layout) -> tuple[str, str, str]:
     return base_classes(model)
 
 
-def modeling_source(model: nn.Module, layout, kinds: list[type], version: str) -> str:
+def modeling_source(model: PreTrainedModel, layout, kinds: list[type[Bypass]], version: str) -> str:
     """The text of ``modeling_subfit.py`` for ``model`` (family ``layout``, bypass classes ``kinds``)."""
     config_class, base_model, architecture = check_exportable(model, layout)
     classes = bypass_lineage(kinds)
@@ -166,7 +170,7 @@ def check_modeling_source(source: str, info: dict, dim: int) -> None:
                           f"{str(exc).strip()[:200]}); a bypass class's portable_source() is at fault") from None
 
 
-def export_config(model: nn.Module, info: dict) -> dict:
+def export_config(model: PreTrainedModel, info: dict) -> dict:
     """config.json of the saved model: the source model's fields under the SubFit model type."""
     cfg = model.config.to_dict()
     cfg.pop("subfit", None)

@@ -63,7 +63,7 @@ def describe(adapter) -> tuple[list[dict], list[dict]]:
 
 
 def save_compressed(model, tokenizer, replacements: list[dict], output_dir: Path, recipe: dict, results: dict,
-                    factored: list[dict] | None = None, layout=None, kinds: list[type] | None = None) -> None:
+                    factored: list[dict] | None = None, layout=None, kinds: list[type[Bypass]] | None = None) -> None:
     """``factored``: one record per linear stored as two low-rank factors (layer, kind, linear path, shape).
     ``layout``: the adapter's portable layout module, ``kinds``: the bypass classes used (default:
     found on the model)."""
@@ -119,7 +119,7 @@ def base_config(config: dict, path: Path):
 
     base = config["subfit"].get("base") or {}
     model_type = base.get("model_type")
-    if model_type not in CONFIG_MAPPING:
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:  # a list would make `in` raise TypeError
         raise SubFitError(f"load_compressed: '{path}/config.json': subfit.base.model_type {model_type!r} is not a "
                           "model type of this transformers")
     skip = {"subfit", "auto_map", "architectures", "model_type"}

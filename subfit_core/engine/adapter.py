@@ -7,6 +7,7 @@ engine can run the model block by block, swap modules, and count parameters.
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ class Adapter:
     # A module that imports torch only and defines submodule(model, layer, kind) -> nn.Module,
     # install(model, layer, kind, bypass) and finalize(model). It is copied into every saved model's
     # modeling file, so the model loads where SubFit is not installed; the adapter should use it too.
-    layout = None
+    layout: ModuleType | None = None
 
     def __init__(self, model: nn.Module):
         self.model = model

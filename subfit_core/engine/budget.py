@@ -10,6 +10,7 @@ the pre-norm it keeps is charged to it (plain removal drops the norm too).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from subfit_core.engine.adapter import Adapter
 from subfit_core.engine.interfaces import Submodule
@@ -43,7 +44,7 @@ class Budget:
                saved_per_layer: dict[int, int] | None = None) -> dict:
         """Achieved sparsity in both units (shared bypass tensors charged once via ``shared_params``;
         ``saved_per_layer``: parameters saved inside kept submodules, e.g. by factorization)."""
-        out = {"requested": self.sparsity, "unit": self.unit}
+        out: dict[str, Any] = {"requested": self.sparsity, "unit": self.unit}
         saved_per_layer = saved_per_layer or {}
         for unit in UNITS:
             b = Budget(self.sparsity, unit, self.adapter)

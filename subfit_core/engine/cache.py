@@ -9,7 +9,9 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -17,6 +19,9 @@ from safetensors.torch import load_file, save_file
 from subfit_core.engine.interfaces import Submodule
 from subfit_core.engine.stats import SubStats
 from subfit_core.errors import SubFitError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Bump when what the statistics hold, or how they are computed, changes: old files then miss.
 STATS_VERSION = 3  # 2: files carry a sha256 of their tensors; 3: plugins' statistics per submodule
@@ -45,8 +50,8 @@ def weights_fingerprint(model: torch.nn.Module) -> list[float]:
             for v in (p.sum(dtype=torch.float64), torch.linalg.vector_norm(p, 1, dtype=torch.float64))]
 
 
-def stats_key(model_spec: str, model: torch.nn.Module, dtype: str, calib_ids: torch.Tensor,
-              statistics: list[str] = ()) -> str:
+def stats_key(model_spec: str, model: PreTrainedModel, dtype: str, calib_ids: torch.Tensor,
+              statistics: Sequence[str] = ()) -> str:
     """``statistics``: what the plugins' statistics are (``Workbench.statistics_signature``)."""
     h = hashlib.sha256()
     h.update(json.dumps([STATS_VERSION, model_spec, model.config.to_dict(), dtype, weights_fingerprint(model),
@@ -144,6 +149,6 @@ def load_stats(path: Path, subs: list[Submodule], dim: int,
     return stats
 
 
-def _reject(path: Path, why: str) -> None:
+def _reject(path: Path, why: str) -> dict[Submodule, SubStats] | None:  # always None, typed for `return _reject(...)`
     print(f"statistics cache: {path} is not usable ({why}); recomputing", file=sys.stderr)
     return None

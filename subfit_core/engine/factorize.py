@@ -185,7 +185,7 @@ class Factorization:
     # ------------------------------------------------------------------ what factorizers read
     def shapes(self) -> dict[Site, tuple[int, int]]:
         """Every site's weight shape (out, in)."""
-        return {site: tuple(lin.weight.shape) for subs in self.sites.values() for site, lin in subs}
+        return {site: (lin.weight.shape[0], lin.weight.shape[1]) for subs in self.sites.values() for site, lin in subs}
 
     def linears(self) -> list[tuple[Site, nn.Linear]]:
         return [pair for subs in self.sites.values() for pair in subs]
@@ -276,7 +276,8 @@ class Factorization:
             targets = []
             with torch.no_grad():
                 for j, h in enumerate(dense):
-                    x, x_hat = {}, {}
+                    x: dict[Site, torch.Tensor] = {}
+                    x_hat: dict[Site, torch.Tensor] = {}
                     with capture_inputs(sites if grams else [], x):
                         y = ad.contribution(sub, h, b._ctx(h), original)
                     if grams is not None and self.need_comp and not same:

@@ -107,7 +107,7 @@ def allocate_ranks(spectra: dict, shapes: dict, kept_ratio: float) -> dict:
     ranks = {key: 1 for key in spectra}
     spent = sum(m + n for m, n in shapes.values())
     caps = {key: max(1, (m * n - 1) // (m + n)) for key, (m, n) in shapes.items()}
-    items = []
+    items: list[tuple[float, object]] = []  # (worth per parameter of one more rank, matrix key)
     for key, sigma in spectra.items():
         energy = sigma.double().square()
         share = energy / energy.sum().clamp_min(1e-300)

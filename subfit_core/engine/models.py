@@ -46,7 +46,8 @@ def load_model(plugins: Plugins, spec: str, device: torch.device, dtype: torch.d
         where = "local directory" if local else "hub id (is the hub reachable?)"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SubFitError(f"model: cannot load '{spec}' as a {where}: {first}") from None
-    return model.to(device), tokenizer, f"{spec} ({'local' if local else 'hub'})"
+    # transformers wraps PreTrainedModel.to with functools.wraps, whose typeshed type does not bind self
+    return model.to(device), tokenizer, f"{spec} ({'local' if local else 'hub'})"  # type: ignore[arg-type]
 
 
 def find_adapter(plugins: Plugins, model: torch.nn.Module) -> Adapter:

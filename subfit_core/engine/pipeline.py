@@ -13,18 +13,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from subfit_core.artifact.export import check_exportable
 from subfit_core.artifact.folder import save_compressed
 from subfit_core.artifact.outputs import check_output_dir, claim
+from subfit_core.engine.adapter import Adapter
 from subfit_core.engine.budget import Budget
 from subfit_core.engine.bypass import Bypass
 from subfit_core.engine.cache import cache_root, max_cache_bytes, stats_key
 from subfit_core.engine.corpus import CorpusText, Windows, heldout_windows, make_windows
 from subfit_core.engine.factorize import FactorizeResult, factorize_rest, parameter_counts
-from subfit_core.engine.interfaces import Fitted, Plan, Submodule
+from subfit_core.engine.interfaces import Factorizer, Fitted, Fitter, Plan, Scorer, Selector, Submodule
 from subfit_core.engine.models import find_adapter, load_model, resolve_device
 from subfit_core.engine.sampling import sample_windows, start_token
 from subfit_core.engine.surgery import records, split_bypass_params
@@ -35,25 +37,28 @@ from subfit_core.evaluation.speed import SpeedSettings, measure_speed, ratios
 from subfit_core.evaluation.tasks import check_tasks, compare_tasks, geometric_mean, run_tasks
 from subfit_core.plugins import Plugins, build_component, get_plugins
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 # Keys that must agree for two runs to share a Session (model, data and the dense reference).
 SESSION_KEYS = ("model", "device", "dtype", "seed", "trust_remote_code", "calib", "scoring", "eval", "speed")
 
 
 @dataclass
 class Components:
-    scorer: object
-    selector: object
-    fitter: object
-    factorizer: object | None = None  # None: no factorization stage
+    scorer: Scorer
+    selector: Selector
+    fitter: Fitter
+    factorizer: Factorizer | None = None  # None: no factorization stage
 
 
 @dataclass
 class Session:
     cfg: dict
-    model: torch.nn.Module
+    model: PreTrainedModel
     tokenizer: object
     model_source: str
-    adapter: object
+    adapter: Adapter
     windows: Windows
     device: torch.device
     dtype: torch.dtype
@@ -71,6 +76,7 @@ class Session:
     dense_speed: dict | None = None
 
     def compatible(self, cfg: dict) -> bool:
+        """Whether a run of ``cfg`` can use this Session (same model, data and evaluation settings)."""
         return all(self.cfg[k] == cfg[k] for k in SESSION_KEYS)
 
 
@@ -165,7 +171,7 @@ def mix_generated(windows: Windows, cfg: dict, model, tokenizer, device: torch.d
     if n_calib + n_scoring == 0:
         return
     cache = cache_root() / "samples" if cfg["cache_stats"] else None
-    start = start_token(tokenizer, fallback=windows.calib[0, 0])
+    start = start_token(tokenizer, fallback=int(windows.calib[0, 0]))
     ids = sample_windows(model, start, n_calib + n_scoring, cfg["calib"]["seq_len"], cfg["seed"],
                          cfg["calib"]["batch_size"] * 4, device, cache)
     windows.calib = torch.cat([windows.calib[:windows.calib.shape[0] - n_calib], ids[:n_calib]])
@@ -239,9 +245,11 @@ def evaluate_compressed(session: Session, cfg: dict, results: dict) -> None:
     ev = cfg["eval"]
     t0 = time.perf_counter()
     if ev["tasks"]:
+        assert session.dense_tasks is not None  # measured by evaluate_dense, which compress runs first
         compressed = run_tasks(session.model, session.tokenizer, ev["tasks"], ev["limit"], ev["batch_size"], get_plugins())
         results["downstream"] = {**compare_tasks(session.dense_tasks, compressed), "limit": ev["limit"]}
     if ev["speed"]:
+        assert session.dense_speed is not None  # measured by evaluate_dense, which compress runs first
         measured = measure_speed({"compressed": session.model}, SpeedSettings.from_config(cfg["speed"]), session.device)
         both = {**session.dense_speed, "models": {**session.dense_speed["models"], **measured["models"]}}
         results["deployment"] = {**both, "ratios": ratios(both)}

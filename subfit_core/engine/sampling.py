@@ -12,12 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from subfit_core.engine.cache import weights_fingerprint
 from subfit_core.progress import progress
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SAMPLES_VERSION = 1
 
@@ -31,14 +35,14 @@ def start_token(tokenizer, fallback: int) -> int:
     return int(fallback)
 
 
-def samples_key(model: torch.nn.Module, start: int, count: int, seq_len: int, seed: int) -> str:
+def samples_key(model: PreTrainedModel, start: int, count: int, seq_len: int, seed: int) -> str:
     h = hashlib.sha256(json.dumps([SAMPLES_VERSION, model.config.to_dict(), weights_fingerprint(model),
                                    start, count, seq_len, seed], sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
 
 
 @torch.inference_mode()
-def sample_windows(model: torch.nn.Module, start: int, count: int, seq_len: int, seed: int, batch_size: int,
+def sample_windows(model: PreTrainedModel, start: int, count: int, seq_len: int, seed: int, batch_size: int,
                    device: torch.device, cache: Path | None = None) -> torch.Tensor:
     """``count`` windows of ``seq_len`` tokens: ``start``, then pure samples (temperature 1, no top-k /
     top-p truncation) from ``model``. Read from ``cache`` (a folder) when there."""
@@ -52,8 +56,9 @@ def sample_windows(model: torch.nn.Module, start: int, count: int, seq_len: int,
         torch.manual_seed(seed)
         for n in progress([min(batch_size, count - i) for i in range(0, count, batch_size)], desc="sampling calibration text"):
             prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
-            ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0,
-                                 top_k=0, top_p=1.0, min_new_tokens=seq_len - 1, max_new_tokens=seq_len - 1,
+            # causal LMs get generate from GenerationMixin, which PreTrainedModel's annotations do not include
+            ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,  # type: ignore[operator]
+                                 temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=seq_len - 1, max_new_tokens=seq_len - 1,
                                  pad_token_id=start, eos_token_id=None)
             out.append(ids[:, :seq_len].cpu())
     ids = torch.cat(out)

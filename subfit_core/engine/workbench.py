@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +35,27 @@ from subfit_core.engine.corpus import Windows
 from subfit_core.engine.interfaces import Fitter, Metric, Statistic, Submodule
 from subfit_core.engine.stats import SubStats
 from subfit_core.errors import ConfigError, did_you_mean
-from subfit_core.plugins import build_component
+from subfit_core.plugins import build_component, require
 from subfit_core.progress import progress
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _MAX_CACHED_REFERENCE_BYTES = 2 * 1024**3
 
 
+def source_digest(cls: type) -> str:
+    """A hash of a class's source, so an edited statistic (same name and version) misses the cache."""
+    import inspect
+
+    try:
+        return hashlib.sha256(inspect.getsource(cls).encode()).hexdigest()[:16]
+    except (OSError, TypeError):  # defined where its source cannot be read: its name and version decide
+        return "-"
+
+
 class Workbench:
-    def __init__(self, model: nn.Module, adapter: Adapter, windows: Windows, batch_size: int, device: torch.device,
+    def __init__(self, model: PreTrainedModel, adapter: Adapter, windows: Windows, batch_size: int, device: torch.device,
                  stride: int = 1, plugins=None):
         if plugins is None:
             from subfit_core.plugins import get_plugins
@@ -64,7 +78,7 @@ class Workbench:
         self.factored: dict[tuple[Submodule, str], nn.Module] = {}  # (sub, linear path) -> the original linear
         self._states: list[list[torch.Tensor]] = []  # [boundary][batch] scoring residual stream
         self._contexts: dict = {}
-        self._dense_refs: list[tuple[torch.Tensor, float]] | None = None
+        self._dense_refs: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (p, sum p log p) per batch
         self._fits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fitter -> {sub: bypass}
         self.evaluations = 0  # scoring-set evaluations run (for cost reports)
         self.replayed = 0  # evaluations answered from the journal of an earlier, interrupted run
@@ -142,7 +156,7 @@ class Workbench:
         """What the statistics depend on besides the model and the data: each registered statistic's
         class and the plugin (and version) that registered it, for the cache key."""
         entry = self.plugins.registries["statistic"].entry
-        return [f"{name}={type(stat).__module__}.{type(stat).__qualname__}|{entry(name).origin}"
+        return [f"{name}={type(stat).__module__}.{type(stat).__qualname__}|{entry(name).origin}|{source_digest(type(stat))}"
                 for name, stat in self.statistics.items()]
 
     def statistic(self, name: str, sub: Submodule) -> float:
@@ -169,6 +183,7 @@ class Workbench:
 
     def _metric_named(self, name: str) -> Metric:
         if name not in self._metrics:
+            require(self.plugins, "metric", name, "metric")
             self._metrics[name] = build_component(self.plugins, "metric", {"name": name}, "metric")
         return self._metrics[name]
 
@@ -321,10 +336,11 @@ class Workbench:
             self._states = list(self._dense_states)
 
     @torch.inference_mode()
-    def calibration_trace(self, stop: int, visit: Callable[[int, Submodule, torch.Tensor, torch.Tensor], None]) -> None:
+    def calibration_trace(self, stop: int, visit: Callable[[int, Submodule | None, torch.Tensor, torch.Tensor | None], None]) -> None:
         """Run the calibration windows through the current model up to submodule ``stop`` (exclusive),
         one batch at a time, calling ``visit(batch, sub, h, y)`` with the residual stream ``h`` in
-        front of each submodule and its contribution ``y``. Only one batch's state is alive at a
+        front of each submodule and its contribution ``y`` (when ``stop`` is ``len(subs)``, once more
+        with ``sub`` and ``y`` None: the final residual stream). Only one batch's state is alive at a
         time; window-level fitters keep what they need (a few boundaries, or Gram matrices)."""
         for b, ids in enumerate(self._batches(self.windows.calib)):
             h = self.adapter.embed(ids)

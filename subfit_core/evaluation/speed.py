@@ -26,11 +26,16 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from subfit_core.progress import progress
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -82,7 +87,7 @@ class _MallInfo2(ctypes.Structure):
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def _cpu_memory_reader():
+def _cpu_memory_reader() -> tuple[Callable[[], int], str]:
     """(reader, description): current in-use heap bytes via glibc, else resident set size."""
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -109,6 +114,7 @@ class PeakMemory:
 
     def __init__(self, device: torch.device):
         self.device, self.peak = device, 0
+        self._read: Callable[[], int] | None  # bytes in use now; None on CUDA, which tracks its own peak
         self._read, self.method = (None, "torch.cuda.max_memory_allocated") if device.type == "cuda" else _cpu_memory_reader()
 
     def __enter__(self):
@@ -117,15 +123,19 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
-        self._base = self._max = self._read()
+        self._base = self._max = self._now()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
+    def _now(self) -> int:
+        assert self._read is not None  # only called off CUDA, where __init__ set the CPU reader
+        return self._read()
+
     def _sample(self) -> None:
         while not self._stop.wait(0.001):
-            self._max = max(self._max, self._read())
+            self._max = max(self._max, self._now())
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
@@ -134,7 +144,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self._max, self._read()) - self._base
+            self.peak = max(self._max, self._now()) - self._base
         return False
 
 
@@ -162,7 +172,8 @@ def measure_setting(model, ids: torch.Tensor, settings: SpeedSettings, device: t
     batch, length = ids.shape
     generate(model, ids, 2)  # warm-up: first-call allocations and kernel selection
     ttft = statistics.median(timed(lambda: generate(model, ids, 1), device) for _ in range(settings.repeats))
-    full_times, peaks, box = [], [], {}
+    full_times, peaks = [], []
+    box: dict[str, Any] = {}  # the last generate() output, kept from inside the timed lambda
     for _ in range(settings.repeats):
         with PeakMemory(device) as mem:
             full_times.append(timed(lambda: box.update(out=generate(model, ids, settings.new_tokens)), device))
@@ -189,10 +200,10 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def measure_speed(models: dict[str, torch.nn.Module], settings: SpeedSettings, device: torch.device) -> dict:
+def measure_speed(models: dict[str, PreTrainedModel], settings: SpeedSettings, device: torch.device) -> dict:
     """Measure every model at every (prompt length, batch size), models interleaved per setting."""
     vocab = min(m.config.vocab_size for m in models.values())
-    rows = {name: [] for name in models}
+    rows: dict[str, list[dict]] = {name: [] for name in models}
     grid = [(length, batch) for length in settings.prompt_lengths for batch in settings.batch_sizes]
     for length, batch in progress(grid, desc="deployment benchmark"):
         ids = prompt_ids(vocab, batch, length)

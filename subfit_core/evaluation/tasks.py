@@ -20,6 +20,7 @@ import logging
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -147,10 +148,12 @@ def geometric_mean(values: list[float]) -> float | None:
 
 def compare_tasks(dense: dict[str, dict], compressed: dict[str, dict]) -> dict:
     """Per-task dense/compressed numbers and ratios, and the averages across tasks."""
-    per_task, retained, degradation = {}, [], []
+    per_task: dict[str, dict] = {}
+    retained: list[float] = []
+    degradation: list[float] = []
     for name, d in dense.items():
         c = compressed[name]
-        row = {"dense": d, "compressed": c}
+        row: dict[str, Any] = {"dense": d, "compressed": c}
         if ACCURACY in d:
             row["metric"] = ACCURACY
             row["retained"] = c[ACCURACY] / d[ACCURACY] if d[ACCURACY] > 0 else None
