@@ -117,8 +117,10 @@ def subfit_models():
 
 @hookimpl
 def subfit_defaults():
-    # the embedded default: a real model and real text, both offline
-    return {"strategy": "subfit", "model": "smollm2-135m", "calib.dataset": "kjv"}
+    # the embedded default: a real model and real text, both offline; a recipe that names no
+    # component gets SubFit's (what strategies/subfit.yaml spells out)
+    return {"strategy": "subfit", "model": "smollm2-135m", "calib.dataset": "kjv",
+            "scorer.name": "output", "selector.name": "greedy", "fitter.name": "per-type"}
 
 
 @hookimpl

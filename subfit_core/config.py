@@ -105,9 +105,9 @@ SCHEMA: dict[str, Any] = {
         "enqueue_base": Field(bool, True, "first trial of a new study: the recipe's own values (a baseline)"),
         "space": Field(dict, {}, "dotted recipe key -> {int|float: [lo, hi], log, step} or {categorical: [...]}"),
     },
-    "scorer": {"name": Field(str, "output", "registered scorer")},
-    "selector": {"name": Field(str, "greedy", "registered selector")},
-    "fitter": {"name": Field(str, "per-type", "registered fitter")},
+    "scorer": {"name": Field(str, None, "registered scorer (default: the plugins')")},
+    "selector": {"name": Field(str, None, "registered selector (default: the plugins')")},
+    "fitter": {"name": Field(str, None, "registered fitter (default: the plugins')")},
     "factorizer": {"name": Field(str, "none", "registered factorizer of the remaining linears, or none")},
 }
 
@@ -254,14 +254,15 @@ def validate_section(prefix: str, values: dict, schema: dict) -> dict:
 def validate(cfg: dict) -> dict:
     """Validate engine keys; component sections keep their extra keys for ``validate_params``."""
     engine_part = {k: v for k, v in cfg.items() if k not in COMPONENT_SECTIONS}
-    out = merge(defaults(), validate_section("", engine_part, SCHEMA))
-    _check_set(out, SCHEMA)
+    given = defaults()
+    out = merge(given, validate_section("", engine_part, SCHEMA))
     for section in COMPONENT_SECTIONS:
         values = cfg.get(section, {})
         if not isinstance(values, dict):
             raise ConfigError(f"{section}: expected a mapping with 'name', got {values!r}")
-        name = values.get("name", SCHEMA[section]["name"].default)
-        out[section] = {**values, "name": coerce(f"{section}.name", name, SCHEMA[section]["name"])}
+        name = values.get("name", given[section]["name"])
+        out[section] = {**values, "name": name if name is None else coerce(f"{section}.name", name, SCHEMA[section]["name"])}
+    _check_set(out, SCHEMA)
     return out
 
 

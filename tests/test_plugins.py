@@ -309,3 +309,26 @@ def test_a_registered_class_must_implement_its_interface():
         plugins.scorer.get("fake")
     with pytest.raises(SubFitError, match=r"dataset 'not-callable' registered by plugin .* is 42, not a callable"):
         plugins.dataset.get("not-callable")
+
+
+def test_defaults_come_from_plugins_and_a_second_setter_is_refused(monkeypatch):
+    from subfit_core import config
+
+    assert get_plugins().default("model") == "smollm2-135m" and get_plugins().default("strategy") == "subfit"
+
+    class Rival:
+        @hookimpl
+        def subfit_defaults(self):
+            return {"model": "my-model"}
+
+    with pytest.raises(SubFitError, match=r"default for 'model' is set twice: by plugin 'builtin' .* and by plugin"):
+        Plugins(make_plugin_manager(extra_plugins=(Rival(),)))
+
+    class Nobody:  # a registry without any defaults: what a recipe leaves out is named
+        defaults: dict = {}
+
+    monkeypatch.setattr(subfit_core.plugins, "get_plugins", lambda: Nobody())
+    with pytest.raises(config.ConfigError, match=r"^model: not set, and no installed plugin gives it a default"):
+        config.validate({"calib": {"dataset": "kjv"}})
+    assert config.validate({"model": "m", "calib": {"dataset": "d"}, "scorer": {"name": "s"}, "selector": {"name": "g"},
+                            "fitter": {"name": "f"}})["model"] == "m"
