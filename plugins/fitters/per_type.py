@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from subfit_core.engine.bypass import Bypass
@@ -30,7 +31,7 @@ class PerTypeFitter(Fitter):
             for kind in ("attn", "ffn")
         }
 
-    def prepare(self, subs: list[Submodule], stats: dict[Submodule, SubStats]) -> None:
+    def prepare(self, subs: list[Submodule], stats: Mapping[Submodule, SubStats]) -> None:
         for kind, fitter in self.by_kind.items():
             fitter.prepare([s for s in subs if s.kind == kind], stats)
 

@@ -13,6 +13,7 @@ Given U, each C_s is a ridge fit on the projected inputs, so it is optimal for t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -121,7 +122,7 @@ class SharedBasisFitter(Fitter):
             m += b @ b.T
         return inv_root @ top_eigvecs(m, r)
 
-    def prepare(self, subs: list[Submodule], stats: dict[Submodule, SubStats]) -> None:
+    def prepare(self, subs: list[Submodule], stats: Mapping[Submodule, SubStats]) -> None:
         self._members = set(subs)
         if subs:
             self._basis = self.basis_for([stats[s] for s in subs])

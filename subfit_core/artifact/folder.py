@@ -16,11 +16,12 @@ plugins' classes.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_file
 
 from subfit_core import __version__
@@ -30,22 +31,86 @@ from subfit_core.artifact.outputs import atomic_dir
 from subfit_core.artifact.rebuild import rebuild
 from subfit_core.engine.bypass import Bypass
 from subfit_core.engine.lowrank import FactoredLinear
+from subfit_core.engine.streaming import WeightStream
 from subfit_core.errors import SubFitError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with each tensor once, under its first name (module order is depth order, so
-    a shared basis lands in its group's first member and tied embeddings under the input embedding)."""
+SHARD_BYTES = 2 * 1024**3  # weights per safetensors shard
+WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def unique_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of the state dict once, under its first name (module order is depth order, so a
+    shared basis lands in its group's first member and tied embeddings under the input embedding).
+    Weights not in memory (streamed) are meta tensors, told apart by identity."""
     seen: set = set()
-    out = {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_meta:
+            key: tuple = (id(tensor),)
+        else:
+            key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
         if key not in seen:
             seen.add(key)
-            out[name] = tensor.contiguous()
-    return out
+            yield name, tensor
+
+
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().contiguous() for name, tensor in unique_tensors(model)}
+
+
+def write_weights(model: torch.nn.Module, folder: Path, stream: WeightStream | None = None,
+                  shard_bytes: int = SHARD_BYTES) -> list[str]:
+    """Write the weights shard by shard (``model.safetensors``, or numbered shards and their index
+    when they exceed ``shard_bytes``): only one shard's tensors are in memory at a time, those of
+    streamed weights read from the source as they are written. Returns the files written."""
+    shards: list[dict[str, torch.Tensor]] = []
+    files: list[str] = []
+
+    def flush(part: dict[str, torch.Tensor]) -> None:
+        name = f"part-{len(files):05d}.safetensors"
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        files.append(name)
+        shards.append({k: torch.empty(0) for k in part})  # names only: the tensors are freed
+        part.clear()
+
+    part: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, tensor in unique_tensors(model):
+        if tensor.is_meta:
+            if stream is None:
+                raise SubFitError(f"save: {name} is not in memory and no weight stream was given")
+            tensor = stream.read(tensor)
+        tensor = tensor.detach().contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if part and size + nbytes > shard_bytes:
+            flush(part)
+            size = 0
+        part[name] = tensor
+        size += nbytes
+    flush(part)
+    if len(files) == 1:
+        (folder / files[0]).rename(folder / WEIGHTS)
+        return [WEIGHTS]
+    final = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    weight_map = {}
+    for old, new, names in zip(files, final, shards):
+        (folder / old).rename(folder / new)
+        weight_map.update({k: new for k in names})
+    (folder / INDEX).write_text(json.dumps({"metadata": {"format": "pt"}, "weight_map": weight_map}, indent=2) + "\n")
+    return [*final, INDEX]
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a saved model: one, or the shards its index names."""
+    if (path / INDEX).is_file():
+        try:
+            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SubFitError(f"load_compressed: '{path / INDEX}' is not a safetensors index ({_first_line(exc)})") from None
+        return [path / name for name in sorted(set(weight_map.values()))]
+    return [path / WEIGHTS]
 
 
 def describe(adapter) -> tuple[list[dict], list[dict]]:
@@ -63,10 +128,11 @@ def describe(adapter) -> tuple[list[dict], list[dict]]:
 
 
 def save_compressed(model, tokenizer, replacements: list[dict], output_dir: Path, recipe: dict, results: dict,
-                    factored: list[dict] | None = None, layout=None, kinds: list[type[Bypass]] | None = None) -> None:
+                    factored: list[dict] | None = None, layout=None, kinds: list[type[Bypass]] | None = None,
+                    stream: WeightStream | None = None) -> None:
     """``factored``: one record per linear stored as two low-rank factors (layer, kind, linear path, shape).
     ``layout``: the adapter's portable layout module, ``kinds``: the bypass classes used (default:
-    found on the model)."""
+    found on the model); ``stream``: where weights that are not in memory are read from."""
     from subfit_core.engine.models import adapter_class
     from subfit_core.plugins import get_plugins
 
@@ -80,7 +146,7 @@ def save_compressed(model, tokenizer, replacements: list[dict], output_dir: Path
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / MODELING_FILE).write_text(code)
-        save_file(unique_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_weights(model, tmp, stream)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -89,6 +155,11 @@ def save_compressed(model, tokenizer, replacements: list[dict], output_dir: Path
         (tmp / "results.json").write_text(json.dumps(results, indent=2))
 
     atomic_dir(output_dir, write)
+
+
+def _tied_to_loaded(model: torch.nn.Module, name: str, loaded: set[str]) -> bool:
+    state = model.state_dict(keep_vars=True)
+    return any(state[other] is state[name] for other in loaded if other in state)
 
 
 def read_config(path: Path) -> dict:
@@ -177,7 +248,7 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype:
     from subfit_core.plugins import get_plugins
 
     path = Path(path)
-    if not (path / "model.safetensors").exists():
+    if not (path / WEIGHTS).exists() and not (path / INDEX).exists():
         raise SubFitError(f"load_compressed: '{path}' holds no model.safetensors")
     config = read_config(path)
     info = config["subfit"]
@@ -206,11 +277,20 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype:
     except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise SubFitError(f"load_compressed: '{path}/config.json': its replacements do not fit the model "
                           f"({type(exc).__name__}: {_first_line(exc)})") from None
-    try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    except (SafetensorError, RuntimeError, OSError, ValueError) as exc:  # truncated file, or shapes unlike config.json
-        raise SubFitError(f"load_compressed: '{path}/model.safetensors' cannot be loaded into the model config.json "
-                          f"describes: {_first_line(exc)}") from None
+    expected = set(model.state_dict())
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for file in weight_files(path):
+        try:
+            _, extra = load_model(model, str(file), strict=False)
+            with safe_open(str(file), "pt") as f:
+                loaded.update(f.keys())
+        except (SafetensorError, RuntimeError, OSError, ValueError) as exc:  # truncated file, or shapes unlike config.json
+            raise SubFitError(f"load_compressed: '{file}' cannot be loaded into the model config.json "
+                              f"describes: {_first_line(exc)}") from None
+        unexpected += extra
+    # a tied tensor is stored once, under one of its names
+    missing = sorted(n for n in expected - loaded if not _tied_to_loaded(model, n, loaded))
     if missing or unexpected:
         raise SubFitError(f"load_compressed: '{path}': weights do not match config.json (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]})")

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +32,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("SUBFIT_CACHE", Path.home() / ".cache" / "subfit"))
 
 
+def spill_root() -> Path:
+    """Where statistics too big for memory wait during a run (deleted when the run ends)."""
+    root = cache_root() / "spill"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def max_cache_bytes() -> int:
     """``SUBFIT_CACHE_MAX_GB`` (default 20): the statistics folder is kept under this size."""
     raw = os.environ.get("SUBFIT_CACHE_MAX_GB", str(DEFAULT_MAX_GB))
@@ -51,10 +58,12 @@ def weights_fingerprint(model: torch.nn.Module) -> list[float]:
 
 
 def stats_key(model_spec: str, model: PreTrainedModel, dtype: str, calib_ids: torch.Tensor,
-              statistics: Sequence[str] = ()) -> str:
-    """``statistics``: what the plugins' statistics are (``Workbench.statistics_signature``)."""
+              statistics: Sequence[str] = (), weights: list | None = None) -> str:
+    """``statistics``: what the plugins' statistics are (``Workbench.statistics_signature``);
+    ``weights``: what identifies weights that are not in memory (default: a summary of the model's)."""
     h = hashlib.sha256()
-    h.update(json.dumps([STATS_VERSION, model_spec, model.config.to_dict(), dtype, weights_fingerprint(model),
+    fingerprint = weights if weights is not None else weights_fingerprint(model)
+    h.update(json.dumps([STATS_VERSION, model_spec, model.config.to_dict(), dtype, fingerprint,
                          sorted(statistics)],
                         sort_keys=True, default=str).encode())
     h.update(calib_ids.numpy().tobytes())
@@ -71,7 +80,7 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_stats(path: Path, stats: dict[Submodule, SubStats]) -> None:
+def save_stats(path: Path, stats: Mapping[Submodule, SubStats]) -> None:
     tensors = {f"{s.name}.{k}": v.contiguous() for s, st in stats.items() for k, v in st.state().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

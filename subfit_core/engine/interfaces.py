@@ -7,6 +7,7 @@ instance to ``__init__``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -91,7 +92,7 @@ class Fitter(Component):
     def attach(self, adapter: Adapter) -> None:
         """Called once before selection, for fitters whose bypass size depends on the model."""
 
-    def prepare(self, subs: list[Submodule], stats: dict[Submodule, SubStats]) -> None:
+    def prepare(self, subs: list[Submodule], stats: Mapping[Submodule, SubStats]) -> None:
         """Called once with the final selection before ``fit``; e.g. to build a shared basis."""
 
     def fit(self, sub: Submodule, stats: SubStats) -> Bypass:

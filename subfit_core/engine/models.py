@@ -50,6 +50,64 @@ def load_model(plugins: Plugins, spec: str, device: torch.device, dtype: torch.d
     return model.to(device), tokenizer, f"{spec} ({'local' if local else 'hub'})"  # type: ignore[arg-type]
 
 
+def model_folder(spec: str) -> Path | None:
+    """The local folder of a model folder or a hub id (from the hub's cache when offline); None if none."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if spec.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+    except Exception as exc:  # noqa: BLE001 - offline without a cached copy, a missing repo, ...
+        raise SubFitError(f"model: cannot fetch '{spec}' from the hub: {type(exc).__name__}") from None
+
+
+def offload_mode(plugins: Plugins, spec: str, mode: str, device: torch.device) -> str:
+    """What ``offload=mode`` means for ``model=spec`` here (``auto`` resolved from the checkpoint's size)."""
+    from subfit_core.engine.streaming import checkpoint_bytes, resolve_offload
+
+    if spec in plugins.model:
+        if mode in ("cpu", "disk"):
+            raise SubFitError(f"offload: {mode} streams a model folder of safetensors, but model '{spec}' is built in "
+                              "memory by its plugin; use offload=none or a model folder")
+        return "none"
+    if mode == "none":
+        return "none"
+    try:
+        folder = model_folder(spec)
+    except SubFitError:
+        if mode == "auto":  # loading in memory will say what is wrong with the hub id
+            return "none"
+        raise
+    if folder is None:
+        return "none"
+    try:
+        size = checkpoint_bytes(folder)
+    except SubFitError:
+        if mode == "auto":  # not a safetensors folder: loading it in memory says what is wrong
+            return "none"
+        raise
+    return resolve_offload(mode, size, device)
+
+
+def load_streamed(spec: str, device: torch.device, dtype: torch.dtype, mode: str, trust_remote_code: bool):
+    """(model without weights in memory, tokenizer, source, its WeightStream) for offload ``mode``."""
+    from transformers import AutoTokenizer
+
+    from subfit_core.engine.streaming import build_streamed
+
+    quiet_transformers()
+    folder = model_folder(spec)
+    if folder is None or not (folder / "config.json").is_file():
+        raise SubFitError(f"model: '{spec}' is not a model folder with config.json, which offload={mode} needs")
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
+    model, stream = build_streamed(folder, dtype, device, mode, trust_remote_code)
+    return model, tokenizer, f"{spec} (streamed from {mode})", stream
+
+
 def find_adapter(plugins: Plugins, model: torch.nn.Module) -> Adapter:
     return adapter_class(plugins, model)(model)
 

@@ -27,7 +27,7 @@ from subfit_core.engine.cache import cache_root, max_cache_bytes, stats_key
 from subfit_core.engine.corpus import CorpusText, Windows, heldout_windows, make_windows
 from subfit_core.engine.factorize import FactorizeResult, factorize_rest, parameter_counts
 from subfit_core.engine.interfaces import Factorizer, Fitted, Fitter, Plan, Scorer, Selector, Submodule
-from subfit_core.engine.models import find_adapter, load_model, resolve_device
+from subfit_core.engine.models import find_adapter, load_model, load_streamed, offload_mode, resolve_device
 from subfit_core.engine.sampling import sample_windows, start_token
 from subfit_core.engine.surgery import records, split_bypass_params
 from subfit_core.engine.workbench import Workbench
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 # Keys that must agree for two runs to share a Session (model, data and the dense reference).
-SESSION_KEYS = ("model", "device", "dtype", "seed", "trust_remote_code", "calib", "scoring", "eval", "speed")
+SESSION_KEYS = ("model", "device", "dtype", "offload", "seed", "trust_remote_code", "calib", "scoring", "eval", "speed")
 
 
 @dataclass
@@ -197,7 +197,15 @@ def open_session(cfg: dict, validation_windows: int = 0, loaded: tuple | None = 
     calib_text = text(cfg["calib"]["dataset"])  # before the model: bad data fails fast
     eval_text = text(cfg["eval"]["dataset"]) if cfg["eval"]["dataset"] else calib_text
     names = domain_names(plugins, cfg)
-    model, tokenizer, source = loaded or load_model(plugins, cfg["model"], device, dtype, cfg["trust_remote_code"])
+    stream = None
+    if loaded is not None:
+        model, tokenizer, source = loaded
+    else:
+        mode = offload_mode(plugins, cfg["model"], cfg["offload"], device)
+        if mode == "none":
+            model, tokenizer, source = load_model(plugins, cfg["model"], device, dtype, cfg["trust_remote_code"])
+        else:
+            model, tokenizer, source, stream = load_streamed(cfg["model"], device, dtype, mode, cfg["trust_remote_code"])
     model.eval()
     adapter = find_adapter(plugins, model)
     windows = make_windows(
@@ -213,10 +221,11 @@ def open_session(cfg: dict, validation_windows: int = 0, loaded: tuple | None = 
                for name in names}
     dense_ppl = perplexity(model, windows.heldout, cfg["eval"]["batch_size"], device, "dense perplexity")
     dense_forward_s = forward_seconds(model, windows.calib, cfg["calib"]["batch_size"], device)
-    bench = Workbench(model, adapter, windows, cfg["calib"]["batch_size"], device, cfg["scoring"]["stride"], plugins)
+    bench = Workbench(model, adapter, windows, cfg["calib"]["batch_size"], device, cfg["scoring"]["stride"], plugins, stream)
     cache = None
-    if cfg["cache_stats"]:
-        key = stats_key(cfg["model"], model, cfg["dtype"], windows.calib, bench.statistics_signature())
+    if cfg["cache_stats"] and stream is None:  # a streamed model's statistics are spilled, not cached
+        key = stats_key(cfg["model"], model, cfg["dtype"], windows.calib, bench.statistics_signature(),
+                        stream.fingerprint() if stream is not None else None)
         cache = cache_root() / "stats" / f"{key}.safetensors"
         max_cache_bytes()  # a bad SUBFIT_CACHE_MAX_GB fails now, not after the pass
     t0 = time.perf_counter()
@@ -263,9 +272,12 @@ def compress(session: Session, cfg: dict, before_eval: Callable[[], None] | None
     trial that is clearly worse before that cost)."""
     comps = build_components(get_plugins(), cfg)
     bench, adapter, device = session.bench, session.adapter, session.device
+    fz = comps.factorizer
+    if fz is not None and bench.stream is not None:
+        raise ConfigError(f"factorizer.name: {cfg['factorizer']['name']} factors weights held in memory, but this run "
+                          "streams them (offload); set offload=none")
     bench.restore()
     evaluate_dense(session, cfg)
-    fz = comps.factorizer
     if fz is None:
         budget = removal = Budget(cfg["sparsity"], cfg["sparsity_unit"], adapter)
     else:  # the factorizer's total budget, part of which removal may take first
@@ -383,5 +395,5 @@ def run_in(cfg: dict, out_dir: Path | None, t_start: float) -> dict:
     if out_dir is not None:
         results["output_dir"] = str(out_dir)
         save_compressed(session.model, session.tokenizer, records(outcome.bypasses), out_dir, cfg, results,
-                        outcome.factored_records(), layout=session.adapter.layout)
+                        outcome.factored_records(), layout=session.adapter.layout, stream=session.bench.stream)
     return results

@@ -8,7 +8,14 @@ accumulated in the same pass. Activations are never stored.
 
 from __future__ import annotations
 
+import shutil
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 
 from subfit_core.errors import NumericalError
 
@@ -72,3 +79,51 @@ def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, name: str
     if not torch.isfinite(w).all():
         raise NumericalError(f"{name}: ridge solve produced NaN/Inf (try a larger ridge)")
     return w
+
+
+class SpilledStats(MutableMapping):
+    """Per-submodule statistics kept on disk, one safetensors file each, and read back one at a time
+    when a fit or a scorer asks (the last ``keep`` stay in memory). For models whose Gram matrices,
+    (d+1)^2 float64 per submodule, would not all fit: memory then holds O(1) of them, not O(depth)."""
+
+    def __init__(self, folder: Path, keep: int = 2):
+        self.folder, self.keep = folder, keep
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._names: dict = {}  # key -> its SubStats name (the file's stem)
+        self._recent: OrderedDict = OrderedDict()  # key -> SubStats, most recent last
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(folder), True)
+
+    def _file(self, key) -> Path:
+        return self.folder / f"{self._names[key]}.safetensors"
+
+    def __setitem__(self, key, stats: SubStats) -> None:
+        self._names[key] = stats.name
+        save_file({k: v.contiguous() for k, v in stats.state().items()}, str(self._file(key)))
+        self._remember(key, stats)
+
+    def __getitem__(self, key) -> SubStats:
+        if key in self._recent:
+            self._recent.move_to_end(key)
+            return self._recent[key]
+        if key not in self._names:
+            raise KeyError(key)
+        stats = SubStats.from_state(self._names[key], load_file(str(self._file(key))))
+        self._remember(key, stats)
+        return stats
+
+    def _remember(self, key, stats: SubStats) -> None:
+        self._recent[key] = stats
+        self._recent.move_to_end(key)
+        while len(self._recent) > self.keep:
+            self._recent.popitem(last=False)
+
+    def __delitem__(self, key) -> None:
+        self._file(key).unlink(missing_ok=True)
+        self._recent.pop(key, None)
+        del self._names[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 import weakref
-from collections.abc import Callable
-from contextlib import contextmanager
+from collections.abc import Callable, MutableMapping
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,10 +31,11 @@ from torch import nn
 
 from subfit_core.engine.adapter import Adapter
 from subfit_core.engine.bypass import Bypass
-from subfit_core.engine.cache import digest, load_stats, save_stats
+from subfit_core.engine.cache import digest, load_stats, save_stats, spill_root
 from subfit_core.engine.corpus import Windows
 from subfit_core.engine.interfaces import Fitter, Metric, Statistic, Submodule
-from subfit_core.engine.stats import SubStats
+from subfit_core.engine.stats import SpilledStats, SubStats
+from subfit_core.engine.streaming import WeightStream
 from subfit_core.errors import ConfigError, did_you_mean
 from subfit_core.plugins import build_component, require
 from subfit_core.progress import progress
@@ -56,7 +58,7 @@ def source_digest(cls: type) -> str:
 
 class Workbench:
     def __init__(self, model: PreTrainedModel, adapter: Adapter, windows: Windows, batch_size: int, device: torch.device,
-                 stride: int = 1, plugins=None):
+                 stride: int = 1, plugins=None, stream: WeightStream | None = None):
         if plugins is None:
             from subfit_core.plugins import get_plugins
 
@@ -68,12 +70,15 @@ class Workbench:
             for name in plugins.registries["statistic"].names()}
         self._metrics: dict[str, Metric] = {}
         self.model, self.adapter, self.windows = model, adapter, windows
+        self.stream = stream  # weights read per module when the model is not in memory (offload)
         self.stride = stride
         self.batch_size, self.device = batch_size, device
         self.dtype = next(model.parameters()).dtype
         self.subs = adapter.submodules()
         self.originals = {s: adapter.module(s) for s in self.subs}
-        self.stats: dict[Submodule, SubStats] = {}
+        # streamed models are the big ones: their statistics wait on disk, read back one at a time
+        self.stats: MutableMapping[Submodule, SubStats] = {} if stream is None else SpilledStats(
+            Path(tempfile.mkdtemp(prefix="stats-", dir=spill_root())))
         self.replaced: dict[Submodule, nn.Module] = {}
         self.factored: dict[tuple[Submodule, str], nn.Module] = {}  # (sub, linear path) -> the original linear
         self._states: list[list[torch.Tensor]] = []  # [boundary][batch] scoring residual stream
@@ -92,6 +97,10 @@ class Workbench:
         self.memo: dict = {}
 
     # ------------------------------------------------------------------ helpers
+    def _pass(self):
+        """A loop of one module over many batches: with streamed weights, read them once for it."""
+        return self.stream.keep() if self.stream is not None else nullcontext()
+
     def _batches(self, ids: torch.Tensor) -> list[torch.Tensor]:
         return [b.to(self.device) for b in ids.split(self.batch_size)]
 
@@ -109,7 +118,8 @@ class Workbench:
         override = override or {}
         for sub in self.subs[start:]:
             module = override[sub] if sub in override else self.adapter.module(sub)
-            hs = [self._step(sub, module, h) for h in hs]
+            with self._pass():
+                hs = [self._step(sub, module, h) for h in hs]
             if record:
                 self._states[sub.index + 1] = hs
         return hs
@@ -127,28 +137,32 @@ class Workbench:
             self._collect_calibration()
             if cache is not None:
                 save_stats(cache, self.stats)
-        self._states = [[self.adapter.embed(b) for b in self._batches(self.windows.scoring)]] + [[]] * len(self.subs)
+        with self._pass():
+            self._states = [[self.adapter.embed(b) for b in self._batches(self.windows.scoring)]] + [[]] * len(self.subs)
         score = self._run(0, self._states[0], record=True)
         self._dense_states = list(self._states)
         positions = self.windows.scoring.numel() // self.stride
         if positions * self.model.config.vocab_size * 4 <= _MAX_CACHED_REFERENCE_BYTES:
-            self._dense_refs = [self._reference(h) for h in score]
+            with self._pass():
+                self._dense_refs = [self._reference(h) for h in score]
         return cached is not None
 
     def _collect_calibration(self) -> None:
         dim = self.adapter.hidden_size
-        calib = [self.adapter.embed(b) for b in self._batches(self.windows.calib)]
+        with self._pass():
+            calib = [self.adapter.embed(b) for b in self._batches(self.windows.calib)]
         layer_input: list[torch.Tensor] = []
         for i, sub in enumerate(progress(self.subs, desc="calibration statistics")):
             if i == 0 or self.subs[i - 1].layer != sub.layer:
                 layer_input = list(calib)
             st = SubStats(dim, sub.name)
             module = self.adapter.module(sub)
-            for j, h in enumerate(calib):
-                x = self.adapter.bypass_input(sub, h)
-                y = self.adapter.apply(sub, module, x, self._ctx(h))
-                st.add(x, y, {name: stat.observe(sub, h, y, layer_input[j]) for name, stat in self.statistics.items()})
-                calib[j] = h + y
+            with self._pass():
+                for j, h in enumerate(calib):
+                    x = self.adapter.bypass_input(sub, h)
+                    y = self.adapter.apply(sub, module, x, self._ctx(h))
+                    st.add(x, y, {name: stat.observe(sub, h, y, layer_input[j]) for name, stat in self.statistics.items()})
+                    calib[j] = h + y
             st.check()
             self.stats[sub] = st
 
@@ -192,18 +206,24 @@ class Workbench:
         metric = self._metric_named(name)
         self.evaluations += 1
         total, count = 0.0, 0
-        for j, (h, ids) in enumerate(zip(finals, self._batches(self.windows.scoring))):
-            n = h.shape[0]  # a ``subset`` may cut the last batch short
-            z = self.adapter.logits(self._positions(h)).float()
-            lse = torch.logsumexp(z, dim=-1)
-            labels = ids[:n, 1:][:, :: self.stride]
-            reference = None
-            if metric.needs_reference:
-                p, neg_entropy = self._dense_refs[j] if self._dense_refs else self._reference(self._dense_states[-1][j])
-                reference = (p[:n], neg_entropy[:n])
-            total += float(metric.total(z, lse, labels, reference))
-            count += lse.numel()
+        with self._pass():  # the head's weights, once for every batch
+            for j, (h, ids) in enumerate(zip(finals, self._batches(self.windows.scoring))):
+                value, positions = self._metric_batch(metric, j, h, ids)
+                total += value
+                count += positions
         return total / count
+
+    def _metric_batch(self, metric: Metric, j: int, h: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+        """(the metric summed over batch ``j``'s judged positions, how many there are)."""
+        n = h.shape[0]  # a ``subset`` may cut the last batch short
+        z = self.adapter.logits(self._positions(h)).float()
+        lse = torch.logsumexp(z, dim=-1)
+        labels = ids[:n, 1:][:, :: self.stride]
+        reference = None
+        if metric.needs_reference:
+            p, neg_entropy = self._dense_refs[j] if self._dense_refs else self._reference(self._dense_states[-1][j])
+            reference = (p[:n], neg_entropy[:n])
+        return float(metric.total(z, lse, labels, reference)), lse.numel()
 
     def layer_groups(self) -> list[tuple[Submodule, ...]]:
         """The submodules of each layer, in depth order (whole-layer and window selectors)."""
@@ -365,22 +385,24 @@ class Workbench:
         self.restore()
         chosen, fits = set(selected), {}
         dim = self.adapter.hidden_size
-        dense = [self.adapter.embed(b) for b in self._batches(self.windows.calib)]
+        with self._pass():
+            dense = [self.adapter.embed(b) for b in self._batches(self.windows.calib)]
         comp = list(dense)
         for sub in progress(self.subs, desc="anchored refit"):
             original = self.originals[sub]
-            targets = [self.adapter.contribution(sub, h, self._ctx(h), original) for h in dense]
-            if sub in chosen:
-                st = SubStats(dim, sub.name)
-                for hc, y in zip(comp, targets):
-                    st.add(self.adapter.bypass_input(sub, hc), y)
-                st.check()
-                fits[sub] = fitter.fit(sub, st).to(self.device, self.dtype)
-                self.adapter.replace(sub, fits[sub])
-                self.replaced[sub] = fits[sub]
-                comp = [self._step(sub, fits[sub], hc) for hc in comp]
-            elif fits:
-                comp = [self._step(sub, original, hc) for hc in comp]
+            with self._pass():
+                targets = [self.adapter.contribution(sub, h, self._ctx(h), original) for h in dense]
+                if sub in chosen:
+                    st = SubStats(dim, sub.name)
+                    for hc, y in zip(comp, targets):
+                        st.add(self.adapter.bypass_input(sub, hc), y)
+                    st.check()
+                    fits[sub] = fitter.fit(sub, st).to(self.device, self.dtype)
+                    self.adapter.replace(sub, fits[sub])
+                    self.replaced[sub] = fits[sub]
+                    comp = [self._step(sub, fits[sub], hc) for hc in comp]
+                elif fits:
+                    comp = [self._step(sub, original, hc) for hc in comp]
             dense = [h + y for h, y in zip(dense, targets)]
             if not fits:  # nothing replaced yet: the compressed stream is still the dense one
                 comp = dense

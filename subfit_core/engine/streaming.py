@@ -1,0 +1,199 @@
+"""Layer-streamed weights, for models that do not fit: the model is built without its weights
+(parameters on the meta device, buffers real), and each module's tensors are read onto the compute
+device when it runs and dropped afterwards, so memory holds one submodule's weights at a time.
+
+``offload``:
+  none  the whole model in memory on the compute device (today's path)
+  cpu   every tensor in host memory, copied to the compute device per module (for a GPU smaller
+        than the model; on a CPU it is the same as none)
+  disk  tensors read from the checkpoint's safetensors shards per module (memory-mapped, never
+        unpickled); host memory holds no weights beyond the module in use
+  auto  none when the weights fit in available memory with room for the run, else disk (cpu on a
+        GPU when they fit in host memory)
+
+Two ways in: every module owning parameters gets a forward pre-hook that loads its tensors and a
+forward hook that drops them again, so any code path (perplexity, generation, lm-eval) is correct;
+the engine's own loops, which run one submodule over many batches, ``keep`` what they load for the
+loop so its weights are read once per pass, not once per batch. The tensors are the checkpoint's own, cast
+like the in-memory path casts them, so every mode computes the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from subfit_core.errors import SubFitError
+
+MODES = ("auto", "none", "cpu", "disk")
+HEADROOM = 2.5  # auto keeps a model in memory when available memory exceeds its weights by this factor
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (sharded checkpoints through their index)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise SubFitError(f"offload: '{folder}' has no model.safetensors or model.safetensors.index.json "
+                          "(streaming reads safetensors only)")
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in set(checkpoint_files(folder).values()))
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the run may use for weights: free device memory on a GPU, available host memory on a CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def resolve_offload(mode: str, weights_bytes: int, device: torch.device) -> str:
+    """The mode ``auto`` stands for here; other modes as given."""
+    if mode != "auto":
+        return mode
+    if weights_bytes * HEADROOM <= available_memory(device):
+        return "none"
+    if device.type == "cuda" and weights_bytes * HEADROOM <= available_memory(torch.device("cpu")):
+        return "cpu"
+    return "disk"
+
+
+class WeightStream:
+    """Loads and drops the weights of a model whose parameters are on the meta device.
+
+    ``source``: a checkpoint folder of safetensors (``disk``) or a state dict in host memory
+    (``cpu``). ``bytes_read`` counts what was copied to the device (benchmarks read it)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype,
+                 folder: Path | None = None, state: dict[str, torch.Tensor] | None = None):
+        self.model, self.device, self.dtype = model, device, dtype
+        self.files = checkpoint_files(folder) if folder is not None else {}
+        self.state = state
+        self._handles: dict[Path, object] = {}
+        self.keys: dict[int, str] = {}  # id(meta parameter) -> its name in the checkpoint
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if p.is_meta and (name in self.files or (state is not None and name in state)):
+                self.keys.setdefault(id(p), name)
+        missing = [n for n, p in model.named_parameters() if p.is_meta and id(p) not in self.keys]
+        if missing:
+            raise SubFitError(f"offload: the checkpoint lacks {missing[0]} (and {len(missing) - 1} more); "
+                              "it does not match the model's config")
+        self._meta: dict[tuple[int, str], nn.Parameter] = {}  # (id(module), name) -> its meta parameter
+        self._keeping = 0  # depth of nested ``keep`` blocks
+        self._kept: dict[int, nn.Module] = {}  # modules whose drop waits for the end of the block
+        self.bytes_read = 0
+        self.owners = [m for m in model.modules() if any(p.is_meta for p in m.parameters(recurse=False))]
+        for m in self.owners:
+            m.register_forward_pre_hook(lambda module, args: self.load(module))
+            m.register_forward_hook(lambda module, args, out: self.drop(module))
+
+    def _read(self, key: str) -> torch.Tensor:
+        if self.state is not None:
+            return self.state[key]
+        path = self.files[key]
+        if path not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[path] = safe_open(str(path), "pt", device="cpu")
+        return self._handles[path].get_tensor(key)  # type: ignore[attr-defined]
+
+    def load(self, module: nn.Module) -> None:
+        """Read ``module``'s own tensors onto the device (a no-op for one already loaded)."""
+        for name, p in list(module._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            tensor = self._read(self.keys[id(p)])
+            if tensor.is_floating_point():
+                tensor = tensor.to(self.dtype)
+            tensor = tensor.to(self.device)
+            self.bytes_read += tensor.numel() * tensor.element_size()
+            self._meta[(id(module), name)] = p
+            module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+            self.keys[id(module._parameters[name])] = self.keys[id(p)]
+
+    def drop(self, module: nn.Module) -> None:
+        """Put ``module``'s meta parameters back (deferred to the end of a ``keep`` block)."""
+        if self._keeping:
+            self._kept[id(module)] = module
+            return
+        for name in list(module._parameters):
+            meta = self._meta.pop((id(module), name), None)
+            if meta is not None:
+                self.keys.pop(id(module._parameters[name]), None)
+                module._parameters[name] = meta
+
+    @contextmanager
+    def keep(self) -> Iterator[None]:
+        """Within the block, a module's weights stay loaded after it runs: a loop that runs one
+        submodule over many batches reads its weights once. All are dropped when the block ends."""
+        self._keeping += 1
+        try:
+            yield
+        finally:
+            self._keeping -= 1
+            if not self._keeping:
+                kept, self._kept = self._kept, {}
+                for module in kept.values():
+                    self.drop(module)
+
+    def fingerprint(self) -> list:
+        """What identifies the weights without reading them: each shard's name, size and mtime."""
+        files = sorted(set(self.files.values()))
+        return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files] if files else ["in memory"]
+
+    def resident_bytes(self) -> int:
+        """Bytes of weights loaded right now."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.is_meta)
+
+    def read(self, param: torch.Tensor) -> torch.Tensor:
+        """The host-memory value of a meta parameter, cast like a loaded one (for saving)."""
+        tensor = self._read(self.keys[id(param)])
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+
+def build_streamed(folder: Path, dtype: torch.dtype, device: torch.device, mode: str,
+                   trust_remote_code: bool = False) -> tuple[nn.Module, WeightStream]:
+    """A model of ``folder``'s config with no weights in memory, and the stream that supplies them."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    checkpoint_files(folder)  # a folder without safetensors is refused before anything is built
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # a tied head is the embedding's parameter, stored once in the checkpoint
+    for buffer_owner in model.modules():
+        for name, b in list(buffer_owner._buffers.items()):
+            if b is not None:
+                buffer_owner._buffers[name] = b.to(device)
+    model.eval()
+    if mode == "cpu":
+        from safetensors.torch import load_file
+
+        state: dict[str, torch.Tensor] = {}
+        for path in sorted(set(checkpoint_files(folder).values())):
+            state.update(load_file(str(path)))
+        return model, WeightStream(model, device, dtype, folder=folder, state=state)
+    return model, WeightStream(model, device, dtype, folder=folder)

@@ -1,0 +1,128 @@
+"""Layer-streamed execution (offload=cpu|disk): a model built without its weights computes exactly
+what the in-memory model computes, holds no weights between modules, and a run in every mode
+selects, fits and saves the same compressed model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import build_tiny_model, write_local_model_and_text  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from subfit_core import load_compressed  # noqa: E402
+from subfit_core.apps.cli import run_main  # noqa: E402
+from subfit_core.artifact.folder import write_weights  # noqa: E402
+from subfit_core.engine.streaming import build_streamed, resolve_offload  # noqa: E402
+from subfit_core.errors import SubFitError  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sharded")
+    model = build_tiny_model("llama", seed=4, num_hidden_layers=4, tie_word_embeddings=True).eval()
+    model.save_pretrained(folder, max_shard_size="40KB")  # several shards and an index
+    assert (folder / "model.safetensors.index.json").is_file()
+    return model, folder
+
+
+@pytest.mark.parametrize("mode", ["disk", "cpu"])
+def test_a_streamed_model_computes_what_the_loaded_one_does_and_keeps_nothing(sharded, mode):
+    model, folder = sharded
+    streamed, stream = build_streamed(folder, torch.float32, torch.device("cpu"), mode)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, model(ids).logits)
+    assert stream.resident_bytes() == 0  # every module dropped its weights after it ran
+    assert all(p.is_meta for p in streamed.parameters())
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert stream.bytes_read >= total - model.lm_head.weight.numel() * 4  # each module read once per forward
+    with stream.keep():  # inside a pass, what ran stays until the pass ends
+        with torch.no_grad():
+            streamed(ids)
+        assert stream.resident_bytes() > 0
+    assert stream.resident_bytes() == 0
+
+
+def test_auto_keeps_a_model_that_fits_and_streams_one_that_does_not():
+    cpu = torch.device("cpu")
+    assert resolve_offload("auto", 1_000, cpu) == "none"
+    assert resolve_offload("auto", 10**15, cpu) == "disk"
+    assert resolve_offload("cpu", 1_000, cpu) == "cpu"
+
+
+def test_weights_are_written_shard_by_shard_and_read_back(sharded, tmp_path):
+    model, folder = sharded
+    streamed, stream = build_streamed(folder, torch.float32, torch.device("cpu"), "disk")
+    files = write_weights(streamed, tmp_path, stream, shard_bytes=30_000)
+    assert files[-1] == "model.safetensors.index.json" and len(files) > 2
+    index = json.loads((tmp_path / files[-1]).read_text())["weight_map"]
+    written = {}
+    for name in files[:-1]:
+        part = load_file(str(tmp_path / name))
+        assert sum(t.numel() * t.element_size() for t in part.values()) <= 30_000 or len(part) == 1
+        written.update(part)
+    assert set(index) == set(written)
+    reference = model.state_dict()
+    assert "lm_head.weight" not in written  # tied: stored once
+    assert all(torch.equal(written[n], reference[n]) for n in written)
+
+
+def test_a_run_gives_the_same_model_in_every_offload_mode(tmp_path):
+    folder = write_local_model_and_text(tmp_path, seed=2, lines=600, layers=4)
+    common = [f"model={folder / 'model'}", f"calib.dataset={folder / 'text.txt'}", "calib.samples=6", "calib.seq_len=16",
+              "calib.generated=0", "scoring.samples=3", "eval.windows=3", "eval.seq_len=16", "eval.domains=[]",
+              "cache_stats=false", "sparsity=0.25", "strategy=subfit"]
+    results, logits = {}, {}
+    ids = torch.arange(2, 26).reshape(2, 12)
+    for mode in ("none", "disk", "cpu"):
+        assert run_main([*common, f"offload={mode}", f"output_dir={tmp_path / mode}"]) == 0
+        results[mode] = json.loads((tmp_path / mode / "results.json").read_text())
+        loaded, _ = load_compressed(tmp_path / mode)
+        with torch.no_grad():
+            logits[mode] = loaded(ids).logits
+    for mode in ("disk", "cpu"):
+        assert results[mode]["replaced"] == results["none"]["replaced"]
+        for key in ("dense", "compressed"):
+            assert results[mode]["perplexity"][key] == pytest.approx(results["none"]["perplexity"][key], rel=1e-6)
+        assert torch.allclose(logits[mode], logits["none"], atol=1e-6)
+    assert results["none"]["replaced"]  # something was removed
+
+
+def test_offload_errors_name_the_key(tmp_path):
+    folder = write_local_model_and_text(tmp_path, seed=2, lines=200, layers=2)
+    base = [f"calib.dataset={folder / 'text.txt'}", "calib.samples=2", "calib.seq_len=16", "eval.domains=[]",
+            "cache_stats=false", "save=false"]
+    assert run_main([*base, "model=smollm2-135m", "offload=disk"]) == 2  # a plugin's in-memory model
+    assert run_main([*base, f"model={folder / 'model'}", "offload=floppy"]) == 2
+    assert run_main([*base, f"model={folder / 'model'}", "offload=disk", "strategy=svd-llm"]) == 2
+    with pytest.raises(SubFitError, match="offload: .* has no model.safetensors"):
+        build_streamed(tmp_path, torch.float32, torch.device("cpu"), "disk")
+
+
+def test_spilled_statistics_round_trip_with_a_bounded_few_in_memory(tmp_path):
+    import gc
+
+    from subfit_core.engine.stats import SpilledStats, SubStats
+
+    store = SpilledStats(tmp_path / "spill", keep=2)
+    made = {}
+    for i in range(5):
+        st = SubStats(6, f"L{i}.attn")
+        st.add(torch.randn(20, 6), torch.randn(20, 6), {"s": torch.tensor([float(i)], dtype=torch.float64)})
+        store[i] = made[i] = st
+    assert len(store._recent) == 2 and len(store) == 5 and sorted(store) == list(range(5))
+    for i in (0, 3, 1):
+        back = store[i]
+        assert torch.equal(back.gram, made[i].gram) and back.tokens == 20 and back.extra["s"].item() == i
+        assert len(store._recent) <= 2
+    folder = store.folder
+    del store
+    gc.collect()
+    assert not folder.exists()  # a run's spilled statistics go with it
