@@ -351,3 +351,32 @@ def test_stats_state_round_trip():
     assert back.dim == 8 and back.tokens == 100
     assert torch.equal(back.gram, st.gram) and torch.equal(back.cross, st.cross)
     assert back.y_sq == st.y_sq and back.extra["plugin-stat"].tolist() == [2.0, -1.0]
+
+
+def test_randomized_top_eigenvectors_match_eigh_on_a_decaying_spectrum():
+    from subfit_plugins.fitters.linear import top_eigvecs, top_eigvecs_randomized
+
+    g = gen(11)
+    d, r = 300, 12
+    u, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    spectrum = 0.7 ** torch.arange(d, dtype=torch.float64)
+    m = (u * spectrum) @ u.T
+    exact = top_eigvecs(m, r)
+    fast = top_eigvecs_randomized(lambda x: m @ x, d, r, torch.float64)
+    assert torch.allclose(fast @ fast.T, exact @ exact.T, atol=1e-8)  # the same subspace
+    assert torch.allclose((fast * (m @ fast)).sum(0), spectrum[:r], rtol=1e-8)  # in order
+    again = top_eigvecs_randomized(lambda x: m @ x, d, r, torch.float64)
+    assert torch.equal(fast, again)  # seeded: a fit is reproducible
+
+
+def test_low_rank_fit_is_the_same_with_either_eigen_solver():
+    g = gen(12)
+    d, r = 96, 8
+    x = torch.randn(2000, d, generator=g, dtype=torch.float64)
+    planted = torch.randn(d, r, generator=g, dtype=torch.float64) @ torch.randn(r, d, generator=g, dtype=torch.float64)
+    y = (x @ planted + 0.01 * torch.randn(2000, d, generator=g, dtype=torch.float64)).float()
+    st = stats_of(x.float(), y)
+    fits = {s: LowRankFitter(LowRankParams(rank=r, solver=s)).fit(Submodule(0, "ffn"), st) for s in ("exact", "randomized")}
+    probe = torch.randn(50, d, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(fits["exact"](probe), fits["randomized"](probe), atol=1e-4)

@@ -11,7 +11,9 @@ contribution: G = X^T X, H = X^T Y, and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -40,6 +42,21 @@ def top_eigvecs(m: torch.Tensor, r: int) -> torch.Tensor:
     return vecs[:, -r:].flip(-1)
 
 
+def top_eigvecs_randomized(apply: Callable[[torch.Tensor], torch.Tensor], d: int, r: int, dtype: torch.dtype,
+                           oversample: int = 16, iterations: int = 4, seed: int = 0) -> torch.Tensor:
+    """The r leading eigenvectors of a symmetric PSD operator ``apply`` (X -> M X) on R^d, by
+    randomized subspace iteration (Halko, Martinsson & Tropp 2011, alg. 4.4) and Rayleigh-Ritz:
+    O(d^2 (r + p) q) instead of eigh's O(d^3), and M itself is never formed. Seeded: the same
+    operator always gives the same basis."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q, _ = torch.linalg.qr(apply(torch.randn(d, min(d, r + oversample), generator=g, dtype=dtype)))
+    for _ in range(iterations):
+        q, _ = torch.linalg.qr(apply(q))
+    small = q.T @ apply(q)
+    _, vecs = torch.linalg.eigh((small + small.T) / 2)
+    return q @ vecs[:, -r:].flip(-1)
+
+
 def centered_gram(gram: torch.Tensor) -> torch.Tensor:
     """Covariance-like Gram of the inputs about their mean: G_xx - n mu mu^T."""
     d = gram.shape[0] - 1
@@ -48,23 +65,32 @@ def centered_gram(gram: torch.Tensor) -> torch.Tensor:
     return gram[:d, :d] - n * torch.outer(mu, mu)
 
 
-def reduced_rank(gram: torch.Tensor, cross: torch.Tensor, w: torch.Tensor, r: int, bias: bool):
+def reduced_rank(gram: torch.Tensor, cross: torch.Tensor, w: torch.Tensor, r: int, bias: bool,
+                 solver: str = "auto"):
     """Rank-r factors of the ridge fit ``w``: (down r x d, up d_out x r, bias or None).
 
     V = top-r eigenvectors of the fitted values' covariance W_x^T C W_x (C the input covariance,
     centred when there is an intercept, so the rank limit applies to the map and not to the
     mean); W_r = (W_x V) V^T and the intercept is refitted freely: b = mean(y) - mean(x) W_r.
+    ``solver``: exact (eigh of the d x d matrix), randomized (subspace iteration on X -> W_x^T C W_x X,
+    never forming it), auto (randomized when r is small against a wide d, where eigh's d^3 dominates).
     """
     d = gram.shape[0] - 1
     wx = w[:d]
     cov = centered_gram(gram) if bias else gram[:d, :d]
-    v = top_eigvecs(wx.T @ cov @ wx, r)
+    if solver == "randomized" or (solver == "auto" and d >= RANDOMIZED_MIN_DIM and r <= d // 8):
+        v = top_eigvecs_randomized(lambda x: wx.T @ (cov @ (wx @ x)), d, r, wx.dtype)
+    else:
+        v = top_eigvecs(wx.T @ cov @ wx, r)
     down = (wx @ v).T
     if not bias:
         return down, v, None
     n = gram[d, d].clamp_min(1.0)
     b = cross[d] / n - (gram[d, :d] / n) @ wx @ v @ v.T
     return down, v, b
+
+
+RANDOMIZED_MIN_DIM = 1024  # below this width eigh is cheap enough to be exact
 
 
 def relative_residual(stats: SubStats, w: torch.Tensor) -> float:
@@ -108,6 +134,7 @@ class LowRankParams:
     rank: int = 64
     ridge: float = 1e-3
     bias: bool = True
+    solver: Literal["auto", "exact", "randomized"] = "auto"  # the top-r eigenvectors (see reduced_rank)
 
     def __post_init__(self):
         if self.rank < 1:
@@ -123,7 +150,7 @@ class LowRankFitter(Fitter):
     def fit(self, sub: Submodule, stats: SubStats) -> LowRankBypass:
         gram, cross = gram_of(stats, self.params.bias)
         w = ridge_solve(gram, cross, self.params.ridge, sub.name)
-        down, up, bias = reduced_rank(gram, cross, w, min(self.params.rank, stats.dim), self.params.bias)
+        down, up, bias = reduced_rank(gram, cross, w, min(self.params.rank, stats.dim), self.params.bias, self.params.solver)
         return lowrank_bypass(down, up, bias, torch.float32)
 
     def estimate_params(self, sub: Submodule, dim: int) -> int:
