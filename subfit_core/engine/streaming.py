@@ -45,10 +45,7 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     if not single.is_file():
         raise SubFitError(f"offload: '{folder}' has no model.safetensors or model.safetensors.index.json "
                           "(streaming reads safetensors only)")
-    from safetensors import safe_open
-
-    with safe_open(str(single), "pt") as f:
-        return {name: single for name in f.keys()}
+    return {name: single for name in ShardReader(single).header if name != "__metadata__"}
 
 
 def checkpoint_bytes(folder: Path) -> int:
@@ -80,6 +77,41 @@ def resolve_offload(mode: str, weights_bytes: int, device: torch.device) -> str:
     return "disk"
 
 
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+          "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class ShardReader:
+    """Reads single tensors of a safetensors file with plain positioned reads, not a memory map: a
+    mapped file's pages would stay resident (and counted) for as long as it is open. The format is
+    an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}} and
+    the raw little-endian data; nothing in it is executed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            self.header = json.loads(f.read(size))
+        self.start = 8 + size
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        entry = self.header[name]
+        begin, end = entry["data_offsets"]
+        buffer = bytearray(end - begin)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.start + begin)
+            view, done = memoryview(buffer), 0
+            while done < len(buffer):  # a read may return less than asked
+                got = f.readinto(view[done:])
+                if not got:
+                    raise SubFitError(f"offload: '{self.path}' ends inside tensor {name} (truncated file)")
+                done += got
+        if entry["dtype"] not in DTYPES:
+            raise SubFitError(f"offload: tensor {name} in '{self.path}' has dtype {entry['dtype']}, which is not supported")
+        tensor = torch.frombuffer(buffer, dtype=DTYPES[entry["dtype"]]) if buffer else torch.empty(0, dtype=DTYPES[entry["dtype"]])
+        return tensor.reshape(entry["shape"])
+
+
 class WeightStream:
     """Loads and drops the weights of a model whose parameters are on the meta device.
 
@@ -91,7 +123,7 @@ class WeightStream:
         self.model, self.device, self.dtype = model, device, dtype
         self.files = checkpoint_files(folder) if folder is not None else {}
         self.state = state
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, ShardReader] = {}
         self.keys: dict[int, str] = {}  # id(meta parameter) -> its name in the checkpoint
         for name, p in model.named_parameters(remove_duplicate=False):
             if p.is_meta and (name in self.files or (state is not None and name in state)):
@@ -114,10 +146,8 @@ class WeightStream:
             return self.state[key]
         path = self.files[key]
         if path not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[path] = safe_open(str(path), "pt", device="cpu")
-        return self._handles[path].get_tensor(key)  # type: ignore[attr-defined]
+            self._handles[path] = ShardReader(path)
+        return self._handles[path].get_tensor(key)
 
     def load(self, module: nn.Module) -> None:
         """Read ``module``'s own tensors onto the device (a no-op for one already loaded)."""

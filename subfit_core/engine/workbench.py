@@ -97,28 +97,33 @@ class Workbench:
         self.memo: dict = {}
 
     # ------------------------------------------------------------------ helpers
-    def _pass(self):
+    # The streaming interface: the Workbench's own passes, the factorization stage and plugins that
+    # run the model piecewise batch the windows, build each batch's context once and run a module
+    # over every batch inside ``one_pass`` (its streamed weights are then read once, not per batch).
+    def one_pass(self):
         """A loop of one module over many batches: with streamed weights, read them once for it."""
         return self.stream.keep() if self.stream is not None else nullcontext()
 
-    def _batches(self, ids: torch.Tensor) -> list[torch.Tensor]:
+    def batches(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """``ids`` split into batches on the device."""
         return [b.to(self.device) for b in ids.split(self.batch_size)]
 
-    def _ctx(self, h: torch.Tensor):
+    def context(self, h: torch.Tensor):
+        """What every submodule call needs for this batch shape (built once per shape)."""
         key = (tuple(h.shape[:2]), h.dtype, h.device)
         if key not in self._contexts:
             self._contexts[key] = self.adapter.context(h)
         return self._contexts[key]
 
     def _step(self, sub: Submodule, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return h + self.adapter.apply(sub, module, self.adapter.bypass_input(sub, h), self._ctx(h))
+        return h + self.adapter.apply(sub, module, self.adapter.bypass_input(sub, h), self.context(h))
 
     def _run(self, start: int, hs: list[torch.Tensor], override: dict | None = None,
              record: bool = False) -> list[torch.Tensor]:
         override = override or {}
         for sub in self.subs[start:]:
             module = override[sub] if sub in override else self.adapter.module(sub)
-            with self._pass():
+            with self.one_pass():
                 hs = [self._step(sub, module, h) for h in hs]
             if record:
                 self._states[sub.index + 1] = hs
@@ -137,30 +142,30 @@ class Workbench:
             self._collect_calibration()
             if cache is not None:
                 save_stats(cache, self.stats)
-        with self._pass():
-            self._states = [[self.adapter.embed(b) for b in self._batches(self.windows.scoring)]] + [[]] * len(self.subs)
+        with self.one_pass():
+            self._states = [[self.adapter.embed(b) for b in self.batches(self.windows.scoring)]] + [[]] * len(self.subs)
         score = self._run(0, self._states[0], record=True)
         self._dense_states = list(self._states)
         positions = self.windows.scoring.numel() // self.stride
         if positions * self.model.config.vocab_size * 4 <= _MAX_CACHED_REFERENCE_BYTES:
-            with self._pass():
+            with self.one_pass():
                 self._dense_refs = [self._reference(h) for h in score]
         return cached is not None
 
     def _collect_calibration(self) -> None:
         dim = self.adapter.hidden_size
-        with self._pass():
-            calib = [self.adapter.embed(b) for b in self._batches(self.windows.calib)]
+        with self.one_pass():
+            calib = [self.adapter.embed(b) for b in self.batches(self.windows.calib)]
         layer_input: list[torch.Tensor] = []
         for i, sub in enumerate(progress(self.subs, desc="calibration statistics")):
             if i == 0 or self.subs[i - 1].layer != sub.layer:
                 layer_input = list(calib)
             st = SubStats(dim, sub.name)
             module = self.adapter.module(sub)
-            with self._pass():
+            with self.one_pass():
                 for j, h in enumerate(calib):
                     x = self.adapter.bypass_input(sub, h)
-                    y = self.adapter.apply(sub, module, x, self._ctx(h))
+                    y = self.adapter.apply(sub, module, x, self.context(h))
                     st.add(x, y, {name: stat.observe(sub, h, y, layer_input[j]) for name, stat in self.statistics.items()})
                     calib[j] = h + y
             st.check()
@@ -206,8 +211,8 @@ class Workbench:
         metric = self._metric_named(name)
         self.evaluations += 1
         total, count = 0.0, 0
-        with self._pass():  # the head's weights, once for every batch
-            for j, (h, ids) in enumerate(zip(finals, self._batches(self.windows.scoring))):
+        with self.one_pass():  # the head's weights, once for every batch
+            for j, (h, ids) in enumerate(zip(finals, self.batches(self.windows.scoring))):
                 value, positions = self._metric_batch(metric, j, h, ids)
                 total += value
                 count += positions
@@ -362,10 +367,10 @@ class Workbench:
         front of each submodule and its contribution ``y`` (when ``stop`` is ``len(subs)``, once more
         with ``sub`` and ``y`` None: the final residual stream). Only one batch's state is alive at a
         time; window-level fitters keep what they need (a few boundaries, or Gram matrices)."""
-        for b, ids in enumerate(self._batches(self.windows.calib)):
+        for b, ids in enumerate(self.batches(self.windows.calib)):
             h = self.adapter.embed(ids)
             for sub in self.subs[:stop]:
-                y = self.adapter.contribution(sub, h, self._ctx(h))
+                y = self.adapter.contribution(sub, h, self.context(h))
                 visit(b, sub, h, y)
                 h = h + y
             if stop == len(self.subs):
@@ -385,13 +390,13 @@ class Workbench:
         self.restore()
         chosen, fits = set(selected), {}
         dim = self.adapter.hidden_size
-        with self._pass():
-            dense = [self.adapter.embed(b) for b in self._batches(self.windows.calib)]
+        with self.one_pass():
+            dense = [self.adapter.embed(b) for b in self.batches(self.windows.calib)]
         comp = list(dense)
         for sub in progress(self.subs, desc="anchored refit"):
             original = self.originals[sub]
-            with self._pass():
-                targets = [self.adapter.contribution(sub, h, self._ctx(h), original) for h in dense]
+            with self.one_pass():
+                targets = [self.adapter.contribution(sub, h, self.context(h), original) for h in dense]
                 if sub in chosen:
                     st = SubStats(dim, sub.name)
                     for hc, y in zip(comp, targets):
