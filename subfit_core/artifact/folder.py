@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_file
+from safetensors.torch import load_model
 
 from subfit_core import __version__
 from subfit_core.artifact.card import model_card
@@ -31,13 +31,14 @@ from subfit_core.artifact.outputs import atomic_dir
 from subfit_core.artifact.rebuild import rebuild
 from subfit_core.engine.bypass import Bypass
 from subfit_core.engine.lowrank import FactoredLinear
-from subfit_core.engine.streaming import WeightStream
+from subfit_core.engine.streaming import WeightStream, write_safetensors
 from subfit_core.errors import SubFitError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 SHARD_BYTES = 2 * 1024**3  # weights per safetensors shard
+STREAMED_SHARD_BYTES = 512 * 1024**2  # when the weights are streamed, a shard is what memory holds
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 
@@ -61,16 +62,18 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_weights(model: torch.nn.Module, folder: Path, stream: WeightStream | None = None,
-                  shard_bytes: int = SHARD_BYTES) -> list[str]:
+                  shard_bytes: int | None = None) -> list[str]:
     """Write the weights shard by shard (``model.safetensors``, or numbered shards and their index
     when they exceed ``shard_bytes``): only one shard's tensors are in memory at a time, those of
     streamed weights read from the source as they are written. Returns the files written."""
     shards: list[dict[str, torch.Tensor]] = []
     files: list[str] = []
+    if shard_bytes is None:
+        shard_bytes = SHARD_BYTES if stream is None else STREAMED_SHARD_BYTES
 
     def flush(part: dict[str, torch.Tensor]) -> None:
         name = f"part-{len(files):05d}.safetensors"
-        save_file(part, str(folder / name), metadata={"format": "pt"})
+        write_safetensors(folder / name, part, metadata={"format": "pt"})
         files.append(name)
         shards.append({k: torch.empty(0) for k in part})  # names only: the tensors are freed
         part.clear()

@@ -15,7 +15,6 @@ from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from subfit_core.errors import NumericalError
 
@@ -86,7 +85,7 @@ class SpilledStats(MutableMapping):
     when a fit or a scorer asks (the last ``keep`` stay in memory). For models whose Gram matrices,
     (d+1)^2 float64 per submodule, would not all fit: memory then holds O(1) of them, not O(depth)."""
 
-    def __init__(self, folder: Path, keep: int = 2):
+    def __init__(self, folder: Path, keep: int = 1):
         self.folder, self.keep = folder, keep
         self.folder.mkdir(parents=True, exist_ok=True)
         self._names: dict = {}  # key -> its SubStats name (the file's stem)
@@ -98,7 +97,9 @@ class SpilledStats(MutableMapping):
 
     def __setitem__(self, key, stats: SubStats) -> None:
         self._names[key] = stats.name
-        save_file({k: v.contiguous() for k, v in stats.state().items()}, str(self._file(key)))
+        from subfit_core.engine.streaming import write_safetensors
+
+        write_safetensors(self._file(key), stats.state())
         self._remember(key, stats)
 
     def __getitem__(self, key) -> SubStats:
@@ -107,7 +108,10 @@ class SpilledStats(MutableMapping):
             return self._recent[key]
         if key not in self._names:
             raise KeyError(key)
-        stats = SubStats.from_state(self._names[key], load_file(str(self._file(key))))
+        from subfit_core.engine.streaming import ShardReader
+
+        reader = ShardReader(self._file(key))
+        stats = SubStats.from_state(self._names[key], {k: reader.get_tensor(k) for k in reader.header if k != "__metadata__"})
         self._remember(key, stats)
         return stats
 

@@ -81,6 +81,32 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (on the CPU) as a safetensors file straight from their memory: no serialized
+    copy of the whole file is built first (as ``safetensors.torch.save_file`` does), so writing a
+    1 GB Gram matrix costs no extra 1 GB."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    parts = []
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        parts.append(tensor)
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for tensor in parts:
+            if tensor.numel():
+                f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+
+
 class ShardReader:
     """Reads single tensors of a safetensors file with plain positioned reads, not a memory map: a
     mapped file's pages would stay resident (and counted) for as long as it is open. The format is

@@ -69,6 +69,7 @@ class Workbench:
             name: build_component(plugins, "statistic", {"name": name}, "statistic")
             for name in plugins.registries["statistic"].names()}
         self._metrics: dict[str, Metric] = {}
+        self._extras: dict[Submodule, tuple[dict[str, torch.Tensor], int]] = {}  # the statistics' sums, tokens
         self.model, self.adapter, self.windows = model, adapter, windows
         self.stream = stream  # weights read per module when the model is not in memory (offload)
         self.stride = stride
@@ -138,6 +139,7 @@ class Workbench:
         cached = load_stats(cache, self.subs, self.adapter.hidden_size, widths) if cache is not None else None
         if cached is not None:
             self.stats = cached
+            self._extras = {s: (st.extra, st.tokens) for s, st in cached.items()}
         else:
             self._collect_calibration()
             if cache is not None:
@@ -170,6 +172,7 @@ class Workbench:
                     calib[j] = h + y
             st.check()
             self.stats[sub] = st
+            self._extras[sub] = (st.extra, st.tokens)
 
     def statistics_signature(self) -> list[str]:
         """What the statistics depend on besides the model and the data: each registered statistic's
@@ -183,8 +186,8 @@ class Workbench:
         if name not in self.statistics:
             raise ConfigError(f"statistic {name!r} is not registered; "
                               f"{did_you_mean(name, list(self.statistics))}")
-        st = self.stats[sub]
-        return self.statistics[name].value(st.extra[name], st.tokens)
+        extra, tokens = self._extras[sub]  # kept apart from the Gram matrices, which may wait on disk
+        return self.statistics[name].value(extra[name], tokens)
 
     # ------------------------------------------------------------------ metrics on the scoring set
     # Next-token distributions are judged at every ``stride``-th position (the hidden states of all

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The GPU check: SubFit on cuda in bf16, end to end, in one short script (about 10 minutes on one
+# GPU). With --cpu every step runs on the CPU at a smaller size, so the script itself is tested
+# where there is no GPU. Prints what it measures and writes $OUT/gpu_check.json (OUT defaults to
+# runs/gpu_check).
+#
+#   bash benchmarks/gpu_check.sh            # on a machine with a GPU
+#   bash benchmarks/gpu_check.sh --cpu      # the same steps on the CPU, smaller
+#
+# Steps:
+#   1. the default run (SubFit on the embedded SmolLM2-135M) on the device in bf16
+#   2. a comparison of three strategies on the device (one dense pass shared)
+#   3. the streamed 8B-shaped model (benchmarks/memory.py): 32 layers on a GPU, 4 on the CPU
+#   4. the same small run on the CPU and on the device: the same selection
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+BIN=$(dirname "$PY")
+OUT=${OUT:-runs/gpu_check}
+DEVICE=cuda
+LAYERS=32
+DIVISOR=1       # the 8B shapes' width is divided by this (1: the real shapes)
+SAMPLES=64
+if [[ "${1:-}" == "--cpu" ]]; then
+    DEVICE=cpu
+    LAYERS=4
+    DIVISOR=8
+    SAMPLES=4
+fi
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false SUBFIT_PROGRESS=0
+mkdir -p "$OUT"
+SMALL="calib.samples=$SAMPLES calib.seq_len=128 scoring.samples=4 eval.windows=8 eval.domains=[] calib.generated=0"
+step() { echo "== $1"; date +%s > "$OUT/.t0"; }
+took() { echo $(( $(date +%s) - $(cat "$OUT/.t0") )); }
+
+step "1. default run on $DEVICE (bf16)"
+"$BIN/subfit-run" strategy=subfit device=$DEVICE dtype=bfloat16 $SMALL output_dir="$OUT/run" overwrite=true > "$OUT/run.log"
+RUN_S=$(took)
+
+step "2. compare on $DEVICE"
+"$BIN/subfit-compare" strategies=[subfit,shortgpt,sleb] sparsities=[0.25] device=$DEVICE dtype=bfloat16 $SMALL \
+    output_dir="$OUT/compare" overwrite=true > "$OUT/compare.log"
+COMPARE_S=$(took)
+
+step "3. streamed 8B-shaped model, $LAYERS layers (width / $DIVISOR)"
+$PY benchmarks/memory.py --layers $LAYERS --modes disk --width-divisor $DIVISOR --work "$OUT/memory-work" \
+    --out "$OUT/memory" device=$DEVICE > "$OUT/memory.log"
+MEMORY_S=$(took)
+
+step "4. the same selection on cpu and on $DEVICE"
+for d in cpu $DEVICE; do
+    "$BIN/subfit-run" strategy=subfit device=$d dtype=float32 $SMALL cache_stats=false save=false \
+        output_dir="$OUT/same-$d" > "$OUT/same-$d.log"
+done
+SAME_S=$(took)
+
+$PY - "$OUT" "$DEVICE" "$RUN_S" "$COMPARE_S" "$MEMORY_S" "$SAME_S" <<'EOF'
+import json, sys
+from pathlib import Path
+out, device, *seconds = sys.argv[1:]
+out = Path(out)
+
+def replaced(log):  # the "replaced" row of a run's summary table
+    return next(l.split("|")[2].strip() for l in (out / log).read_text().splitlines() if l.startswith("| replaced"))
+
+memory = json.loads((out / "memory.json").read_text())
+result = {"device": device, "seconds": dict(zip(["run", "compare", "streamed", "same_selection"], map(int, seconds))),
+          "run_ppl": json.loads((out / "run" / "results.json").read_text())["perplexity"],
+          "streamed": memory["rows"], "selection_cpu": replaced("same-cpu.log"),
+          "selection_device": replaced(f"same-{device}.log")}
+result["same_selection"] = result["selection_cpu"] == result["selection_device"]
+(out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+print(json.dumps({k: result[k] for k in ("device", "seconds", "same_selection")}, indent=2))
+for row in memory["rows"]:
+    device_gb = f", peak device memory {row['peak_device_gb']:.2f} GB" if row.get("peak_device_gb") is not None else ""
+    print(f"streamed {row['layers']} layers: peak RSS {row['peak_rss_gb']:.2f} GB ({row['rss_over_weights']:.2f}x weights)"
+          f"{device_gb}, {row['wall_s']:.0f} s")
+sys.exit(0 if result["same_selection"] else 1)
+EOF
