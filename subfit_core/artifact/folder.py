@@ -57,10 +57,6 @@ def unique_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
             yield name, tensor
 
 
-def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().contiguous() for name, tensor in unique_tensors(model)}
-
-
 def write_weights(model: torch.nn.Module, folder: Path, stream: WeightStream | None = None,
                   shard_bytes: int | None = None) -> list[str]:
     """Write the weights shard by shard (``model.safetensors``, or numbered shards and their index

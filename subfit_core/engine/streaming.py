@@ -180,14 +180,10 @@ class WeightStream:
         for name, p in list(module._parameters.items()):
             if p is None or not p.is_meta:
                 continue
-            tensor = self._read(self.keys[id(p)])
-            if tensor.is_floating_point():
-                tensor = tensor.to(self.dtype)
-            tensor = tensor.to(self.device)
+            tensor = self.read(p).to(self.device)
             self.bytes_read += tensor.numel() * tensor.element_size()
             self._meta[(id(module), name)] = p
             module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
-            self.keys[id(module._parameters[name])] = self.keys[id(p)]
 
     def drop(self, module: nn.Module) -> None:
         """Put ``module``'s meta parameters back (deferred to the end of a ``keep`` block)."""
@@ -197,7 +193,6 @@ class WeightStream:
         for name in list(module._parameters):
             meta = self._meta.pop((id(module), name), None)
             if meta is not None:
-                self.keys.pop(id(module._parameters[name]), None)
                 module._parameters[name] = meta
 
     @contextmanager
