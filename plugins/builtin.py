@@ -14,7 +14,13 @@ P = "subfit_plugins"
 
 @hookimpl
 def subfit_model_adapters():
-    return {"llama-family": f"{P}.adapters.llama:LlamaFamilyAdapter"}
+    return {
+        "llama-family": f"{P}.adapters.llama:LlamaFamilyAdapter",
+        "phi3": f"{P}.adapters.llama:Phi3Adapter",
+        "gemma": f"{P}.adapters.gemma:GemmaAdapter",
+        "olmo2": f"{P}.adapters.gemma:Olmo2Adapter",
+        "moe": f"{P}.adapters.moe:MoEAdapter",
+    }
 
 
 @hookimpl
@@ -112,7 +118,7 @@ def subfit_eval_domains():
 
 @hookimpl
 def subfit_models():
-    return {"smollm2-135m": f"{P}.models:smollm2_135m"}
+    return {"smollm2-135m": f"{P}.models:smollm2_135m", "gemma3-270m": f"{P}.models:gemma3_270m"}
 
 
 @hookimpl

@@ -31,26 +31,43 @@ os.environ["SUBFIT_PROGRESS"] = "0"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 TINY_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
                   head_dim=8)  # hidden / heads, as Llama derives it; Qwen3 would otherwise default to 128
+TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # inside the tiny vocabulary
+# Gemma: a global attention first and last, sliding windows of 4 tokens between (test sequences are longer)
+GEMMA = dict(layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"], sliding_window=4)
+# Each supported family: (config class name in transformers, what its tiny config adds to TINY_SHAPE)
+TINY_FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {}),
+    "phi3": ("Phi3Config", TOKENS),  # fused qkv_proj and gate_up_proj
+    "gemma2": ("Gemma2Config", {**GEMMA, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}),
+    "gemma3": ("Gemma3TextConfig", GEMMA),
+    "olmo2": ("Olmo2Config", TOKENS),  # norms after the submodules, none before
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)),
+}
+TINY_ARCHS = tuple(TINY_FAMILIES)
 
 
-def _config_class(arch: str):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+def tiny_config(arch: str, **overrides):
+    """The tiny config of family ``arch`` (see ``TINY_FAMILIES``); ``overrides`` win."""
+    import transformers
 
-    classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
-    if arch not in classes:
+    if arch not in TINY_FAMILIES:
         raise ValueError(f"tiny_model: unknown arch {arch!r}; one of {', '.join(TINY_ARCHS)}")
-    return classes[arch]
+    name, extra = TINY_FAMILIES[arch]
+    return getattr(transformers, name)(**{**TINY_SHAPE, **extra, **overrides})
 
 
 def build_tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     """A tiny randomly initialised causal LM (see the module docstring); ``overrides`` go to the config."""
     from transformers import AutoModelForCausalLM
 
-    cfg = _config_class(arch)(**{**TINY_SHAPE, **overrides})
+    cfg = tiny_config(arch, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg)
@@ -89,8 +106,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def write_local_model_and_text(folder, seed: int = 1, lines: int = 1500, layers: int = 6):
-    """A tiny model saved as a local model directory (``folder/model``, with a word-level tokenizer
+def write_local_model_and_text(folder, seed: int = 1, lines: int = 1500, layers: int = 6, arch: str = "llama"):
+    """A tiny model of family ``arch`` saved as a local model directory (``folder/model``, with a word-level tokenizer
     over t0..t127) and a structured text (``folder/text.txt``: each word predicts the next, so
     removals change the loss), for tests that go through ``model=<dir>`` like a user would."""
     import random
@@ -98,7 +115,8 @@ def write_local_model_and_text(folder, seed: int = 1, lines: int = 1500, layers:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    build_tiny_model("llama", seed=seed, num_hidden_layers=layers).save_pretrained(folder / "model")
+    overrides = {"layer_types": (TINY_FAMILIES[arch][1]["layer_types"] * layers)[:layers]} if arch.startswith("gemma") else {}
+    build_tiny_model(arch, seed=seed, num_hidden_layers=layers, **overrides).save_pretrained(folder / "model")
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(folder / "model")

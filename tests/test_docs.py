@@ -72,11 +72,14 @@ COVERED = {
     "my_plugin/gpt2_layout.py": "test_tutorial_gpt2_adapter_compresses_saves_and_loads_everywhere",
     "my_plugin/gpt2.py": "test_tutorial_gpt2_adapter_compresses_saves_and_loads_everywhere",
     "my_plugin/notes.py": "test_text_source_returns_corpus_text",
+    "my_plugin/gemma_like.py": "test_tutorial_decoder_adapter_runs_gemma_piecewise",
     "tests/test_my_plugin.py": "test_tutorial_test_file_passes",
 }
 # What the tutorial's python blocks may import besides ``subfit_core``'s exported names.
 ALLOWED_ROOTS = set(sys.stdlib_module_names) | {"torch", "transformers", "yaml", "pytest",
                                                 "my_plugin", "subfit_example_plugin"}
+# the built-in plugin's adapter base for transformers decoders: a documented extension point
+EXTENSION_MODULES = {"subfit_plugins.adapters.decoder", "subfit_plugins.adapters.decoder_layout"}
 SCAFFOLDING_FILE = "tests/test_my_plugin.py"  # the tutorial's own test file
 LANGUAGES = {"python", "toml", "yaml", "bash", ""}  # "": file trees and output listings
 FILE_LANGUAGES = {"python", "toml", "yaml"}  # these are files: each must be named
@@ -216,6 +219,8 @@ def test_tutorial_imports_only_the_public_api():
             root = module.split(".")[0]
             if module == "subfit_core":
                 ok = name is None or name in subfit_core.__all__
+            elif module in EXTENSION_MODULES:
+                ok = True
             else:
                 ok = root in ALLOWED_ROOTS
             if not ok:
@@ -438,6 +443,23 @@ def test_tutorial_test_file_passes(tutorial_root):
                           cwd=tutorial_root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert f"{len(tests)} passed" in done.stdout, done.stdout[-2000:]
+
+
+def test_tutorial_decoder_adapter_runs_gemma_piecewise(plugins):
+    from conftest import build_tiny_model
+    from my_plugin.gemma_like import GemmaLikeAdapter
+
+    model = build_tiny_model("gemma3", seed=1)
+    adapter = GemmaLikeAdapter(model)
+    assert GemmaLikeAdapter.matches(model)
+    with torch.no_grad():
+        h = adapter.embed(IDS)
+        ctx = adapter.context(h)
+        for sub in adapter.submodules():
+            h = h + adapter.contribution(sub, h, ctx)
+        assert torch.allclose(adapter.logits(h), model(input_ids=IDS).logits, atol=1e-5, rtol=0)
+    apply_bypasses(adapter, {Submodule(1, "ffn"): ZeroBypass()})
+    assert type(model.model.layers[1].post_feedforward_layernorm).__name__ == "Identity"  # went with its module
 
 
 def test_tutorial_gpt2_adapter_compresses_saves_and_loads_everywhere(plugins, tmp_path):

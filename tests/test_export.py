@@ -28,8 +28,9 @@ from subfit_core.artifact.rebuild import set_child  # noqa: E402
 from subfit_core.engine.bypass import LinearBypass, LowRankBypass, ZeroBypass  # noqa: E402
 from subfit_core.engine.interfaces import Submodule  # noqa: E402
 from subfit_core.engine.lowrank import FactoredLinear  # noqa: E402
+from subfit_core.engine.models import find_adapter  # noqa: E402
 from subfit_core.engine.surgery import apply_bypasses, records  # noqa: E402
-from subfit_plugins.adapters.llama import LlamaFamilyAdapter  # noqa: E402
+from subfit_core.plugins import get_plugins  # noqa: E402
 from subfit_plugins.fitters.shared_basis import SharedBasisBypass  # noqa: E402
 from subfit_plugins.fitters.streamline import MLPBypass  # noqa: E402
 
@@ -54,10 +55,15 @@ def every_kind(seed: int = 2) -> dict:
     }
 
 
-def factor(model, layer: int, kind: str, path: str, rank: int, seed: int) -> dict:
-    """Replace one kept linear by random low-rank factors; returns its config record."""
+def factor(model, layer: int, kind: str, path: str, rank: int, seed: int) -> dict | None:
+    """Replace one kept linear (``path``, else the family's first linear there, e.g. Phi-3's fused
+    ones) by random low-rank factors; returns its config record (None: no linear, as in an MoE block)."""
     g = torch.Generator().manual_seed(seed)
-    parent = LlamaFamilyAdapter.layout.submodule(model, layer, kind)
+    parent = find_adapter(get_plugins(), model).layout.submodule(model, layer, kind)
+    linears = [name for name, m in parent.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        return None
+    path = path if path in linears else linears[0]
     linear = parent.get_submodule(path)
     f = FactoredLinear(torch.randn(rank, linear.in_features, generator=g) * 0.1,
                        torch.randn(linear.out_features, rank, generator=g) * 0.1)
@@ -68,8 +74,8 @@ def factor(model, layer: int, kind: str, path: str, rank: int, seed: int) -> dic
 def save_every_kind(arch: str, out):
     model = make_model(arch)
     bypasses = every_kind()
-    apply_bypasses(LlamaFamilyAdapter(model), bypasses)
-    factored = [factor(model, 2, "ffn", "down_proj", 5, 7), factor(model, 3, "attn", "q_proj", 3, 8)]
+    apply_bypasses(find_adapter(get_plugins(), model), bypasses)
+    factored = [r for r in (factor(model, 2, "ffn", "down_proj", 5, 7), factor(model, 3, "attn", "q_proj", 3, 8)) if r]
     folder.save_compressed(model, tiny_tokenizer(), records(bypasses), out, {"name": "test"}, {}, factored)
     with torch.no_grad():
         return model(input_ids=IDS).logits
@@ -183,7 +189,7 @@ def test_plugin_bypass_kind_travels_in_the_modeling_file(tmp_path):
     model = make_model("llama")
     g = torch.Generator().manual_seed(1)
     bypasses = {Submodule(1, "ffn"): DiagonalBypass(torch.randn(D, generator=g))}
-    apply_bypasses(LlamaFamilyAdapter(model), bypasses)
+    apply_bypasses(find_adapter(get_plugins(), model), bypasses)
     folder.save_compressed(model, tiny_tokenizer(), records(bypasses), tmp_path / "m", {}, {})
     with torch.no_grad():
         before = model(input_ids=IDS).logits
@@ -244,7 +250,7 @@ def test_a_bypass_class_that_cannot_travel_is_refused_at_save_time(tmp_path):
 
     model = make_model("llama")
     bypasses = {Submodule(1, "ffn"): Scaled(torch.ones(D))}
-    apply_bypasses(LlamaFamilyAdapter(model), bypasses)
+    apply_bypasses(find_adapter(get_plugins(), model), bypasses)
     with pytest.raises(SubFitError, match="modeling_subfit.py does not work .*NameError"):
         folder.save_compressed(model, tiny_tokenizer(), records(bypasses), tmp_path / "m", {}, {})
     assert not (tmp_path / "m").exists()

@@ -167,7 +167,7 @@ def test_commit_keeps_cached_states_equal_to_a_full_rerun(tiny_model, random_win
     with torch.inference_mode():
         for sub in bench.subs:
             hs = [h + adapter.contribution(sub, h, adapter.context(h)) for h in hs]
-            for h, cached in zip(hs, bench._states[sub.index + 1]):
+            for h, cached in zip(hs, bench._states[bench.position(sub) + 1]):
                 assert torch.allclose(cached, h, atol=1e-6, rtol=1e-5), sub
     # the final cached state gives the logits of the whole modified model
     logits = full_logits(model, ids)

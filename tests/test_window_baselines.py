@@ -19,7 +19,6 @@ from subfit_plugins.fitters.replaceme import (
     ReplaceMeFitter,
     ReplaceMeParams,
     fit_cosine,
-    fold_into_down_proj,
     solve_transform,
 )
 from subfit_plugins.fitters.streamline import GatedFFN, MLPBypass, StreamlineFitter, StreamlineParams, train_ffn
@@ -84,7 +83,8 @@ def test_folding_into_down_proj_multiplies_the_mlp_output(bench):
     t = torch.randn(mlp.down_proj.out_features, mlp.down_proj.out_features, dtype=torch.float64)
     x = torch.randn(3, 5, mlp.down_proj.out_features)
     with torch.no_grad():
-        assert torch.allclose(fold_into_down_proj(mlp, t)(x), mlp(x) @ t.float(), atol=1e-5)
+        folded = bench.adapter.fold_output(Submodule(2, "ffn"), mlp, t)
+        assert torch.allclose(folded(x), mlp(x) @ t.float(), atol=1e-5)
 
 
 def test_replaceme_on_an_identity_window_keeps_the_model_exact(bench):

@@ -1,5 +1,6 @@
 """ReplaceMe (Shopkhoev et al., 2025): a removed window of whole layers becomes one linear map T
-folded into the down-projection of the layer in front of it, so nothing is added to the model.
+folded into the output projection of the FFN in front of it (the adapter's ``fold_output``), so
+nothing is added to the model.
 
 With X the MLP output of the last kept layer i (tokens as rows), h_i the residual stream after
 that layer and h_{i+n} the stream after the window, the stream after the window is approximated
@@ -15,7 +16,6 @@ Folding: X = a W^T for the MLP's last activation a, so X T = a (T^T W)^T and W_d
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -74,20 +74,9 @@ def fit_cosine(x: torch.Tensor, attn: torch.Tensor, target: torch.Tensor, p: Rep
     return t
 
 
-def fold_into_down_proj(mlp: torch.nn.Module, t: torch.Tensor) -> torch.nn.Module:
-    """A copy of ``mlp`` whose output is the original output times T: W_down' = T^T W_down."""
-    folded = copy.deepcopy(mlp)
-    down = folded.down_proj
-    with torch.no_grad():
-        down.weight.copy_((t.T @ down.weight.double()).to(down.weight.dtype))
-        if down.bias is not None:
-            down.bias.copy_((t.T @ down.bias.double()).to(down.bias.dtype))
-    return folded
-
-
 class ReplaceMeFitter(Fitter):
     Params = ReplaceMeParams
-    description = "removed window -> one linear map folded into the preceding down_proj (ReplaceMe; ls or cosine)"
+    description = "removed window -> one linear map folded into the preceding FFN's output projection (ReplaceMe; ls or cosine)"
     supports_anchored = False  # fits on the dense model
     fits_windows = True
 
@@ -123,7 +112,7 @@ class ReplaceMeFitter(Fitter):
                     start = solve_transform(*normal.result(name), self.params.ridge, name)
                 t = fit_cosine(x, h_i - x, h_out, self.params, name, start)
             mlp = Submodule(first - 1, "ffn")
-            edits[mlp] = fold_into_down_proj(bench.originals[mlp], t.to(bench.device))
+            edits[mlp] = bench.adapter.fold_output(mlp, bench.originals[mlp], t.to(bench.device))
         return Fitted({s: ZeroBypass() for s in selected}, edits)
 
 
@@ -139,7 +128,7 @@ def window_rows(bench, first: int, last: int, each) -> None:
         elif sub == after:
             each(state["x"], state["h_i"], rows(h + y).float())
 
-    bench.calibration_trace(after.index + 1, visit)
+    bench.calibration_trace(bench.position(after) + 1, visit)
 
 
 class NormalEquations:

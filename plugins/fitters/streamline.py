@@ -102,7 +102,7 @@ class StreamlineFitter(Fitter):
     hidden = 0
 
     def attach(self, adapter):
-        self.hidden = int(adapter.model.config.intermediate_size)
+        self.hidden = adapter.ffn_width(0)
 
     def fit(self, sub, stats):
         return ZeroBypass()  # while selecting, the window is judged as plain removal
@@ -132,7 +132,7 @@ class StreamlineFitter(Fitter):
                 elif sub == tail:
                     targets[batch] += rows(h + y).float()  # h_{j+1} - h_i
 
-            bench.calibration_trace(tail.index + 1, visit)
+            bench.calibration_trace(bench.position(tail) + 1, visit)
             ffn = GatedFFN(*initial_weights(bench.originals[Submodule(first, "ffn")], bench.adapter.hidden_size,
                                             self.hidden)).to(bench.device)
             x, target = torch.cat(xs), torch.cat(targets)

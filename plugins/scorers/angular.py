@@ -25,6 +25,6 @@ class AngularDistanceScorer(Scorer):
     def score_groups(self, groups, bench, fitter):
         out = []
         for group in groups:
-            first, last = min(s.index for s in group), max(s.index for s in group)
+            first, last = min(map(bench.position, group)), max(map(bench.position, group))
             out.append(angular_distance(bench.boundary(first), bench.boundary(last + 1)))
         return out

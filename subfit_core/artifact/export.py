@@ -4,7 +4,7 @@ The output directory is a Hugging Face custom-code model. ``config.json`` names 
 ``model_type`` and architecture, so a loader without the code refuses it instead of filling the
 replaced submodules with random weights, and ``auto_map`` points at ``modeling_subfit.py``, a file
 written next to it that needs only torch and transformers: the family's base classes from
-transformers, the portable sources of the model's layout (the adapter's ``layout`` module), of
+transformers, the portable source of the model's layout (the module defining the adapter's ``layout``), of
 ``rebuild`` and of every bypass class the model uses, and two subclasses that rebuild the compressed
 structure in ``__init__``. ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``
 therefore builds the same modules as ``load_compressed`` and loads the same weights into them.
@@ -52,7 +52,7 @@ from transformers import {config_class} as BaseConfig, {base_model} as BaseModel
 
 FOOTER = '''
 BYPASS_CLASSES = {{cls.kind: cls for cls in [{kinds}]}}
-LAYOUT = SimpleNamespace(submodule=submodule, install=install, finalize=finalize)
+LAYOUT = {layout}
 
 
 class SubFitConfig(BaseConfig):
@@ -119,7 +119,7 @@ def bypass_lineage(kinds: list[type[Bypass]]) -> list[type[Bypass]]:
     return out
 
 
-def check_exportable(model: PreTrainedModel, layout: ModuleType | None) -> tuple[str, str, str]:
+def check_exportable(model: PreTrainedModel, layout: object) -> tuple[str, str, str]:
     """Fail (before any work, when a run will save) on a model whose artifact standard tools could not load."""
     if layout is None:
         raise SubFitError(f"save: the adapter for {type(model).__name__} has no portable layout module, "
@@ -127,19 +127,32 @@ def check_exportable(model: PreTrainedModel, layout: ModuleType | None) -> tuple
     return base_classes(model)
 
 
+def layout_source(layout) -> tuple[str, str, str]:
+    """(module name, module source, expression that rebuilds ``layout`` in that module): a layout is a
+    portable module, or an instance of a class defined in one whose repr() is its constructor call."""
+    if isinstance(layout, ModuleType):
+        return layout.__name__, inspect.getsource(layout), \
+            "SimpleNamespace(submodule=submodule, install=install, finalize=finalize)"
+    module = inspect.getmodule(type(layout))
+    if module is None:
+        raise SubFitError(f"save: the layout {layout!r} has no module whose source could be copied")
+    return module.__name__, inspect.getsource(module), repr(layout)
+
+
 def modeling_source(model: PreTrainedModel, layout, kinds: list[type[Bypass]], version: str) -> str:
     """The text of ``modeling_subfit.py`` for ``model`` (family ``layout``, bypass classes ``kinds``)."""
     config_class, base_model, architecture = check_exportable(model, layout)
     classes = bypass_lineage(kinds)
+    layout_module, layout_text, layout_expr = layout_source(layout)
     parts = [
         HEADER.format(architecture=architecture, base_model=base_model, config_class=config_class, version=version),
-        f"# ---- where the model keeps its submodules ({layout.__name__})\n", _portable(inspect.getsource(layout)),
+        f"# ---- where the model keeps its submodules ({layout_module})\n", _portable(layout_text),
         f"# ---- rebuilding the compressed structure ({rebuild_module.__name__})\n", _portable(inspect.getsource(rebuild_module)),
         "# ---- bypasses\n", _portable(Bypass.portable_source()),
         *(_portable(cls.portable_source()) for cls in classes),
         "# ---- low-rank factored linears\n", _portable(inspect.getsource(FactoredLinear)),
         FOOTER.format(kinds=", ".join(c.__name__ for c in classes if c in kinds), architecture=architecture,
-                      model_type=MODEL_TYPE),
+                      model_type=MODEL_TYPE, layout=layout_expr),
     ]
     source = "\n\n".join(p.strip("\n") + "\n" for p in parts)
     try:

@@ -7,22 +7,25 @@ engine can run the model block by block, swap modules, and count parameters.
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
 from subfit_core.engine.interfaces import Submodule
+from subfit_core.errors import SubFitError
 
 
 class Adapter:
     name = "adapter"
     architectures: tuple[str, ...] = ()
-    # A module that imports torch only and defines submodule(model, layer, kind) -> nn.Module,
-    # install(model, layer, kind, bypass) and finalize(model). It is copied into every saved model's
-    # modeling file, so the model loads where SubFit is not installed; the adapter should use it too.
-    layout: ModuleType | None = None
+    # An object with submodule(model, layer, kind) -> nn.Module, install(model, layer, kind, bypass)
+    # and finalize(model), defined in a module that imports torch only: either that module itself or
+    # an instance of a class defined there whose repr() rebuilds it. The module is copied into every
+    # saved model's modeling file, so the model loads where SubFit is not installed; the adapter
+    # should use it too.
+    layout: Any = None
+    kinds: tuple[str, ...] = ("attn", "ffn")  # the submodules of a layer, in residual-stream order
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -33,7 +36,12 @@ class Adapter:
 
     # --- structure
     def submodules(self) -> list[Submodule]:
-        return [Submodule(layer, kind) for layer in range(self.num_layers) for kind in ("attn", "ffn")]
+        """Every submodule in residual-stream order: attn_0, ffn_0, attn_1, ..."""
+        return [Submodule(layer, kind) for layer in range(self.num_layers) for kind in self.kinds]
+
+    def position(self, sub: Submodule) -> int:
+        """Where ``sub`` sits along the residual stream (its index in ``submodules()``)."""
+        return sub.layer * len(self.kinds) + self.kinds.index(sub.kind)
 
     @property
     def num_layers(self) -> int:
@@ -76,6 +84,16 @@ class Adapter:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # --- what fitters may change
+    def fold_output(self, sub: Submodule, module: nn.Module, t: torch.Tensor) -> nn.Module:
+        """A copy of ``module`` (the original at ``sub``) whose contribution is the original's times T
+        (tokens as rows), with the same structure and shapes; a clear error where the family cannot."""
+        raise SubFitError(f"{sub}: {type(self).__name__} cannot fold a linear map into a submodule's output")
+
+    def ffn_width(self, layer: int) -> int:
+        """The hidden width of a dense FFN standing for layer ``layer``'s FFN (what a token runs)."""
+        raise NotImplementedError
+
     # --- accounting
     def param_count(self, sub: Submodule) -> int:
         """Parameters of the original submodule at ``sub``, its pre-norm included (what removing it saves)."""
@@ -88,5 +106,10 @@ class Adapter:
     def layer_param_count(self, layer: int) -> int:
         raise NotImplementedError
 
-    def kv_bytes_per_token(self, kept_attention: int) -> int:
+    def active_param_count(self, sub: Submodule) -> int:
+        """Parameters one token runs through at ``sub`` (fewer than ``param_count`` in a mixture of experts)."""
+        return self.param_count(sub)
+
+    def kv_bytes_per_token(self, kept: list[int]) -> int:
+        """KV-cache bytes per token of context when the attentions of layers ``kept`` remain."""
         raise NotImplementedError

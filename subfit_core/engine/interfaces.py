@@ -35,11 +35,6 @@ class Submodule:
     kind: str
 
     @property
-    def index(self) -> int:
-        """Position along the residual stream: attn_0, ffn_0, attn_1, ..."""
-        return 2 * self.layer + (0 if self.kind == "attn" else 1)
-
-    @property
     def name(self) -> str:
         return f"L{self.layer}.{self.kind}"
 

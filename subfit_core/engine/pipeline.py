@@ -329,13 +329,22 @@ def cross_domain(session: Session, cfg: dict, ppl: float) -> dict:
             "out_of_domain_ratio": geometric_mean([d["ratio"] for d in domains.values() if not d["calibrated"]])}
 
 
+def active_params(adapter: Adapter, selected: list[Submodule], own: dict[Submodule, int], shared: int) -> dict:
+    """Decoder parameters one token runs through (all of them, except in a mixture of experts):
+    a replaced submodule's are its bypass's and, when the bypass reads its input, its pre-norm's."""
+    before = sum(adapter.active_param_count(s) for s in adapter.submodules())
+    kept_inputs = sum(adapter.input_params(s) for s in selected if own.get(s, 0) > 0)
+    after = before - sum(adapter.active_param_count(s) for s in selected) + sum(own.values()) + shared + kept_inputs
+    return {"before": before, "after": after}
+
+
 def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: dict, ppl: float,
            compression_s: float, select_s: float, evaluations: int, factored: FactorizeResult | None = None,
            replayed: int = 0) -> dict:
     adapter, selected = session.adapter, plan.subs
     own, shared = split_bypass_params(bypasses)
     n_layers = adapter.num_layers
-    kept_attn = n_layers - sum(1 for s in selected if s.kind == "attn")
+    kept_attn = [layer for layer in range(n_layers) if Submodule(layer, "attn") not in selected]
     before = budget.decoder_params
     sparsity = budget.report(own, shared, factored.saved_per_layer() if factored is not None else None)
     bypass_params = sum(own.values()) + shared
@@ -353,7 +362,8 @@ def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: di
         "decoder_params": {"before": before, "after": round(before * (1 - sparsity["achieved_params"])),
                            "bypass_params": bypass_params,
                            "note": "decoder layers only; embeddings and lm_head excluded"},
-        "kv_cache_bytes_per_token": {"before": adapter.kv_bytes_per_token(n_layers),
+        "active_params_per_token": active_params(adapter, selected, own, shared),
+        "kv_cache_bytes_per_token": {"before": adapter.kv_bytes_per_token(list(range(n_layers))),
                                      "after": adapter.kv_bytes_per_token(kept_attn)},
         "replaced": [{"layer": r.sub.layer, "type": r.sub.kind, "bypass": specs[r.sub]["kind"],
                       "rank": specs[r.sub].get("rank", specs[r.sub].get("dim")), "score": r.score}

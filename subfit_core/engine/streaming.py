@@ -138,6 +138,17 @@ class ShardReader:
         return tensor.reshape(entry["shape"])
 
 
+def converted_on_load(model: nn.Module) -> bool:
+    """Whether transformers renames or merges this model's checkpoint tensors while loading them."""
+    try:
+        from transformers.conversion_mapping import extract_weight_conversions_for_model
+    except ImportError:  # a transformers without checkpoint conversions
+        return False
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel) and bool(extract_weight_conversions_for_model(model))
+
+
 class WeightStream:
     """Loads and drops the weights of a model whose parameters are on the meta device.
 
@@ -155,6 +166,10 @@ class WeightStream:
             if p.is_meta and (name in self.files or (state is not None and name in state)):
                 self.keys.setdefault(id(p), name)
         missing = [n for n, p in model.named_parameters() if p.is_meta and id(p) not in self.keys]
+        if missing and converted_on_load(model):
+            raise SubFitError(f"offload: {type(model).__name__}'s checkpoint stores some tensors in a layout that "
+                              f"transformers converts while loading (such as {missing[0]}); streamed execution reads "
+                              "tensors as stored and cannot convert them yet: use offload=none")
         if missing:
             raise SubFitError(f"offload: the checkpoint lacks {missing[0]} (and {len(missing) - 1} more); "
                               "it does not match the model's config")

@@ -76,6 +76,7 @@ class Workbench:
         self.batch_size, self.device = batch_size, device
         self.dtype = next(model.parameters()).dtype
         self.subs = adapter.submodules()
+        self._order = {s: i for i, s in enumerate(self.subs)}
         self.originals = {s: adapter.module(s) for s in self.subs}
         # streamed models are the big ones: their statistics wait on disk, read back one at a time
         self.stats: MutableMapping[Submodule, SubStats] = {} if stream is None else SpilledStats(
@@ -105,6 +106,10 @@ class Workbench:
         """A loop of one module over many batches: with streamed weights, read them once for it."""
         return self.stream.keep() if self.stream is not None else nullcontext()
 
+    def position(self, sub: Submodule) -> int:
+        """Where ``sub`` sits along the residual stream; ``boundary(position(sub))`` is its input."""
+        return self._order[sub]
+
     def batches(self, ids: torch.Tensor) -> list[torch.Tensor]:
         """``ids`` split into batches on the device."""
         return [b.to(self.device) for b in ids.split(self.batch_size)]
@@ -127,7 +132,7 @@ class Workbench:
             with self.one_pass():
                 hs = [self._step(sub, module, h) for h in hs]
             if record:
-                self._states[sub.index + 1] = hs
+                self._states[self.position(sub) + 1] = hs
         return hs
 
     # ------------------------------------------------------------------ dense pass
@@ -284,7 +289,7 @@ class Workbench:
     def states_with(self, modules: dict[Submodule, nn.Module]) -> list[torch.Tensor]:
         """The final residual stream on the scoring windows if every submodule in ``modules`` were
         replaced, re-running from the first of them onward."""
-        start = min(s.index for s in modules)
+        start = min(self.position(s) for s in modules)
         return self._run(start, self.boundary(start), modules)
 
     def metric_with_many(self, modules: dict[Submodule, nn.Module], metric: str) -> float:
@@ -340,7 +345,7 @@ class Workbench:
     def commit(self, sub: Submodule, module: nn.Module) -> None:
         self.adapter.replace(sub, module)
         self.replaced[sub] = module
-        self._run(sub.index, self._states[sub.index], record=True)
+        self._run(self.position(sub), self._states[self.position(sub)], record=True)
 
     def apply(self, bypasses: dict[Submodule, nn.Module]) -> None:
         """Swap ``bypasses`` into the model (recorded, so ``restore`` undoes them) and fix the
