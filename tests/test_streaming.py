@@ -126,3 +126,31 @@ def test_spilled_statistics_round_trip_with_a_bounded_few_in_memory(tmp_path):
     del store
     gc.collect()
     assert not folder.exists()  # a run's spilled statistics go with it
+
+
+def test_a_scoring_round_reads_each_layer_once_for_all_candidates(sharded, random_windows):
+    """Streamed, the candidates of a round run together: the downstream weights are read once per
+    round (not once per candidate), and every candidate's metric is what the in-memory model gives."""
+    from subfit_core.engine.bypass import ZeroBypass
+    from subfit_core.engine.models import find_adapter
+    from subfit_core.engine.workbench import Workbench
+    from subfit_core.plugins import get_plugins
+
+    model, folder = sharded
+    windows = random_windows(calib=4, scoring=4, seq_len=12)
+    streamed, stream = build_streamed(folder, torch.float32, torch.device("cpu"), "disk")
+    benches = [Workbench(m, find_adapter(get_plugins(), m), windows, 2, torch.device("cpu"), stream=s)
+               for m, s in ((model, None), (streamed, stream))]
+    for bench in benches:
+        bench.collect()
+    candidates = [{sub: ZeroBypass()} for sub in benches[0].subs]
+    expected = benches[0].metrics_with_each(candidates, "kl")
+    before = stream.bytes_read
+    got = benches[1].metrics_with_each(candidates, "kl")
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert stream.bytes_read - before <= weights  # one pass, although 8 candidates each re-ran what follows them
+    benches[1].in_flight_bytes = 1  # one candidate at a time: the same numbers, more reads
+    before = stream.bytes_read
+    assert benches[1].metrics_with_each(candidates, "kl") == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert stream.bytes_read - before > 3 * weights

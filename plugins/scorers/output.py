@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from subfit_core.engine.interfaces import Scorer
 from subfit_core.plugins import require
-from subfit_core.progress import progress
 
 
 @dataclass
@@ -33,5 +32,5 @@ class OutputScorer(Scorer):
 
     def score_groups(self, groups, bench, fitter):
         base = bench.metric(self.params.metric)
-        return [bench.metric_with_many({s: bench.fit(fitter, s) for s in group}, self.params.metric) - base
-                for group in progress(groups, desc="scoring candidates")]
+        candidates = [{s: bench.fit(fitter, s) for s in group} for group in groups]
+        return [value - base for value in bench.metrics_with_each(candidates, self.params.metric)]

@@ -97,6 +97,8 @@ class Workbench:
         # Selectors' own memo for the session (the dense model never changes within it), e.g. the
         # iterative selector's scores per step, which a later run at a higher sparsity replays.
         self.memo: dict = {}
+        # streamed scoring: how much scoring-set state may be in flight at once (candidates run together)
+        self.in_flight_bytes = 2 * 1024**3
 
     # ------------------------------------------------------------------ helpers
     # The streaming interface: the Workbench's own passes, the factorization stage and plugins that
@@ -297,6 +299,46 @@ class Workbench:
         window), re-running from the first of them onward."""
         return self._journaled(modules, metric, lambda: self._metric(self.states_with(modules), metric))
 
+    def metrics_with_each(self, candidates: list[dict[Submodule, nn.Module]], metric: str) -> list[float]:
+        """``metric_with_many`` of each candidate. With streamed weights the candidates run together,
+        layer by layer, so each layer's weights are read once per round, not once per candidate (their
+        scoring-set states are in flight together, up to ``in_flight_bytes``); in memory they run one
+        after another. The numbers are the same either way."""
+        if self.stream is None:
+            return [self.metric_with_many(c, metric) for c in progress(candidates, desc="scoring candidates")]
+        keys = [self._key(c, metric) for c in candidates]
+        values = [self._replayed(k) for k in keys]
+        todo = [i for i, v in enumerate(values) if v is None]
+        state_bytes = sum(h.numel() * h.element_size() for h in self.boundary(0))
+        chunk = max(1, self.in_flight_bytes // max(state_bytes, 1))
+        for part in progress([todo[i:i + chunk] for i in range(0, len(todo), chunk)], desc="scoring candidates"):
+            t0 = time.perf_counter()
+            finals = self._run_together([candidates[i] for i in part])
+            with self.one_pass():  # the head's weights, once for every candidate
+                fresh = [self._metric(f, metric) for f in finals]
+            seconds = (time.perf_counter() - t0) / len(part)
+            for i, value in zip(part, fresh):
+                self._record(keys[i], value, seconds)
+                values[i] = value
+        return [float(v) for v in values if v is not None]
+
+    @torch.inference_mode()
+    def _run_together(self, candidates: list[dict[Submodule, nn.Module]]) -> list[list[torch.Tensor]]:
+        """The final scoring-set residual stream of each candidate, every module run inside one pass."""
+        starts = [min(self.position(s) for s in c) for c in candidates]
+        states: list[list[torch.Tensor] | None] = [None] * len(candidates)
+        for p in range(min(starts), len(self.subs)):
+            sub = self.subs[p]
+            with self.one_pass():  # this module's weights, once for every candidate
+                for i, c in enumerate(candidates):
+                    if starts[i] == p:
+                        states[i] = self.boundary(p)
+                    hs = states[i]
+                    if hs is not None:
+                        module = c[sub] if sub in c else self.adapter.module(sub)
+                        states[i] = [self._step(sub, module, h) for h in hs]
+        return [hs for hs in states if hs is not None]
+
     # ------------------------------------------------------------------ resuming
     def journal_evaluations(self, path: Path) -> int:
         """Append every scoring evaluation's result to ``path`` (JSON lines) and answer those already
@@ -319,25 +361,39 @@ class Workbench:
             self._digests[module] = f"{type(module).__name__}:{digest(module.state_dict())}"
         return self._digests[module]
 
-    def _journaled(self, modules: dict[Submodule, nn.Module], metric: str, evaluate: Callable[[], float]) -> float:
+    def _key(self, modules: dict[Submodule, nn.Module], metric: str) -> str | None:
+        """The journal key of an evaluation (None: not journaled)."""
         if self._journal is None or self.factored:
-            return evaluate()
+            return None
         model = {**self.replaced, **modules}  # the model this evaluation sees, besides the originals
         h = hashlib.sha256(f"{metric}|{self._limit}|{self.stride}".encode())
         for sub in sorted(model):
             h.update(f"|{sub.name}:{self._digest(model[sub])}".encode())
-        key = h.hexdigest()
-        if key in self._recorded:
-            value, seconds = self._recorded[key]
-            self.replayed += 1
-            self.replayed_seconds += seconds
-            return value
-        t0 = time.perf_counter()
-        value = evaluate()
-        self._recorded[key] = (value, time.perf_counter() - t0)
+        return h.hexdigest()
+
+    def _replayed(self, key: str | None) -> float | None:
+        if key is None or key not in self._recorded:
+            return None
+        value, seconds = self._recorded[key]
+        self.replayed += 1
+        self.replayed_seconds += seconds
+        return value
+
+    def _record(self, key: str | None, value: float, seconds: float) -> None:
+        if key is None or self._journal is None:
+            return
+        self._recorded[key] = (value, seconds)
         self._journal.parent.mkdir(parents=True, exist_ok=True)
         with self._journal.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"key": key, "value": value, "seconds": self._recorded[key][1]}) + "\n")
+            f.write(json.dumps({"key": key, "value": value, "seconds": seconds}) + "\n")
+
+    def _journaled(self, modules: dict[Submodule, nn.Module], metric: str, evaluate: Callable[[], float]) -> float:
+        key = self._key(modules, metric)
+        value = self._replayed(key)
+        if value is None:
+            t0 = time.perf_counter()
+            value = evaluate()
+            self._record(key, value, time.perf_counter() - t0)
         return value
 
     # ------------------------------------------------------------------ changing the model
