@@ -20,7 +20,7 @@ COMPARE_MODELS ?= smollm2-135m gemma3-270m
 
 .PHONY: setup postgres-server run test sparsity-sweep compare clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile  # the packages it installs are listed here too
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch requirement resolves a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0

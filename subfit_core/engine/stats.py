@@ -36,8 +36,8 @@ class SubStats:
         x = x.reshape(-1, self.dim).float()
         y = y.reshape(-1, self.dim).float()
         xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
-        self.gram += (xa.T @ xa).to("cpu", torch.float64)
-        self.cross += (xa.T @ y).to("cpu", torch.float64)
+        self.gram += (xa.T @ xa).cpu()  # float32 added into float64 in place: no float64 copy of the product
+        self.cross += (xa.T @ y).cpu()
         self.y_sq += float(y.double().square().sum())
         for name, sums in (extra or {}).items():
             sums = sums.to("cpu", torch.float64).reshape(-1)
@@ -56,7 +56,8 @@ class SubStats:
 
     @classmethod
     def from_state(cls, name: str, state: dict[str, torch.Tensor]) -> SubStats:
-        st = cls(state["cross"].shape[1], name)
+        st = cls.__new__(cls)  # not __init__: its zero matrices would be allocated only to be replaced
+        st.name, st.dim = name, state["cross"].shape[1]
         st.gram, st.cross = state["gram"], state["cross"]
         tokens, st.y_sq = state["scalars"].tolist()
         st.tokens = int(tokens)
@@ -100,7 +101,7 @@ class SpilledStats(MutableMapping):
         from subfit_core.engine.streaming import write_safetensors
 
         write_safetensors(self._file(key), stats.state())
-        self._remember(key, stats)
+        self._recent.pop(key, None)  # written, not kept: the pass that wrote it holds the next one
 
     def __getitem__(self, key) -> SubStats:
         if key in self._recent:
@@ -110,6 +111,8 @@ class SpilledStats(MutableMapping):
             raise KeyError(key)
         from subfit_core.engine.streaming import ShardReader
 
+        while self._recent and len(self._recent) >= self.keep:  # make room before reading, not after
+            self._recent.popitem(last=False)
         reader = ShardReader(self._file(key))
         stats = SubStats.from_state(self._names[key], {k: reader.get_tensor(k) for k in reader.header if k != "__metadata__"})
         self._remember(key, stats)

@@ -20,9 +20,12 @@ like the in-memory path casts them, so every mode computes the same numbers.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +35,22 @@ from torch import nn
 from subfit_core.errors import SubFitError
 
 MODES = ("auto", "none", "cpu", "disk")
+TRIM_BYTES = 256 * 1024**2  # hand freed memory back to the system after this much was read since the last time
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (None elsewhere). glibc keeps freed heap memory resident: the weights,
+    activations and float32 products a streamed pass frees left the peak growing by ~20 MB per layer
+    (8B shapes), while live tensors stayed flat; trimming after each streamed module keeps it flat."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return None
+
+
+MALLOC_TRIM = _malloc_trim()
 HEADROOM = 2.5  # auto keeps a model in memory when available memory exceeds its weights by this factor
 
 
@@ -177,6 +196,7 @@ class WeightStream:
         self._keeping = 0  # depth of nested ``keep`` blocks
         self._kept: dict[int, nn.Module] = {}  # modules whose drop waits for the end of the block
         self.bytes_read = 0
+        self._trimmed_at = 0  # bytes_read when freed memory was last handed back
         self.owners = [m for m in model.modules() if any(p.is_meta for p in m.parameters(recurse=False))]
         for m in self.owners:
             m.register_forward_pre_hook(lambda module, args: self.load(module))
@@ -209,6 +229,13 @@ class WeightStream:
             meta = self._meta.pop((id(module), name), None)
             if meta is not None:
                 module._parameters[name] = meta
+        self.release()
+
+    def release(self) -> None:
+        """Hand freed heap memory back to the system once ``TRIM_BYTES`` more were read (glibc)."""
+        if MALLOC_TRIM is not None and self.bytes_read - self._trimmed_at >= TRIM_BYTES:
+            self._trimmed_at = self.bytes_read
+            MALLOC_TRIM(0)
 
     @contextmanager
     def keep(self) -> Iterator[None]:

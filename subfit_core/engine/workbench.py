@@ -180,6 +180,7 @@ class Workbench:
             st.check()
             self.stats[sub] = st
             self._extras[sub] = (st.extra, st.tokens)
+            del st  # before the next submodule's matrices are allocated (spilled statistics are not kept)
 
     def statistics_signature(self) -> list[str]:
         """What the statistics depend on besides the model and the data: each registered statistic's
