@@ -181,7 +181,7 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "depth_ratio": flat, "shapes": shapes,
                                                          "vocab": args.vocab}, indent=2))
     args.out.with_suffix(".md").write_text(f"# Peak memory against depth ({args.strategy}, Llama-3-8B layer shapes)\n\n"
-                                           f"`python benchmarks/memory.py {' '.join(sys.argv[1:])}`\n\n{table}\n")
+                                           f"`{' '.join(['python benchmarks/memory.py', *sys.argv[1:]])}`\n\n{table}\n")
 
 
 if __name__ == "__main__":
