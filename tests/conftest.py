@@ -74,6 +74,17 @@ def build_tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+@torch.no_grad()
+def piecewise_logits(adapter, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of ``ids`` computed the engine's way: embed, then every submodule's contribution
+    added to the residual stream in order, then the head (must equal the model's own forward)."""
+    h = adapter.embed(ids)
+    ctx = adapter.context(h)
+    for sub in adapter.submodules():
+        h = h + adapter.contribution(sub, h, ctx)
+    return adapter.logits(h)
+
+
 def build_random_windows(calib: int = 8, scoring: int = 4, heldout: int = 2, seq_len: int = 16, vocab: int = 128,
                          seed: int = 0):
     """``Windows`` of uniformly random token ids: calib, scoring and heldout of shape (n, seq_len)."""

@@ -446,18 +446,14 @@ def test_tutorial_test_file_passes(tutorial_root):
 
 
 def test_tutorial_decoder_adapter_runs_gemma_piecewise(plugins):
-    from conftest import build_tiny_model
+    from conftest import build_tiny_model, piecewise_logits
     from my_plugin.gemma_like import GemmaLikeAdapter
 
     model = build_tiny_model("gemma3", seed=1)
     adapter = GemmaLikeAdapter(model)
     assert GemmaLikeAdapter.matches(model)
     with torch.no_grad():
-        h = adapter.embed(IDS)
-        ctx = adapter.context(h)
-        for sub in adapter.submodules():
-            h = h + adapter.contribution(sub, h, ctx)
-        assert torch.allclose(adapter.logits(h), model(input_ids=IDS).logits, atol=1e-5, rtol=0)
+        assert torch.allclose(piecewise_logits(adapter, IDS), model(input_ids=IDS).logits, atol=1e-5, rtol=0)
     apply_bypasses(adapter, {Submodule(1, "ffn"): ZeroBypass()})
     assert type(model.model.layers[1].post_feedforward_layernorm).__name__ == "Identity"  # went with its module
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_ARCHS, build_tiny_model, write_local_model_and_text
+from conftest import TINY_ARCHS, build_tiny_model, piecewise_logits, write_local_model_and_text
 from transformers import AutoModelForCausalLM
 
 from subfit_core import load_compressed
@@ -38,11 +38,7 @@ def test_piecewise_run_is_the_model_forward(arch):
     model = build_tiny_model(arch, seed=3)
     adapter = adapter_of(model)
     with torch.no_grad():
-        h = adapter.embed(IDS)
-        ctx = adapter.context(h)
-        for sub in adapter.submodules():
-            h = h + adapter.contribution(sub, h, ctx)
-        assert torch.allclose(adapter.logits(h), model(input_ids=IDS).logits, atol=1e-5, rtol=0)
+        assert torch.allclose(piecewise_logits(adapter, IDS), model(input_ids=IDS).logits, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
