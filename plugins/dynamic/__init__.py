@@ -1,0 +1,1 @@
+"""Dynamic, per-prompt reduction: probes, sparse recovery, and decoding with a per-prompt choice."""

@@ -1,0 +1,183 @@
+"""Dynamic per-prompt skipping: sparse recovery finds a planted harm vector from m << n probes, a
+skipped attention holds no KV cache, and re-estimation is exact (unchanged set: nothing changes;
+changed set: the same tokens as full forwards under the same schedule)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from conftest import build_tiny_model  # noqa: E402
+from test_surgery import cache_bytes  # noqa: E402
+
+from subfit_core.engine.bypass import LowRankBypass  # noqa: E402
+from subfit_core.engine.interfaces import Submodule  # noqa: E402
+from subfit_core.engine.models import find_adapter  # noqa: E402
+from subfit_core.plugins import get_plugins  # noqa: E402
+from subfit_plugins.dynamic.sensing import lasso, omp, probe_design, recover  # noqa: E402
+from subfit_plugins.dynamic.skip import DynamicParams, DynamicSkip  # noqa: E402
+
+N, K = 40, 3
+
+
+def planted(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    prior = torch.rand(N, generator=g, dtype=torch.float64) * 0.1
+    dev = torch.zeros(N, dtype=torch.float64)
+    dev[torch.randperm(N, generator=g)[:K]] = 1.0 + torch.rand(K, generator=g, dtype=torch.float64)
+    return prior, prior + dev
+
+
+@pytest.mark.parametrize("solver,probes", [("lasso", 20), ("omp", 30)])
+def test_recovery_finds_planted_deviations_from_few_probes(solver, probes):
+    """Three candidates this prompt needs far more than usual, found exactly from fewer probes than
+    the 40 candidates (each candidate in a quarter of them). OMP, greedy, needs more: 0/1 columns
+    are correlated."""
+    for seed in range(10):
+        prior, truth = planted(seed)
+        a = probe_design(probes, N, 0.25, torch.Generator().manual_seed(100 + seed))
+        h = recover(a, a @ truth, prior, solver, lam=0.01, k=K)
+        assert torch.allclose(h, truth, atol=1e-9)
+
+
+def test_too_few_probes_do_not_recover():
+    """The other side of the curve: 4 probes cannot pin 3 deviations among 40."""
+    misses = 0
+    for seed in range(10):
+        prior, truth = planted(seed)
+        a = probe_design(4, N, 0.25, torch.Generator().manual_seed(100 + seed))
+        misses += not torch.allclose(recover(a, a @ truth, prior, "lasso", 0.01, K), truth, atol=1e-3)
+    assert misses >= 8
+
+
+def test_recovery_without_probes_information_is_the_prior():
+    prior, _ = planted(0)
+    a = probe_design(10, N, 0.2, torch.Generator().manual_seed(1))
+    assert torch.allclose(recover(a, a @ prior, prior, "lasso", 0.05, K), prior)
+    assert torch.allclose(recover(a, a @ prior, prior, "omp", 0.05, K), prior)
+
+
+def test_solvers_on_a_known_system():
+    a = torch.eye(4, dtype=torch.float64)
+    y = torch.tensor([3.0, 0.0, -2.0, 0.5], dtype=torch.float64)
+    assert torch.allclose(lasso(a, y, 1.0), torch.tensor([2.0, 0.0, -1.0, 0.0], dtype=torch.float64))  # soft threshold
+    assert torch.allclose(omp(a, y, 2), torch.tensor([3.0, 0.0, -2.0, 0.0], dtype=torch.float64))
+    design = probe_design(50, 7, 0.01, torch.Generator().manual_seed(0))
+    assert (design.sum(0) == 1).all()  # every candidate measured, even at a tiny share
+    assert (probe_design(20, 9, 0.25, torch.Generator().manual_seed(0)).sum(0) == 5).all()
+
+
+def test_params_are_checked():
+    with pytest.raises(ValueError, match="budget"):
+        DynamicParams(budget=1.5)
+    with pytest.raises(ValueError, match="solver"):
+        DynamicParams(solver="magic")
+
+
+def skipper(arch: str = "llama", **params) -> DynamicSkip:
+    model = build_tiny_model(arch)
+    adapter = find_adapter(get_plugins(), model)
+    d = adapter.hidden_size
+    g = torch.Generator().manual_seed(3)
+    bypasses = {s: LowRankBypass(torch.randn(4, d, generator=g) * 0.1, torch.randn(d, 4, generator=g) * 0.1,
+                                 torch.zeros(d)) for s in adapter.submodules()}
+    savings = {s: 1.0 / len(bypasses) for s in bypasses}
+    return DynamicSkip(adapter, bypasses, savings, DynamicParams(**params))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_skipped_attention_holds_no_kv_cache(arch):
+    dyn = skipper(arch)
+    prompt = torch.randint(0, 100, (1, 9))
+    dense = dyn.model(input_ids=prompt, use_cache=True).cache
+    per_layer = [cache_bytes(type("C", (), {"layers": [layer]})) for layer in dense.layers]
+    skip = frozenset([Submodule(1, "attn"), Submodule(2, "attn"), Submodule(0, "ffn")])
+    dyn.generate(prompt, 5, estimate=lambda ids: skip)
+    kept = [layer for layer in range(len(per_layer)) if Submodule(layer, "attn") not in skip]
+    per_token = sum(per_layer[layer] for layer in kept) // prompt.shape[1]
+    assert cache_bytes(dyn.cache) == per_token * (prompt.shape[1] + 4)  # the last token is not yet cached
+
+
+def greedy_by_full_forwards(dyn: DynamicSkip, prompt: torch.Tensor, new_tokens: int, schedule) -> torch.Tensor:
+    ids = prompt
+    for step in range(new_tokens):
+        dyn.use(schedule(step))
+        with torch.inference_mode():
+            nxt = dyn.model(input_ids=ids, use_cache=False).logits[:, -1:].argmax(-1)
+        ids = torch.cat([ids, nxt], dim=-1)
+    return ids
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_reestimation_is_exact(arch):
+    """The set changes every 3 tokens (a skipped attention comes back): the cached decode gives the
+    tokens full forwards give under the same schedule; an unchanged set never prefills again."""
+    a = frozenset([Submodule(1, "attn"), Submodule(2, "ffn")])
+    b = frozenset([Submodule(2, "attn"), Submodule(0, "ffn")])
+    dyn = skipper(arch, every=3)
+    prompt = torch.randint(0, 100, (1, 7))
+    calls = []
+
+    def alternate(ids):
+        calls.append(ids.shape[-1])
+        return a if len(calls) % 2 else b
+
+    out = dyn.generate(prompt, 10, estimate=alternate)
+    schedule = lambda step: a if (step // 3) % 2 == 0 else b  # noqa: E731
+    assert torch.equal(out, greedy_by_full_forwards(dyn, prompt, 10, schedule))
+    assert dyn.counts["reprefill"] > 0
+
+    same = skipper(arch, every=3)
+    once = skipper(arch, every=0)
+    out_same = same.generate(prompt, 10, estimate=lambda ids: a)
+    assert torch.equal(out_same, once.generate(prompt, 10, estimate=lambda ids: a))
+    assert same.counts["reprefill"] == 0 and same.counts["decode"] == once.counts["decode"]
+
+
+def test_choice_meets_the_budget_by_least_harm_per_saving():
+    dyn = skipper(budget=0.25)  # 4 layers x 2 = 8 candidates of 1/8 each: two are skipped
+    harm = torch.tensor([5.0, 0.1, 3.0, 0.2, 4.0, 6.0, 7.0, 8.0], dtype=torch.float64)
+    assert dyn.choose(harm) == frozenset([dyn.candidates[1], dyn.candidates[3]])
+    assert dyn.skipped == frozenset()  # choosing leaves the model whole
+
+
+def test_probes_measure_the_subsets_they_name():
+    """With an additive harm (each probe's measurement the sum over the candidates it bypasses), the
+    probes and recovery return every candidate's own harm, in candidate order."""
+    dyn = skipper(probes=16, share=0.25, lam=1e-9)
+    truth = torch.tensor([0.0, 0.0, 2.0, 0.0, 0.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    dyn.measure = lambda run, subset: float(sum(truth[dyn.candidates.index(s)] for s in subset))
+    assert torch.allclose(dyn.probed(torch.randint(0, 100, (1, 6))), truth, atol=1e-9)
+    dyn.prior = truth
+    assert torch.equal(dyn.probed(torch.randint(0, 100, (1, 6)), probes=0), truth)  # no probes: the prior
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "olmo2"])
+def test_probe_from_the_first_bypassed_submodule_equals_a_full_forward(arch):
+    """A probe re-runs only from its first bypassed candidate on the dense states; its KL is the one
+    a full forward of the model with those bypasses swapped in gives."""
+    dyn = skipper(arch)
+    ids = torch.randint(0, 100, (1, 10))
+    subset = frozenset([Submodule(1, "ffn"), Submodule(2, "attn")])
+    run = dyn.dense_run(ids)
+    with torch.inference_mode():
+        dense = dyn.model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)
+        dyn.use(subset)
+        probe = dyn.model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)
+    dyn.use(frozenset())
+    assert torch.allclose(run.dense, dense, atol=1e-5)
+    kl = float((dense.exp() * (dense - probe)).sum(-1).mean())
+    assert dyn.measure(run, subset) == pytest.approx(kl, rel=1e-4, abs=1e-7)
+
+
+def test_choice_does_not_overshoot_when_a_smaller_candidate_completes_the_budget():
+    dyn = skipper(budget=0.25)
+    c = dyn.candidates
+    dyn.savings = {s: 0.3 for s in c} | {c[0]: 0.2, c[1]: 0.05, c[2]: 0.2}
+    harm = torch.full((len(c),), 10.0, dtype=torch.float64)
+    harm[2], harm[0], harm[1] = 0.02, 0.04, 0.015  # per saving: c2 0.1, c0 0.2, c1 0.3
+    assert dyn.choose(harm) == frozenset([c[2], c[1]])  # 0.25, not c2 + c0 = 0.4
