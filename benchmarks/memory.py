@@ -154,7 +154,7 @@ def main() -> None:
         args.work = args.work / f"width-{args.width_divisor}"
     write_shards(args.work, max(args.layers), args.vocab, shapes)
     text = text_file(args.work, args.vocab)
-    rows = []
+    rows: list[dict] = []
     for layers in args.layers:
         folder = model_folder(args.work, layers, args.vocab, shapes)
         size = weights_bytes(folder)
@@ -167,6 +167,11 @@ def main() -> None:
             rows.append(row)
             print(f"{layers:>3} layers  {mode:<5} weights {row['weights_gb']:.2f} GB  peak RSS {row['peak_rss_gb']:.2f} GB "
                   f"({row['rss_over_weights']:.2f}x)  {row['wall_s']:.0f} s", flush=True)
+            write_table(rows, args, shapes)  # after every row: a long sweep stopped early keeps what it measured
+    print((args.out.with_suffix(".md")).read_text())
+
+
+def write_table(rows: list[dict], args, shapes: dict) -> None:
     streamed = [r for r in rows if r["offload"] == "disk"]
     flat = streamed[-1]["peak_rss_gb"] / streamed[0]["peak_rss_gb"] if len(streamed) > 1 else None
     lines = ["| layers | offload | weights GB | peak RSS GB | RSS / weights | wall s |", "|---|---|---|---|---|---|"]
@@ -176,13 +181,11 @@ def main() -> None:
         lines.append(f"\nStreamed: peak RSS at {streamed[-1]['layers']} layers = {flat:.2f}x that at {streamed[0]['layers']} "
                      "layers (target <= 1.3x); target RSS / weights < 0.5.")
     table = "\n".join(lines)
-    print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "depth_ratio": flat, "shapes": shapes,
                                                          "vocab": args.vocab}, indent=2))
     args.out.with_suffix(".md").write_text(f"# Peak memory against depth ({args.strategy}, Llama-3-8B layer shapes)\n\n"
                                            f"`{' '.join(['python benchmarks/memory.py', *sys.argv[1:]])}`\n\n{table}\n")
-
 
 if __name__ == "__main__":
     main()

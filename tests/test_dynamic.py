@@ -156,6 +156,16 @@ def test_probes_measure_the_subsets_they_name():
     assert torch.equal(dyn.probed(torch.randint(0, 100, (1, 6)), probes=0), truth)  # no probes: the prior
 
 
+def test_a_probe_that_bypasses_nothing_measures_the_dense_model():
+    """A random design can leave a probe with no candidate (few candidates, a small share): it
+    measures 0, and the estimate is still one harm per candidate."""
+    dyn = skipper(probes=12, share=0.01)  # each of 8 candidates in one of 12 probes: at least 4 are empty
+    ids = torch.randint(0, 100, (1, 6))
+    assert dyn.measure(dyn.dense_run(ids), frozenset()) == 0.0
+    harm = dyn.probed(ids)
+    assert harm.shape == (len(dyn.candidates),) and bool((harm >= 0).all())
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "olmo2"])
 def test_probe_from_the_first_bypassed_submodule_equals_a_full_forward(arch):
     """A probe re-runs only from its first bypassed candidate on the dense states; its KL is the one
