@@ -191,3 +191,32 @@ def test_choice_does_not_overshoot_when_a_smaller_candidate_completes_the_budget
     harm = torch.full((len(c),), 10.0, dtype=torch.float64)
     harm[2], harm[0], harm[1] = 0.02, 0.04, 0.015  # per saving: c2 0.1, c0 0.2, c1 0.3
     assert dyn.choose(harm) == frozenset([c[2], c[1]])  # 0.25, not c2 + c0 = 0.4
+
+
+def test_candidates_from_a_session_are_the_larger_static_selection_and_the_model_stays_dense(tmp_path):
+    from conftest import write_local_model_and_text
+
+    from subfit_core.apps.cli import resolve_recipe
+    from subfit_core.engine.pipeline import compress, open_session
+
+    folder = write_local_model_and_text(tmp_path, seed=3, lines=1200)
+    cfg = resolve_recipe(["strategy=subfit", f"model={folder / 'model'}", f"calib.dataset={folder / 'text.txt'}",
+                          "calib.samples=8", "calib.seq_len=32", "calib.generated=0", "scoring.samples=2",
+                          "eval.windows=4", "eval.seq_len=32", "eval.domains=[]", "cache_stats=false", "save=false"])
+    session = open_session(cfg)
+    ids = session.windows.heldout[:1]
+    with torch.inference_mode():
+        dense = session.model(input_ids=ids).logits
+    dyn = DynamicSkip.from_session(session, cfg, DynamicParams(budget=0.2, probes=4, every=0), pool=1.5)
+    with torch.inference_mode():
+        assert torch.equal(session.model(input_ids=ids).logits, dense)  # the originals are back in place
+    session.bench.restore()
+    static = compress(session, {**cfg, "sparsity": 0.3}).bypasses
+    session.bench.restore()
+    assert sorted(dyn.candidates) == sorted(static)  # the recipe's selection at 1.5 x 0.2
+    dyn.calibrate(session.windows.calib[:2])
+    chosen = dyn.choose(dyn.probed(ids[:, :16]))
+    assert 0.2 - 1e-9 <= sum(dyn.savings[s] for s in chosen) <= 0.2 + max(dyn.savings.values())
+    out = dyn.generate(ids[:, :16], 4)
+    assert out.shape == (1, 20) and dyn.counts["probe"] > 0  # the prompt was probed
+    assert sum(dyn.savings[s] for s in dyn.skipped) >= 0.2 - 1e-9  # and generated with a set that meets the budget

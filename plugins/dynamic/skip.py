@@ -57,7 +57,31 @@ class DynamicParams:
 
 
 class DynamicSkip:
-    """Swaps candidate submodules of ``adapter``'s model between original and bypass per prompt."""
+    """Swaps candidate submodules of ``adapter``'s model between original and bypass per prompt.
+
+    From a compression session (the usual way in)::
+
+        session = open_session(resolve_recipe(["strategy=subfit"]))
+        dyn = DynamicSkip.from_session(session, session.cfg, DynamicParams(budget=0.25, probes=16))
+        dyn.calibrate(session.windows.calib[:4])          # the prior
+        ids = dyn.generate(prompt_ids, 64)                 # per-prompt choice, re-made every ``every`` tokens
+    """
+
+    @classmethod
+    def from_session(cls, session, cfg: dict, params: DynamicParams, pool: float = 1.5) -> DynamicSkip:
+        """Candidates: the recipe ``cfg``'s static selection at ``pool`` x the budget, each with the bypass
+        fitted for it; a candidate's saving is what replacing it alone saves, in ``cfg``'s unit. The
+        session's model is left dense (the originals run until a prompt chooses)."""
+        from subfit_core.engine.budget import Budget
+        from subfit_core.engine.pipeline import compress
+        from subfit_core.plugins import build_component, get_plugins
+
+        bypasses = compress(session, {**cfg, "sparsity": min(0.95, pool * params.budget)}).bypasses
+        session.bench.restore()
+        fitter = build_component(get_plugins(), "fitter", cfg["fitter"], "fitter")
+        budget = Budget(params.budget, cfg["sparsity_unit"], session.adapter)
+        savings = {s: budget.saving(s, fitter.estimate_params(s, session.adapter.hidden_size)) for s in bypasses}
+        return cls(session.adapter, bypasses, savings, params)
 
     def __init__(self, adapter: Adapter, bypasses: dict[Submodule, nn.Module], savings: dict[Submodule, float],
                  params: DynamicParams):

@@ -1,0 +1,212 @@
+"""Dynamic per-prompt skipping against static SubFit at the same budget (SmolLM2-135M by default).
+
+    python benchmarks/dynamic.py                                   # budgets 0.125 0.25 0.375, probes 0 4 8 16 32
+    python benchmarks/dynamic.py --prompts 2 --budgets 0.25 -- calib.samples=8 eval.windows=2   # smoke run
+
+One process, one session. Per budget B, static SubFit is the recipe run at B; the candidates of
+the dynamic system are the recipe's selection at a larger budget (``--pool`` x B), each with the
+bypass fitted for it, so a prompt chooses which of them to skip (B of the model) and runs the rest.
+Each held-out window of every bundled domain is split into a prompt (first half) and a continuation
+scored in blocks of ``--every`` tokens: before each block the choice is made on the context so far,
+from m random probes recovered around the calibration prior (``subfit_plugins.dynamic``), or from
+the exact per-candidate harm (n probes). Decoding is timed by greedy generation with the KV cache,
+probes and re-prefills included. Prints the table and writes benchmarks/results/dynamic.{json,md}
+and dynamic.png (agreement with the exact choice against m).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from subfit_core.apps.cli import resolve_recipe  # noqa: E402
+from subfit_core.engine.pipeline import compress, open_session  # noqa: E402
+from subfit_plugins.dynamic.skip import DynamicParams, DynamicSkip  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+@torch.inference_mode()
+def block_nll(model, window: torch.Tensor, start: int, end: int) -> float:
+    logits = model(input_ids=window[None, :end], use_cache=False).logits[0, start - 1:end - 1].float()
+    return float(F.cross_entropy(logits, window[start:end], reduction="sum"))
+
+
+def jaccard(a: frozenset, b: frozenset) -> float:
+    return len(a & b) / max(1, len(a | b))
+
+
+def geo(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def timed_generation(dyn: DynamicSkip, prompts: list[torch.Tensor], new_tokens: int, estimate=None) -> float:
+    t0 = time.perf_counter()
+    for p in prompts:
+        dyn.generate(p[None], new_tokens, estimate=estimate)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.125, 0.25, 0.375])
+    parser.add_argument("--probes", type=int, nargs="+", default=[0, 4, 8, 16, 32])
+    parser.add_argument("--prompts", type=int, default=8, help="held-out windows per domain")
+    parser.add_argument("--every", type=int, default=64, help="re-estimate every this many tokens")
+    parser.add_argument("--share", type=float, default=0.1, help="share of candidates a probe bypasses")
+    parser.add_argument("--calibration", type=int, default=4, help="calibration windows for the prior")
+    parser.add_argument("--pool", type=float, default=1.5, help="candidates: the static selection at this x budget")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed prompt")
+    parser.add_argument("--timed", type=int, default=4, help="prompts timed per method")
+    parser.add_argument("overrides", nargs="*", help="key=value for the recipe (after --)")
+    args = parser.parse_args()
+
+    cfg = resolve_recipe(["strategy=subfit", "save=false", *args.overrides])
+    session = open_session(cfg)
+    bench, adapter, model = session.bench, session.adapter, session.model
+    bench.restore()
+    windows = {name: ids[:args.prompts] for name, ids in session.domains.items()}
+    seq = next(iter(windows.values())).shape[1]
+    prompt = seq // 2
+    contexts = list(range(prompt, seq, args.every))
+    blocks = [(c, min(c + args.every, seq)) for c in contexts]
+    tokens = seq - prompt
+    timed = [ids[i, :prompt] for ids in windows.values() for i in range(min(args.timed, ids.shape[0]))][:args.timed]
+    main = cfg["calib"]["dataset"]
+
+    def recipe(sparsity: float) -> dict:
+        return resolve_recipe(["strategy=subfit", "save=false", *args.overrides, f"sparsity={sparsity}"])
+
+    def nll_now() -> dict:
+        return {(name, w): sum(block_nll(model, window, s, e) for s, e in blocks)
+                for name, ids in windows.items() for w, window in enumerate(ids)}
+
+    def ratios(nll: dict) -> dict:
+        return {name: math.exp(sum(nll[name, w] - dense[name, w] for w in range(ids.shape[0])) / (tokens * ids.shape[0]))
+                for name, ids in windows.items()}
+
+    dense = nll_now()
+    dense_s = timed_generation(DynamicSkip(adapter, {}, {}, DynamicParams(every=0)), timed, args.new_tokens,
+                               estimate=lambda ids: frozenset())
+    rows, pools = [], {}
+    for budget in args.budgets:
+        outcome = compress(session, recipe(budget))
+        static_nll = nll_now()
+        static_s = timed_generation(DynamicSkip(adapter, {}, {}, DynamicParams(every=0)), timed, args.new_tokens,
+                                    estimate=lambda ids: frozenset())
+        bench.restore()
+        r = ratios(static_nll)
+        rows.append({"method": "static", "budget": budget, "probes": None,
+                     "achieved": outcome.results["sparsity"]["achieved_layers"], "ppl_ratio": r,
+                     "ppl_ratio_out": geo(v for k, v in r.items() if k != main), "agreement": None,
+                     "decode_speedup": dense_s / static_s, "probe_overhead": 0.0})
+        print(rows[-1], flush=True)
+
+        def params(probes: int) -> DynamicParams:
+            return DynamicParams(budget=budget, probes=probes, share=args.share, every=args.every, seed=cfg["seed"])
+
+        probe = DynamicSkip.from_session(session, recipe(budget), params(0), pool=args.pool)
+        pools[budget] = len(probe.candidates)
+
+        def skipper(probes: int) -> DynamicSkip:
+            return DynamicSkip(adapter, probe.bypasses, probe.savings, params(probes))
+
+        # harm estimates: one per (window, context, m), each choice made from them
+        probe.calibrate(session.windows.calib[:args.calibration])
+        exact, probed = {}, {m: {} for m in args.probes}
+        for name, ids in windows.items():
+            for w, window in enumerate(ids):
+                for c in contexts:
+                    exact[name, w, c] = probe.exact(window[None, :c])
+                    for m in args.probes:
+                        probed[m][name, w, c] = probe.probed(window[None, :c], probes=m)
+
+        for m in ["exact", *args.probes]:
+            dyn = skipper(0 if m == "exact" else int(m))
+            dyn.prior = probe.prior
+            estimates = exact if m == "exact" else probed[m]
+            nll, agree, saved = {}, [], []
+            for name, ids in windows.items():
+                for w, window in enumerate(ids):
+                    total = 0.0
+                    for s, e in blocks:
+                        chosen = dyn.choose(estimates[name, w, s])
+                        agree.append(jaccard(chosen, dyn.choose(exact[name, w, s])))
+                        saved.append(sum(dyn.savings[x] for x in chosen))
+                        dyn.use(chosen)
+                        total += block_nll(model, window, s, e)
+                        dyn.use(frozenset())
+                    nll[name, w] = total
+            speed = overhead = None
+            if m != "exact":
+                gen_s = timed_generation(dyn, timed, args.new_tokens)
+                run = dyn.counts["prefill"] + dyn.counts["decode"] + dyn.counts["reprefill"]
+                speed, overhead = dense_s / gen_s, dyn.counts["probe"] / max(1, run)
+            r = ratios(nll)
+            rows.append({"method": "dynamic", "budget": budget, "probes": m, "candidates": len(probe.candidates),
+                         "achieved": statistics.mean(saved), "ppl_ratio": r,
+                         "ppl_ratio_out": geo(v for k, v in r.items() if k != main),
+                         "agreement": statistics.mean(agree), "decode_speedup": speed, "probe_overhead": overhead})
+            print(rows[-1], flush=True)
+
+    domains = list(windows)
+    head = ["method", "budget", "probes m", "achieved", *domains, "not calibrated on (geo-mean)",
+            "agreement with exact choice", "decode speed-up", "probe tokens / tokens run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        m = {None: "", "exact": f"n = {r.get('candidates')}"}.get(r["probes"], str(r["probes"]))
+        cells = [r["method"], f"{r['budget']:.3f}", m, f"{r['achieved']:.3f}",
+                 *(f"{r['ppl_ratio'][d]:.2f}x" + (" (c)" if d == main else "") for d in domains),
+                 f"**{r['ppl_ratio_out']:.2f}x**", "" if r["agreement"] is None else f"{r['agreement']:.2f}",
+                 "" if r["decode_speedup"] is None else f"{r['decode_speedup']:.2f}x",
+                 "" if r["probe_overhead"] is None else f"{r['probe_overhead']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    meta = (f"Model {cfg['model']}; candidates: the static selection at {args.pool} x the budget "
+            f"({', '.join(f'{n} at {b:g}' for b, n in pools.items())}); {args.prompts} held-out windows of {seq} tokens per domain, "
+            f"prompt {prompt} tokens, continuation scored in blocks of {args.every} (choice re-made before each); "
+            f"prior from {args.calibration} calibration windows; probes bypass {args.share:.0%} "
+            f"of the candidates each; decode timed on {len(timed)} prompts x {args.new_tokens} greedy tokens "
+            f"(dense {dense_s:.1f} s); '(c)' marks the calibration domain. torch {torch.__version__}, {platform.machine()}.")
+    table = "\n".join(lines) + "\n\n" + meta + "\n"
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "dynamic.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (OUT / "dynamic.md").write_text(table)
+    plot(rows, OUT / "dynamic.png")
+    print(table)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for budget in sorted({r["budget"] for r in rows}):
+        pts = sorted((r["probes"], r["agreement"]) for r in rows
+                     if r["budget"] == budget and isinstance(r["probes"], int))
+        n = next(r["candidates"] for r in rows if r["budget"] == budget and r["method"] == "dynamic")
+        ax.plot([p for p, _ in pts], [a for _, a in pts], marker="o", label=f"budget {budget:g} (n = {n})")
+    ax.set_xlabel("probes m")
+    ax.set_ylabel("agreement with the exact choice (Jaccard)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
