@@ -98,6 +98,11 @@ def subfit_factorizers():
 
 
 @hookimpl
+def subfit_runners():
+    return {"dynamic": f"{P}.dynamic.runner:DynamicRunner"}
+
+
+@hookimpl
 def subfit_datasets():
     return {
         "kjv": f"{P}.datasets:kjv",

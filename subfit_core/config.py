@@ -34,7 +34,7 @@ class Field:
     items: builtins.type | None = None  # for list fields: the type every element must have
 
 
-COMPONENT_SECTIONS = SECTIONS  # scorer, selector, fitter, factorizer
+COMPONENT_SECTIONS = SECTIONS  # scorer, selector, fitter, factorizer, runner
 RENAMED = {"bench": "speed", "factorize": "factorizer"}  # recipe keys of earlier versions -> their name now
 
 SCHEMA: dict[str, Any] = {
@@ -113,6 +113,8 @@ SCHEMA: dict[str, Any] = {
     "selector": {"name": Field(str, None, "registered selector (default: the plugins')")},
     "fitter": {"name": Field(str, None, "registered fitter (default: the plugins')")},
     "factorizer": {"name": Field(str, "none", "registered factorizer of the remaining linears, or none")},
+    "runner": {"name": Field(str, "none", "registered runner delivering the run another way, or none: one compressed "
+                                          "model")},
 }
 
 

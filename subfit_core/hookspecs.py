@@ -66,6 +66,13 @@ def subfit_factorizers() -> dict:
 
 
 @hookspec
+def subfit_runners() -> dict:
+    """Runners (``subfit_core.engine.interfaces.Runner`` subclasses): a recipe naming one in
+    ``runner.name`` is delivered by it (for example a model that chooses per input) instead of as
+    one compressed model."""
+
+
+@hookspec
 def subfit_datasets() -> dict:
     """Text sources: callables returning ``subfit_core.engine.corpus.CorpusText``."""
 

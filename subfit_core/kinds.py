@@ -23,6 +23,7 @@ KINDS = (
     Kind("fitter", "subfit_fitters", "fitter.name", "subfit_core.engine.interfaces:Fitter", "fitters", True),
     Kind("factorizer", "subfit_factorizers", "factorizer.name", "subfit_core.engine.interfaces:Factorizer",
          "factorizers", True),
+    Kind("runner", "subfit_runners", "runner.name", "subfit_core.engine.interfaces:Runner", "runners", True),
     Kind("statistic", "subfit_statistics", "scorer.statistics", "subfit_core.engine.interfaces:Statistic", "statistics"),
     Kind("metric", "subfit_metrics", "scorer.metric", "subfit_core.engine.interfaces:Metric", "metrics"),
     Kind("bypass kind", "subfit_bypass_kinds", "saved bypass", "subfit_core.engine.bypass:Bypass", "bypass kinds"),

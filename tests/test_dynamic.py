@@ -4,6 +4,7 @@ changed set: the same tokens as full forwards under the same schedule)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -220,3 +221,87 @@ def test_candidates_from_a_session_are_the_larger_static_selection_and_the_model
     out = dyn.generate(ids[:, :16], 4)
     assert out.shape == (1, 20) and dyn.counts["probe"] > 0  # the prompt was probed
     assert sum(dyn.savings[s] for s in dyn.skipped) >= 0.2 - 1e-9  # and generated with a set that meets the budget
+
+
+# ----------------------------------------------------------------------------- the recipe and its folder
+
+def dynamic_args(folder, *extra) -> list[str]:
+    return ["strategy=subfit-dynamic", f"model={folder / 'model'}", f"calib.dataset={folder / 'text.txt'}",
+            "calib.samples=8", "calib.seq_len=32", "calib.generated=0", "scoring.samples=2", "eval.windows=3",
+            "eval.seq_len=32", f"eval.domains=[{folder / 'text.txt'}]", "cache_stats=false", "runner.probes=6",
+            "runner.calibration=2", "runner.every=3", *extra]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_subfit_run_dynamic_saves_a_folder_that_generates_per_prompt_and_loads_dense_elsewhere(arch, tmp_path, capsys):
+    from conftest import write_local_model_and_text
+    from transformers import AutoModelForCausalLM
+
+    from subfit_core.apps.cli import run_main
+    from subfit_plugins.dynamic.runner import load_dynamic
+
+    folder = write_local_model_and_text(tmp_path, seed=3, lines=600, layers=4, arch=arch)
+    out = tmp_path / "out"
+    assert run_main(dynamic_args(folder, "sparsity=0.25", f"output_dir={out}")) == 0
+    printed = capsys.readouterr().out
+    assert "candidates" in printed and "probes per choice" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["runner"] == "dynamic" and len(results["dynamic"]["candidates"]) >= 2
+    assert results["sparsity"]["achieved_layers"] >= 0.25 - 1e-9  # every prompt's choice meets the budget
+    assert results["perplexity"]["ratio"] > 0 and results["dynamic"]["probe_tokens"] > 0
+    assert results["kv_cache_bytes_per_token"]["after"] <= results["kv_cache_bytes_per_token"]["before"]
+
+    dyn = load_dynamic(out)
+    assert [s.name for s in dyn.candidates] == results["dynamic"]["candidates"]
+    assert [float(h) for h in dyn.prior] == results["dynamic"]["prior"]
+    dense = AutoModelForCausalLM.from_pretrained(folder / "model").eval()
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()  # standard loading: the dense model, whole
+    ids = torch.randint(0, 100, (1, 12))
+    with torch.inference_mode():
+        assert torch.equal(plain(input_ids=ids).logits, dense(input_ids=ids).logits)
+        # the saved bypasses are the ones the run fitted: a chosen set gives the same logits as in memory
+        chosen = frozenset(dyn.candidates[:1])
+        dyn.use(chosen)
+        skipped = dyn.model(input_ids=ids).logits
+        dyn.use(frozenset())
+        assert not torch.equal(skipped, dense(input_ids=ids).logits)
+    again = load_dynamic(out)
+    assert torch.equal(again.generate(ids, 7), load_dynamic(out).generate(ids, 7))  # seeded probes: reproducible
+    assert again.counts["probe"] > 0 and again.skipped  # it probed, chose and generated with a set skipped
+
+
+def test_dynamic_runner_keys_are_checked_and_other_commands_refuse_it(tmp_path):
+    from conftest import write_local_model_and_text
+
+    from subfit_core.apps.cli import resolve_recipe
+    from subfit_core.engine.pipeline import check_before_work, compress, open_session
+    from subfit_core.errors import ConfigError
+
+    folder = write_local_model_and_text(tmp_path, seed=3, lines=300, layers=4)
+    with pytest.raises(ConfigError, match=r"runner.probs: unknown key for this component; allowed: .*did you mean 'probes'"):
+        check_before_work(resolve_recipe(dynamic_args(folder, "runner.probs=3")))
+    with pytest.raises(ConfigError, match=r"runner: probes: -1, every: 3 must not be negative"):
+        check_before_work(resolve_recipe(dynamic_args(folder, "runner.probes=-1")))
+    with pytest.raises(ConfigError, match=r"runner.solver: 'lsso' is not allowed; .*lasso"):
+        check_before_work(resolve_recipe(dynamic_args(folder, "runner.solver=lsso")))
+    with pytest.raises(ConfigError, match=r"runner.pool: set runner.name first"):
+        check_before_work(resolve_recipe(["strategy=subfit", "runner.pool=2"]))
+    plain = resolve_recipe(dynamic_args(folder, "runner.name=none"))  # another name starts the section afresh
+    check_before_work(plain)
+    assert plain["runner"] == {"name": "none"}
+    cfg = resolve_recipe(dynamic_args(folder))
+    with pytest.raises(ConfigError, match=r"runner.name: dynamic delivers its own kind of model.*subfit-run"):
+        compress(open_session(cfg), cfg)
+
+
+def test_compare_refuses_a_per_prompt_recipe_before_any_work(tmp_path):
+    from conftest import write_local_model_and_text
+
+    from subfit_core.apps.compare import compare
+    from subfit_core.errors import SubFitError
+
+    folder = write_local_model_and_text(tmp_path, seed=3, lines=300, layers=4)
+    with pytest.raises(SubFitError, match=r"strategy subfit-dynamic: runner.name: dynamic delivers its own kind of "
+                                          r"model; subfit-compare compares compressed models"):
+        compare(["strategies=[subfit,subfit-dynamic]", "sparsities=[0.25]", f"output_dir={tmp_path / 'c'}",
+                 "model=/nonexistent", f"calib.dataset={folder / 'text.txt'}"])  # refused before a model loads

@@ -79,15 +79,19 @@ class DynamicSkip:
         bypasses = compress(session, {**cfg, "sparsity": min(0.95, pool * params.budget)}).bypasses
         session.bench.restore()
         fitter = build_component(get_plugins(), "fitter", cfg["fitter"], "fitter")
+        fitter.attach(session.adapter)
         budget = Budget(params.budget, cfg["sparsity_unit"], session.adapter)
-        savings = {s: budget.saving(s, fitter.estimate_params(s, session.adapter.hidden_size)) for s in bypasses}
-        return cls(session.adapter, bypasses, savings, params)
+        charges = {s: fitter.estimate_params(s, session.adapter.hidden_size) for s in bypasses}
+        dyn = cls(session.adapter, bypasses, {s: budget.saving(s, charges[s]) for s in bypasses}, params)
+        dyn.charges = charges
+        return dyn
 
     def __init__(self, adapter: Adapter, bypasses: dict[Submodule, nn.Module], savings: dict[Submodule, float],
                  params: DynamicParams):
         self.adapter, self.model, self.p = adapter, adapter.model, params
         self.candidates = sorted(bypasses)
         self.bypasses, self.savings = bypasses, savings
+        self.charges: dict[Submodule, int] = {}  # parameters each bypass adds (shared tensors amortised), if known
         self.originals = {s: adapter.module(s) for s in self.candidates}
         self.order = adapter.submodules()
         self.prior = torch.zeros(len(self.candidates), dtype=torch.float64)

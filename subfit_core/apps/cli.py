@@ -153,6 +153,7 @@ def summary(results: dict) -> str:
                              + (" (statistics read from the cache)" if t.get("statistics_from_cache") else "")
                              + (f" ({t['scoring_evaluations_replayed']} scoring evaluations replayed from the journal)"
                                 if t.get("scoring_evaluations_replayed") else "")),
+        *((str(k), str(v)) for k, v in results.get("summary", [])),  # a runner's own rows
         ("output_dir", results.get("output_dir", "(not saved)")),
     ]
     if "downstream" in results:

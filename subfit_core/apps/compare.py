@@ -167,7 +167,11 @@ def run_comparison(strategies: list[str], sparsities: list[float], out: Path, sh
     base = strategy_config(strategies[0], sparsities[0], shared, None)
     for name in strategies:  # unknown recipes and bad keys (shared overrides too) fail before any work
         try:
-            build_components(get_plugins(), strategy_config(name, sparsities[0], shared, base))
+            cfg = strategy_config(name, sparsities[0], shared, base)
+            build_components(get_plugins(), cfg)
+            if cfg["runner"]["name"] != "none":
+                raise ConfigError(f"runner.name: {cfg['runner']['name']} delivers its own kind of model; subfit-compare "
+                                  "compares compressed models (run this recipe with subfit-run)")
         except SubFitError as exc:
             raise SubFitError(f"strategy {name}: {exc}") from None
     check_tasks(base["eval"]["tasks"], get_plugins())

@@ -232,3 +232,16 @@ class Factorizer(Component):
         stream, the dense layer's outputs (``targets``) and its current outputs; returns the outputs
         after adjustment and a record for the report."""
         return outputs, {}
+
+
+class Runner(Component):
+    """Delivers a run other than as one compressed model (a recipe names it in ``runner.name``).
+
+    ``run`` gets the opened session (model, windows, dense reference) and the output folder, already
+    claimed (None when ``save`` is false), and returns what results.json holds; it may call
+    ``compress`` with ``runner.name: none`` for the static parts. What it writes must go through
+    ``atomic_dir`` like every output.
+    """
+
+    def run(self, session: Any, cfg: dict, out_dir: Any) -> dict:
+        raise NotImplementedError

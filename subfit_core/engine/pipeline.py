@@ -128,6 +128,16 @@ def build_factorizer(plugins: Plugins, section: dict):
     return None
 
 
+def build_runner(plugins: Plugins, section: dict):
+    """The runner a recipe names, or None (``none``: the run is one compressed model)."""
+    if section["name"] != "none":
+        return build_component(plugins, "runner", section, "runner")
+    extra = sorted(k for k in section if k != "name")
+    if extra:
+        raise ConfigError(f"runner.{extra[0]}: set runner.name first (it is none: one compressed model)")
+    return None
+
+
 def load_text(plugins: Plugins, name: str) -> CorpusText:
     """A registered text source, or a local .txt/.json/.jsonl file."""
     try:
@@ -270,6 +280,9 @@ def compress(session: Session, cfg: dict, before_eval: Callable[[], None] | None
     is named; the session's model is left compressed. ``before_eval`` runs on the compressed model
     before the held-out perplexity (a sweep measures its validation split there, and may stop a
     trial that is clearly worse before that cost)."""
+    if cfg["runner"]["name"] != "none":  # compare, sweeps and the API compress statically; subfit-run runs runners
+        raise ConfigError(f"runner.name: {cfg['runner']['name']} delivers its own kind of model, which this command "
+                          "does not compress; run the recipe with subfit-run, or set runner.name=none")
     comps = build_components(get_plugins(), cfg)
     bench, adapter, device = session.bench, session.adapter, session.device
     fz = comps.factorizer
@@ -382,6 +395,7 @@ def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: di
 def check_before_work(cfg: dict) -> None:
     """Bad component parameters, incompatible components and unknown task names fail before the model loads."""
     build_components(get_plugins(), cfg)
+    build_runner(get_plugins(), cfg["runner"])
     check_tasks(cfg["eval"]["tasks"], get_plugins())
 
 
@@ -396,7 +410,12 @@ def run(cfg: dict) -> dict:
 
 
 def run_in(cfg: dict, out_dir: Path | None, t_start: float) -> dict:
+    runner = build_runner(get_plugins(), cfg["runner"])
     session = open_session(cfg)
+    if runner is not None:
+        results = runner.run(session, cfg, out_dir)
+        results["timings"]["total_s"] = time.perf_counter() - t_start
+        return results
     if out_dir is not None:  # a model whose artifact standard tools could not load fails before the work
         check_exportable(session.model, session.adapter.layout)
     outcome = compress(session, cfg)
