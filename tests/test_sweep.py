@@ -127,6 +127,7 @@ def test_validation_windows_are_disjoint_and_leave_the_other_windows_unchanged(t
     ("sweep.objectives=[ppl,speed]", "sweep.objectives: ['ppl', 'speed']"),
     ("sweep.sampler=cmaes", "sweep.sampler: 'cmaes' is not allowed"),
     ("sweep.storage=nosuchdb://x", "sweep.storage: cannot open nosuchdb://x: "),
+    ("runner.name=dynamic", "runner.name: dynamic delivers its own kind of model; a sweep compresses one model"),
 ])
 def test_bad_sweep_sections_fail_in_one_line_before_any_work(tiny, tmp_path, capsys, override, message):
     from subfit_core.apps.sweep import sweep_main

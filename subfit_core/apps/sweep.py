@@ -67,6 +67,9 @@ JOURNAL_SUFFIXES = (".log", ".jsonl", ".journal")
 
 def check_space(cfg: dict) -> dict[str, dict]:
     """Every ``sweep.space`` entry well formed, and both ends of its range a valid recipe, before any work."""
+    if cfg["runner"]["name"] != "none":
+        raise ConfigError(f"runner.name: {cfg['runner']['name']} delivers its own kind of model; a sweep compresses one "
+                          "model per trial (set runner.name=none)")
     space = cfg["sweep"]["space"]
     if not space:
         raise ConfigError("sweep.space: empty; map recipe keys to distributions, e.g. "
