@@ -280,7 +280,7 @@ def test_dynamic_runner_keys_are_checked_and_other_commands_refuse_it(tmp_path):
     folder = write_local_model_and_text(tmp_path, seed=3, lines=300, layers=4)
     with pytest.raises(ConfigError, match=r"runner.probs: unknown key for this component; allowed: .*did you mean 'probes'"):
         check_before_work(resolve_recipe(dynamic_args(folder, "runner.probs=3")))
-    with pytest.raises(ConfigError, match=r"runner: probes: -1, every: 3 must not be negative"):
+    with pytest.raises(ConfigError, match=r"runner: probes: -1 must not be negative"):
         check_before_work(resolve_recipe(dynamic_args(folder, "runner.probes=-1")))
     with pytest.raises(ConfigError, match=r"runner.solver: 'lsso' is not allowed; .*lasso"):
         check_before_work(resolve_recipe(dynamic_args(folder, "runner.solver=lsso")))

@@ -48,8 +48,9 @@ class DynamicParams:
     def __post_init__(self):
         if not 0.0 < self.budget < 1.0:
             raise ValueError(f"budget: {self.budget} must be in (0, 1)")
-        if self.probes < 0 or self.every < 0:
-            raise ValueError(f"probes: {self.probes}, every: {self.every} must not be negative")
+        for key in ("probes", "every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: {getattr(self, key)} must not be negative")
         if not 0.0 < self.share <= 1.0:
             raise ValueError(f"share: {self.share} must be in (0, 1]")
         if self.solver not in ("lasso", "omp"):
