@@ -161,7 +161,14 @@ def main() -> None:
                          "ppl_ratio_out": geo(v for k, v in r.items() if k != main),
                          "agreement": statistics.mean(agree), "decode_speedup": speed, "probe_overhead": overhead})
             print(rows[-1], flush=True)
+        table = write(rows, windows, main, args, pools, seq, prompt, timed, dense_s, cfg)
+    print(table)
 
+
+def write(rows: list[dict], windows: dict, main: str, args, pools: dict, seq: int, prompt: int, timed: list,
+          dense_s: float, cfg: dict) -> str:
+    """The table, JSON and plot of the rows so far (written after every budget: a long run stopped
+    early keeps what it measured)."""
     domains = list(windows)
     head = ["method", "budget", "probes m", "achieved", *domains, "not calibrated on (geo-mean)",
             "agreement with exact choice", "decode speed-up", "probe tokens / tokens run"]
@@ -185,7 +192,7 @@ def main() -> None:
     (OUT / "dynamic.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (OUT / "dynamic.md").write_text(table)
     plot(rows, OUT / "dynamic.png")
-    print(table)
+    return table
 
 
 def plot(rows: list[dict], path: Path) -> None:
