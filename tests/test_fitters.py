@@ -235,6 +235,40 @@ def test_shared_basis_non_member_gets_its_own_basis():
     assert alone.basis is not members[0].basis and alone.group == f"own-{subs[2].name}"
 
 
+def test_shared_basis_reads_one_members_statistics_at_a_time():
+    """A streamed run keeps each submodule's statistics on disk (d^2 floats each) and reads one back
+    per access: building the group's basis must hold at most one member's at a time, so memory does
+    not grow with the group (and the model's depth)."""
+    import weakref
+    from collections.abc import Mapping
+
+    _, subs, stats, _ = shared_subspace_group(16, 3, members=4)
+
+    class OnDisk(Mapping):  # every access a fresh copy, as a spilled read is
+        def __init__(self):
+            self.alive, self.most = weakref.WeakSet(), 0
+
+        def __getitem__(self, sub):
+            self.most = max(self.most, len(self.alive))  # held by the caller when the next is read
+            st = copy.deepcopy(stats[sub])
+            self.alive.add(st)
+            return st
+
+        def __iter__(self):
+            return iter(stats)
+
+        def __len__(self):
+            return len(stats)
+
+    disk = OnDisk()
+    streamed = SharedBasisFitter(SharedBasisParams(rank=3))
+    streamed.prepare(subs, disk)
+    assert disk.most <= 1
+    held = SharedBasisFitter(SharedBasisParams(rank=3))
+    held.prepare(subs, stats)
+    assert torch.equal(streamed.fit(subs[0], stats[subs[0]]).basis, held.fit(subs[0], stats[subs[0]]).basis)
+
+
 # ----------------------------------------------------------------------------- (5) identity and per-type
 
 

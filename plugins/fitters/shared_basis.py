@@ -105,17 +105,24 @@ class SharedBasisFitter(Fitter):
         self._shared: nn.Parameter | None = None
         self._members: set[Submodule] = set()
 
-    def basis_for(self, stats: list[SubStats]) -> torch.Tensor:
-        d = stats[0].dim
+    def basis_for(self, subs: list[Submodule], stats: Mapping[Submodule, SubStats]) -> torch.Tensor:
+        """The group's basis, reading one member's statistics at a time (a streamed run keeps them on
+        disk, d^2 each): memory does not grow with the group, and so not with the model's depth."""
+        d = stats[subs[0]].dim
         r = min(self.params.rank, d)
-        # input covariances (centred when there is an intercept: the mean is the bias's job)
-        moments = [(centered_gram(s.gram) if self.params.bias else s.gram[:d, :d]) / max(s.tokens, 1) for s in stats]
-        mean_moment = sum(moments) / len(moments)
+        # mean input covariance (centred when there is an intercept: the mean is the bias's job)
+        mean_moment = torch.zeros(d, d, dtype=torch.float64)
+        for sub in subs:
+            s = stats[sub]
+            mean_moment += (centered_gram(s.gram) if self.params.bias else s.gram[:d, :d]) / max(s.tokens, 1)
+        mean_moment /= len(subs)
         if self.params.basis == "inputs":
             return top_eigvecs(mean_moment, r)
         root, inv_root = _sqrt_and_inv_sqrt(mean_moment)
+        del mean_moment
         m = torch.zeros(d, d, dtype=torch.float64)
-        for s in stats:
+        for sub in subs:
+            s = stats[sub]
             gram, cross = gram_of(s, self.params.bias)
             w = ridge_solve(gram, cross, self.params.ridge, s.name)[:d] / max(s.tokens, 1) ** 0.5
             b = root @ w
@@ -125,14 +132,14 @@ class SharedBasisFitter(Fitter):
     def prepare(self, subs: list[Submodule], stats: Mapping[Submodule, SubStats]) -> None:
         self._members = set(subs)
         if subs:
-            self._basis = self.basis_for([stats[s] for s in subs])
+            self._basis = self.basis_for(subs, stats)
             self._shared = nn.Parameter(self._basis.T.contiguous().float(), requires_grad=False)
 
     def fit(self, sub: Submodule, stats: SubStats) -> SharedBasisBypass:
         if sub in self._members:
             basis, shared, group = self._basis, self._shared, f"shared-{sub.kind}"
         else:  # alone (e.g. while candidates are scored): a basis of its own, same rank
-            basis = self.basis_for([stats])
+            basis = self.basis_for([sub], {sub: stats})
             shared, group = nn.Parameter(basis.T.contiguous().float(), requires_grad=False), f"own-{sub.name}"
         r = basis.shape[1]
         gram, cross = gram_of(stats, self.params.bias)
