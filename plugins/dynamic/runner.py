@@ -115,7 +115,7 @@ def evaluate(dyn: DynamicSkip, session, cfg: dict, prompt: float) -> dict:
     window, the choice made from probes of its prompt; and the savings and KV cache of the choices."""
     adapter, model = dyn.adapter, dyn.model
     layers = list(range(adapter.num_layers))
-    domains, saved, kv = {}, [], []
+    domains, choices, kv = {}, [], []
     for name, ids in session.domains.items():
         split = max(1, int(ids.shape[1] * prompt))
         dense = compressed = 0.0
@@ -125,13 +125,13 @@ def evaluate(dyn: DynamicSkip, session, cfg: dict, prompt: float) -> dict:
             dyn.use(chosen)
             compressed += continuation_nll(model, window, split)
             dyn.use(frozenset())
-            saved.append(sum(dyn.savings[s] for s in chosen))
+            choices.append(chosen)
             kv.append(adapter.kv_bytes_per_token([i for i in layers if Submodule(i, "attn") not in chosen]))
         tokens = ids.shape[0] * (ids.shape[1] - split)
         domains[name] = {"dense": math.exp(dense / tokens), "compressed": math.exp(compressed / tokens),
                          "ratio": math.exp((compressed - dense) / tokens),
                          "calibrated": name == cfg["calib"]["dataset"]}
-    return {"domains": domains, "saved": saved, "kv": kv, "scored_share": 1 - prompt}
+    return {"domains": domains, "choices": choices, "kv": kv, "scored_share": 1 - prompt}
 
 
 def report(dyn: DynamicSkip, session, cfg: dict, ev: dict, build_s: float) -> dict:
@@ -143,11 +143,11 @@ def report(dyn: DynamicSkip, session, cfg: dict, ev: dict, build_s: float) -> di
     main = domains.get(main_domain(cfg)) or next(iter(domains.values()))
     other = [d["ratio"] for d in domains.values() if not d["calibrated"]]
     unit = cfg["sparsity_unit"]
-    mean_saved = sum(ev["saved"]) / len(ev["saved"])
-    # the same choices in the other unit: each candidate's saving scaled by its ratio in the two units
-    units = {u: {s: Budget(cfg["sparsity"], u, adapter).saving(s, dyn.charges.get(s, 0)) for s in dyn.candidates}
-             for u in ("layers", "params")}
-    ratio = sum(units["params"].values()) / max(sum(units["layers"].values()), 1e-30)
+    # what each prompt's choice skips, in both units
+    achieved = {}
+    for u in ("layers", "params"):
+        saving = {s: Budget(cfg["sparsity"], u, adapter).saving(s, dyn.charges.get(s, 0)) for s in dyn.candidates}
+        achieved[u] = sum(sum(saving[s] for s in chosen) for chosen in ev["choices"]) / len(ev["choices"])
     before = Budget(cfg["sparsity"], unit, adapter).decoder_params
     stored = sum(p.numel() for p in {id(p): p for b in dyn.bypasses.values() for p in b.parameters()}.values())
     return {
@@ -163,8 +163,7 @@ def report(dyn: DynamicSkip, session, cfg: dict, ev: dict, build_s: float) -> di
                        "domains": domains, "out_of_domain_ratio": geometric_mean(other),
                        "note": "continuation perplexity: each held-out window's prompt chooses, the rest is scored"},
         "sparsity": {"requested": cfg["sparsity"], "unit": unit,
-                     "achieved_layers": mean_saved if unit == "layers" else mean_saved / ratio,
-                     "achieved_params": mean_saved if unit == "params" else mean_saved * ratio,
+                     "achieved_layers": achieved["layers"], "achieved_params": achieved["params"],
                      "note": "mean over the held-out prompts of what each prompt's choice skips"},
         "decoder_params": {"before": before, "after": before + stored, "bypass_params": stored,
                            "note": "stored: every original is kept next to its candidate's bypass"},
