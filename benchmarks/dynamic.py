@@ -2,6 +2,7 @@
 
     python benchmarks/dynamic.py                                   # budgets 0.125 0.25 0.375, probes 0 4 8 16 32
     python benchmarks/dynamic.py --prompts 2 --budgets 0.25 -- calib.samples=8 eval.windows=2   # smoke run
+    python benchmarks/dynamic.py --accuracy 100 --probes 0 16          # accuracy kept on the bundled tasks
 
 One process, one session. Per budget B, static SubFit is the recipe run at B; the candidates of
 the dynamic system are the recipe's selection at a larger budget (``--pool`` x B), each with the
@@ -53,6 +54,32 @@ def geo(values) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def cloze_items(per_task: int) -> dict[str, list[tuple[str, list[str], int, str]]]:
+    """The bundled multiple-choice tasks' first items: task -> [(context, choices, label, delimiter)]."""
+    from subfit_core.evaluation.tasks import local_tasks
+    from subfit_core.plugins import get_plugins
+
+    out = {}
+    for name, config in local_tasks(get_plugins()).items():
+        if config.get("output_type") != "multiple_choice":
+            continue
+        lines = Path(config["dataset_kwargs"]["data_files"]["test"]).read_text().splitlines()[:per_task]
+        docs = [json.loads(line) for line in lines]
+        out[name] = [(d["context"], d["choices"], int(d["label"]), config.get("target_delimiter", " ")) for d in docs]
+    return out
+
+
+@torch.inference_mode()
+def choice_logliks(model, ctx: list[int], conts: list[list[int]]) -> list[float]:
+    """Summed log-likelihood of each continuation after the context (lm-eval's ``acc``)."""
+    out = []
+    for cont in conts:
+        ids = torch.tensor([ctx + cont])
+        logp = model(input_ids=ids, use_cache=False).logits[0, len(ctx) - 1:-1].float().log_softmax(-1)
+        out.append(float(logp.gather(-1, torch.tensor(cont)[:, None]).sum()))
+    return out
+
+
 def timed_generation(dyn: DynamicSkip, prompts: list[torch.Tensor], new_tokens: int, estimate=None) -> float:
     t0 = time.perf_counter()
     for p in prompts:
@@ -71,6 +98,9 @@ def main() -> None:
     parser.add_argument("--pool", type=float, default=1.5, help="candidates: the static selection at this x budget")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed prompt")
     parser.add_argument("--timed", type=int, default=4, help="prompts timed per method")
+    parser.add_argument("--accuracy", type=int, default=0, metavar="N",
+                        help="instead: accuracy kept on the bundled multiple-choice tasks, N items each, the choice "
+                             "made per item from probes of its context (writes dynamic-accuracy.*)")
     parser.add_argument("overrides", nargs="*", help="key=value for the recipe (after --)")
     args = parser.parse_args()
 
@@ -78,6 +108,9 @@ def main() -> None:
     session = open_session(cfg)
     bench, adapter, model = session.bench, session.adapter, session.model
     bench.restore()
+    if args.accuracy:
+        accuracy(session, cfg, args)
+        return
     windows = {name: ids[:args.prompts] for name, ids in session.domains.items()}
     seq = next(iter(windows.values())).shape[1]
     prompt = seq // 2
@@ -162,6 +195,75 @@ def main() -> None:
                          "agreement": statistics.mean(agree), "decode_speedup": speed, "probe_overhead": overhead})
             print(rows[-1], flush=True)
         table = write(rows, windows, main, args, pools, seq, prompt, timed, dense_s, cfg)
+    print(table)
+
+
+def accuracy(session, cfg: dict, args) -> None:
+    """Accuracy kept (compressed / dense, mean over tasks) for static SubFit and per-item skipping at
+    each budget; the choice for an item is made from probes of its context."""
+    model, tok = session.model, session.tokenizer
+    items = cloze_items(args.accuracy)
+    encoded = {task: [(tok(c, add_special_tokens=False).input_ids,
+                       [tok(d + ch, add_special_tokens=False).input_ids for ch in chs], label)
+                      for c, chs, label, d in docs] for task, docs in items.items()}
+
+    def correct(task: str, choose=None) -> list[bool]:
+        out = []
+        for ctx, conts, label in encoded[task]:
+            if choose is not None:
+                choose.use(choose.estimate(torch.tensor([ctx])))
+            scores = choice_logliks(model, ctx, conts)
+            out.append(max(range(len(scores)), key=scores.__getitem__) == label)
+            if choose is not None:
+                choose.use(frozenset())
+        return out
+
+    dense = {task: statistics.mean(correct(task)) for task in encoded}
+    rows = []
+
+    def add(method: str, budget: float, probes, acc: dict, achieved: float) -> None:
+        kept = statistics.mean(acc[t] / dense[t] for t in acc if dense[t] > 0)
+        rows.append({"method": method, "budget": budget, "probes": probes, "achieved": achieved, "accuracy": acc,
+                     "acc_retained": kept})
+        print(rows[-1], flush=True)
+
+    for budget in args.budgets:
+        static = resolve_recipe(["strategy=subfit", "save=false", *args.overrides, f"sparsity={budget}"])
+        outcome = compress(session, static)
+        add("static", budget, None, {t: statistics.mean(correct(t)) for t in encoded},
+            outcome.results["sparsity"]["achieved_layers"])
+        session.bench.restore()
+        params = DynamicParams(budget=budget, probes=0, share=args.share, every=0, seed=cfg["seed"])
+        probe = DynamicSkip.from_session(session, static, params, pool=args.pool)
+        probe.calibrate(session.windows.calib[:args.calibration])
+        for m in args.probes:
+            dyn = DynamicSkip(session.adapter, probe.bypasses, probe.savings,
+                              DynamicParams(budget=budget, probes=m, share=args.share, every=0, seed=cfg["seed"]))
+            dyn.prior = probe.prior
+            picked: list[float] = []
+            estimate = dyn.estimate
+
+            def counted(ids, estimate=estimate, picked=picked):
+                chosen = estimate(ids)
+                picked.append(sum(dyn.savings[x] for x in chosen))
+                return chosen
+
+            dyn.estimate = counted  # type: ignore[method-assign]
+            add("dynamic", budget, m, {t: statistics.mean(correct(t, dyn)) for t in encoded}, statistics.mean(picked))
+    lines = ["| method | budget | probes m | achieved | " + " | ".join(encoded) + " | accuracy kept (mean) |",
+             "|" + "---|" * (5 + len(encoded))]
+    lines.append("| dense | | | | " + " | ".join(f"{dense[t]:.3f}" for t in encoded) + " | 1.000 |")
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['budget']:.3f} | {'' if r['probes'] is None else r['probes']} | "
+                     f"{r['achieved']:.3f} | " + " | ".join(f"{r['accuracy'][t]:.3f}" for t in encoded)
+                     + f" | **{r['acc_retained']:.3f}** |")
+    meta = (f"Model {cfg['model']}; {args.accuracy} items per task (zero-shot, the summed log-likelihood of each "
+            f"choice as lm-eval's acc); per item, the choice is made from probes of its context; candidates: the "
+            f"static selection at {args.pool} x the budget; prior from {args.calibration} calibration windows.")
+    table = "\n".join(lines) + "\n\n" + meta + "\n"
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "dynamic-accuracy.json").write_text(json.dumps({"meta": meta, "dense": dense, "rows": rows}, indent=1))
+    (OUT / "dynamic-accuracy.md").write_text(table)
     print(table)
 
 
