@@ -269,6 +269,23 @@ def test_subfit_run_dynamic_saves_a_folder_that_generates_per_prompt_and_loads_d
     assert torch.equal(again.generate(ids, 7), load_dynamic(out).generate(ids, 7))  # seeded probes: reproducible
     assert again.counts["probe"] > 0 and again.skipped  # it probed, chose and generated with a set skipped
 
+    import shutil
+
+    from subfit_core.errors import SubFitError
+
+    spec = json.loads((out / "dynamic.json").read_text())
+    for change, message in [(lambda d: d["candidates"][0].update(layer=99), "candidate L99"),
+                            (lambda d: d["candidates"][0]["bypass"].update(dim=-3), "not a positive integer"),
+                            (lambda d: d.update(format=7), "format 7")]:
+        bad = tmp_path / "bad"
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(out, bad)
+        tampered = json.loads(json.dumps(spec))
+        change(tampered)
+        (bad / "dynamic.json").write_text(json.dumps(tampered))
+        with pytest.raises(SubFitError, match=rf"load_dynamic: .*{message}"):
+            load_dynamic(bad)
+
 
 def test_dynamic_runner_keys_are_checked_and_other_commands_refuse_it(tmp_path):
     from conftest import write_local_model_and_text

@@ -247,14 +247,23 @@ def load_dynamic(path: str | Path, device: str | torch.device = "cpu", dtype: to
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", trust_remote_code=False,
                                                  use_safetensors=True).to(device).eval()
     adapter = find_adapter(get_plugins(), model)
-    entries = spec["candidates"]
-    subs = [Submodule(int(e["layer"]), str(e["kind"])) for e in entries]
-    for s in subs:
-        if not (0 <= s.layer < adapter.num_layers and s.kind in ("attn", "ffn")):
-            raise SubFitError(f"load_dynamic: '{path / SPEC}': candidate {s.name} is not a submodule of this model")
-    bypasses = dict(zip(subs, build_bypasses([e["bypass"] for e in entries], model.dtype)))
-    load_model(nn.ModuleDict({f"{s.layer}_{s.kind}": b for s, b in bypasses.items()}), str(path / WEIGHTS),
-               device=str(device))
+    entries = spec.get("candidates")
+    try:
+        subs = [Submodule(int(e["layer"]), str(e["kind"])) for e in entries]
+        for s in subs:
+            if not (0 <= s.layer < adapter.num_layers and s.kind in ("attn", "ffn")):
+                raise ValueError(f"candidate {s.name} is not a submodule of this model")
+        shapes = [v for e in entries for k, v in e["bypass"].items() if k in ("dim", "rank", "hidden")]
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in shapes):
+            raise ValueError("a bypass width or rank is not a positive integer")
+        bypasses = dict(zip(subs, build_bypasses([e["bypass"] for e in entries], model.dtype)))
+        load_model(nn.ModuleDict({f"{s.layer}_{s.kind}": b for s, b in bypasses.items()}), str(path / WEIGHTS),
+                   device=str(device))
+    except SubFitError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:  # a file that does not match the model
+        line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SubFitError(f"load_dynamic: '{path}': {line}") from None
     dyn = DynamicSkip(adapter, {s: b.to(device) for s, b in bypasses.items()},
                       {s: float(e["saving"]) for s, e in zip(subs, entries)}, DynamicParams(**spec["params"]))
     dyn.prior = torch.tensor([float(entries[subs.index(s)]["prior"]) for s in dyn.candidates], dtype=torch.float64)
