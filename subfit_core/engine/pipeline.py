@@ -97,7 +97,7 @@ def build_components(plugins: Plugins, cfg: dict) -> Components:
         scorer=build_component(plugins, "scorer", cfg["scorer"], "scorer"),
         selector=build_component(plugins, "selector", cfg["selector"], "selector"),
         fitter=build_component(plugins, "fitter", cfg["fitter"], "fitter"),
-        factorizer=build_factorizer(plugins, cfg["factorizer"]),
+        factorizer=build_optional(plugins, "factorizer", cfg["factorizer"], "no factorization"),
     )
     if comps.selector.needs_group_scores() and not comps.scorer.scores_groups:
         able = [n for n in plugins.scorer.names() if getattr(plugins.scorer.get(n), "scores_groups", False)]
@@ -119,22 +119,14 @@ def build_components(plugins: Plugins, cfg: dict) -> Components:
     return comps
 
 
-def build_factorizer(plugins: Plugins, section: dict):
+def build_optional(plugins: Plugins, kind: str, section: dict, none: str):
+    """The ``kind`` component a recipe section names, or None when it names ``none`` (``none``:
+    what the run does then); parameters given without a name are an error."""
     if section["name"] != "none":
-        return build_component(plugins, "factorizer", section, "factorizer")
+        return build_component(plugins, kind, section, kind)
     extra = sorted(k for k in section if k != "name")
     if extra:
-        raise ConfigError(f"factorizer.{extra[0]}: set factorizer.name first (it is none: no factorization)")
-    return None
-
-
-def build_runner(plugins: Plugins, section: dict):
-    """The runner a recipe names, or None (``none``: the run is one compressed model)."""
-    if section["name"] != "none":
-        return build_component(plugins, "runner", section, "runner")
-    extra = sorted(k for k in section if k != "name")
-    if extra:
-        raise ConfigError(f"runner.{extra[0]}: set runner.name first (it is none: one compressed model)")
+        raise ConfigError(f"{kind}.{extra[0]}: set {kind}.name first (it is none: {none})")
     return None
 
 
@@ -395,7 +387,7 @@ def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: di
 def check_before_work(cfg: dict) -> None:
     """Bad component parameters, incompatible components and unknown task names fail before the model loads."""
     build_components(get_plugins(), cfg)
-    build_runner(get_plugins(), cfg["runner"])
+    build_optional(get_plugins(), "runner", cfg["runner"], "one compressed model")
     check_tasks(cfg["eval"]["tasks"], get_plugins())
 
 
@@ -410,7 +402,7 @@ def run(cfg: dict) -> dict:
 
 
 def run_in(cfg: dict, out_dir: Path | None, t_start: float) -> dict:
-    runner = build_runner(get_plugins(), cfg["runner"])
+    runner = build_optional(get_plugins(), "runner", cfg["runner"], "one compressed model")
     session = open_session(cfg)
     if runner is not None:
         results = runner.run(session, cfg, out_dir)
