@@ -220,7 +220,8 @@ def test_candidates_from_a_session_are_the_larger_static_selection_and_the_model
     assert 0.2 - 1e-9 <= sum(dyn.savings[s] for s in chosen) <= 0.2 + max(dyn.savings.values())
     out = dyn.generate(ids[:, :16], 4)
     assert out.shape == (1, 20) and dyn.counts["probe"] > 0  # the prompt was probed
-    assert sum(dyn.savings[s] for s in dyn.skipped) >= 0.2 - 1e-9  # and generated with a set that meets the budget
+    assert sum(dyn.savings[s] for s in dyn.last_choice) >= 0.2 - 1e-9  # and generated with a set that meets the budget
+    assert dyn.skipped == frozenset()  # and left the model whole
 
 
 # ----------------------------------------------------------------------------- the recipe and its folder
@@ -267,7 +268,7 @@ def test_subfit_run_dynamic_saves_a_folder_that_generates_per_prompt_and_loads_d
         assert not torch.equal(skipped, dense(input_ids=ids).logits)
     again = load_dynamic(out)
     assert torch.equal(again.generate(ids, 7), load_dynamic(out).generate(ids, 7))  # seeded probes: reproducible
-    assert again.counts["probe"] > 0 and again.skipped  # it probed, chose and generated with a set skipped
+    assert again.counts["probe"] > 0 and again.last_choice  # it probed, chose and generated with a set skipped
 
     import shutil
 

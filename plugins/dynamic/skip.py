@@ -96,7 +96,8 @@ class DynamicSkip:
         self.originals = {s: adapter.module(s) for s in self.candidates}
         self.order = adapter.submodules()
         self.prior = torch.zeros(len(self.candidates), dtype=torch.float64)
-        self.skipped: frozenset[Submodule] = frozenset()
+        self.skipped: frozenset[Submodule] = frozenset()  # bypassed now
+        self.last_choice: frozenset[Submodule] = frozenset()  # what the last ``generate`` ended with
         # tokens run: probe (a partial probe counts the share of the depth it re-runs), prefill, decode, reprefill
         self.counts: Counter = Counter()
         self.generator = torch.Generator().manual_seed(params.seed)
@@ -190,8 +191,16 @@ class DynamicSkip:
     @torch.inference_mode()
     def generate(self, prompt: torch.Tensor, new_tokens: int, estimate=None) -> torch.Tensor:
         """Greedy decoding of ``new_tokens`` after ``prompt`` (1, T) with the KV cache, the choice
-        re-estimated every ``every`` tokens. ``estimate`` (context -> set) replaces the probes."""
-        estimate = estimate or self.estimate
+        re-estimated every ``every`` tokens. ``estimate`` (context -> set) replaces the probes. The model
+        is whole again afterwards (``last_choice`` is the set the last tokens were generated with), so
+        a later plain forward of the model is never silently a compressed one."""
+        try:
+            return self._generate(prompt, new_tokens, estimate or self.estimate)
+        finally:
+            self.last_choice = self.skipped
+            self.use(frozenset())
+
+    def _generate(self, prompt: torch.Tensor, new_tokens: int, estimate) -> torch.Tensor:
         ids = prompt
         self.use(estimate(ids))
         out = self.model(input_ids=ids, use_cache=True)
