@@ -61,7 +61,7 @@ def main() -> int:
         ours = compress(session, cfg).results
         chosen = {(r["layer"], r["type"]) for r in ours["replaced"]}
         subs = [s for s in session.bench.subs if (s.layer, s.kind) in chosen]
-        removed = plain_removal_ppl(session, subs, cfg["eval"]["batch_size"])
+        removed = plain_removal_ppl(session, subs, session.batch_sizes["eval"])
         bcfg = strategy_config(args.baseline, level, [], base)  # same model, data and evaluation
         theirs = compress(session, bcfg).results
         dense = ours["perplexity"]["dense"]

@@ -32,6 +32,7 @@ class Field:
     max: float | None = None
     nullable: bool = False
     items: builtins.type | None = None  # for list fields: the type every element must have
+    auto: bool = False  # the string "auto" is allowed too (resolved when the run starts)
 
 
 COMPONENT_SECTIONS = SECTIONS  # scorer, selector, fitter, factorizer, runner
@@ -62,7 +63,8 @@ SCHEMA: dict[str, Any] = {
         "dataset": Field(str, None, "registered text source or a local .txt/.json/.jsonl file (default: the plugins')"),
         "samples": Field(int, 64, "calibration windows (statistics and fits)", min=1),
         "seq_len": Field(int, 256, "tokens per window", min=8),
-        "batch_size": Field(int, 8, "windows per forward batch", min=1),
+        "batch_size": Field(int, 8, "windows per forward batch (auto: from the memory free once the model is loaded)",
+                            min=1, auto=True),
         "generated": Field(float, 0.0, "share of the calibration and scoring windows sampled from the dense model "
                                        "itself (its own distribution: fits and choices that hold beyond calib.dataset)",
                            min=0.0, max=1.0),
@@ -78,7 +80,8 @@ SCHEMA: dict[str, Any] = {
                                      "domain and others (null: every domain the plugins name; []: none)",
                          nullable=True, items=str),
         "seq_len": Field(int, 256, "tokens per held-out window", min=8),
-        "batch_size": Field(int, 8, "windows per forward batch (also lm-eval's batch size)", min=1),
+        "batch_size": Field(int, 8, "windows per forward batch, also lm-eval's (auto: from the memory free once the "
+                                    "model is loaded)", min=1, auto=True),
         "tasks": Field(list, [], "lm-eval tasks, zero-shot, dense and compressed (the plugins' bundled task "
                                  "folders, listed by subfit-plugins; online: arc_easy, hellaswag, ...)",
                        items=str),
@@ -208,6 +211,8 @@ def coerce(key: str, value: Any, field: Field) -> Any:
         if field.nullable:
             return None
         raise ConfigError(f"{key}: null is not allowed; expected {field.type.__name__}")
+    if field.auto and value == "auto":
+        return value
     if field.type is float and isinstance(value, str):
         try:  # YAML 1.1 reads exponents without a dot (1e-3) as strings
             value = float(value)
@@ -217,8 +222,9 @@ def coerce(key: str, value: Any, field: Field) -> Any:
     if field.type is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
     if not ok:
-        allowed = "; allowed: true, false" if field.type is bool else ""
-        raise ConfigError(f"{key}: {value!r} is not a {field.type.__name__}{allowed}")
+        allowed = "; allowed: true, false" if field.type is bool else "; allowed: a number or auto" if field.auto else ""
+        name = field.type.__name__
+        raise ConfigError(f"{key}: {value!r} is not {'an' if name[0] in 'aeiou' else 'a'} {name}{allowed}")
     if field.items is not None:
         bad = [v for v in value if not isinstance(v, field.items) or isinstance(v, bool)]
         if bad:

@@ -27,11 +27,11 @@ def local_model_and_text(tmp_path_factory):
 
 def test_compare_shares_one_dense_pass_and_reports_failures(local_model_and_text, monkeypatch):
     folder = local_model_and_text
-    from subfit_core.engine import workbench
+    from subfit_core.engine import dense_statistics
 
     passes = []
-    original = workbench.Workbench._collect_calibration
-    monkeypatch.setattr(workbench.Workbench, "_collect_calibration", lambda self: (passes.append(1), original(self))[1])
+    original = dense_statistics.DenseStatistics.accumulate
+    monkeypatch.setattr(dense_statistics.DenseStatistics, "accumulate", lambda self, ids: (passes.append(1), original(self, ids))[1])
     out = folder / "compare"
     summary = compare([
         "strategies=[subfit,shortgpt,sleb," + str(folder / "broken.yaml") + "]", "sparsities=[0.17,0.34]",

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from subfit_core.engine.corpus import Windows  # noqa: E402
+from subfit_core.engine.dense_statistics import DenseStatistics  # noqa: E402
 from subfit_core.engine.interfaces import Submodule  # noqa: E402
 from subfit_core.engine.models import find_adapter  # noqa: E402
 from subfit_core.engine.workbench import Workbench  # noqa: E402
@@ -54,10 +55,10 @@ def test_statistics_cache_resumes_without_a_calibration_pass(tmp_path, monkeypat
     first = bench_for(model, path)
     assert path.exists()
 
-    def no_pass(self):
+    def no_pass(self, ids):
         raise AssertionError("calibration pass ran although cached statistics exist")
 
-    monkeypatch.setattr(Workbench, "_collect_calibration", no_pass)
+    monkeypatch.setattr(DenseStatistics, "accumulate", no_pass)
     second = bench_for(model, path)
     for sub in first.subs:
         assert torch.equal(first.stats[sub].gram, second.stats[sub].gram)
@@ -82,3 +83,47 @@ def test_anchored_refit_of_the_first_replacement_equals_the_dense_fit():
     assert set(bench.replaced) == {first, later}  # the model is left compressed with the anchored fits
     bench.restore()
     assert bench.metric("kl") == pytest.approx(0.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- batch sizes
+
+
+def test_auto_batch_size_is_what_fits_in_a_share_of_free_memory(monkeypatch):
+    from subfit_core.engine import batching
+
+    model = tiny_llama()
+    adapter = LlamaFamilyAdapter(model)
+    cfg = model.config
+    t, d, f, h, v = 16, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.vocab_size
+    per = (7 * t * d + 3 * t * f) * 4 + (2 * h * t * t + 3 * t * d + 3 * t * v) * 4  # float32 weights
+    assert batching.window_bytes(adapter, t, torch.float32) == per
+    assert batching.window_bytes(adapter, t, torch.bfloat16) == per - (7 * t * d + 3 * t * f) * 2
+    cpu = torch.device("cpu")
+    for free, expected in ((per * 4 * 5 + 7, 5), (10, 1), (per * 4 * 1000, batching.MAX_AUTO)):
+        monkeypatch.setattr(batching, "available_memory", lambda device, free=free: free)
+        assert batching.resolve_batch_size("auto", adapter, t, torch.float32, cpu) == expected
+    assert batching.resolve_batch_size(3, adapter, t, torch.float32, cpu) == 3  # a number is kept
+
+
+def test_a_run_with_auto_batch_sizes_records_what_it_used(tmp_path, monkeypatch, capsys):
+    import json
+
+    from conftest import write_local_model_and_text
+
+    from subfit_core.apps.cli import run_main
+    from subfit_core.engine import batching
+
+    folder = write_local_model_and_text(tmp_path, seed=2, lines=300, layers=2)
+    model = AutoModelForCausalLM.from_pretrained(folder / "model")
+    per = batching.window_bytes(LlamaFamilyAdapter(model), 16, torch.float32)  # calib and eval: 16 tokens
+    monkeypatch.setattr(batching, "available_memory", lambda device: 12 * per)
+    args = [f"model={folder / 'model'}", f"calib.dataset={folder / 'text.txt'}", "calib.samples=6", "calib.seq_len=16",
+            "calib.generated=0", "scoring.samples=2", "eval.windows=3", "eval.seq_len=16", "eval.domains=[]",
+            "cache_stats=false", "sparsity=0.25", "strategy=shortgpt", "calib.batch_size=auto", "eval.batch_size=auto",
+            f"output_dir={tmp_path / 'out'}"]
+    assert run_main(args) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["batch_sizes"] == {"calib": 3, "eval": 3}  # a quarter of 12 windows' worth of free memory
+    capsys.readouterr()
+    assert run_main([*args[:-1], "eval.batch_size=lots", f"output_dir={tmp_path / 'bad'}"]) == 2
+    assert "eval.batch_size: 'lots' is not an int; allowed: a number or auto" in capsys.readouterr().err

@@ -341,13 +341,13 @@ def test_a_corrupted_compare_journal_is_read_around(tmp_path, capsys):
 
 KILL_AFTER = textwrap.dedent('''
     import os, signal, sys
-    from subfit_core.engine import workbench
-    metric = workbench.Workbench._metric
+    from subfit_core.engine import scoring
+    evaluate = scoring.ScoringSet.evaluate
     def dying(self, *args, **kwargs):
         if self.evaluations >= int(os.environ["KILL_AFTER"]):
             os.kill(os.getpid(), signal.SIGKILL)
-        return metric(self, *args, **kwargs)
-    workbench.Workbench._metric = dying
+        return evaluate(self, *args, **kwargs)
+    scoring.ScoringSet.evaluate = dying
     from subfit_core.apps.cli import run_main
     sys.exit(run_main(sys.argv[1:]))
 ''')

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from subfit_core.engine.bypass import LowRankBypass, ZeroBypass
 from subfit_core.engine.interfaces import Submodule
 from subfit_core.engine.workbench import Workbench
-from subfit_core.errors import ConfigError
+from subfit_core.errors import ConfigError, SubFitError
 from subfit_plugins.adapters.llama import LlamaFamilyAdapter
 from subfit_plugins.fitters.identity import IdentityFitter
 from subfit_plugins.fitters.linear import LinearFitter, LowRankFitter, LowRankParams
@@ -149,7 +149,7 @@ def test_commit_keeps_cached_states_equal_to_a_full_rerun(tiny_model, random_win
     adapter, ids = bench.adapter, windows.scoring
     dense = full_logits(model, ids)
     cands = candidates(bench)
-    states_before = list(bench._states)
+    states_before = list(bench.scoring.states)
 
     # commit a late submodule first, then an earlier one: the second commit must re-run through the first
     for label in ("ffn-3-removed", "ffn-1-fitted", "attn-0-removed"):
@@ -161,17 +161,17 @@ def test_commit_keeps_cached_states_equal_to_a_full_rerun(tiny_model, random_win
     adapter.finalize()
 
     # boundaries before the first committed submodule are untouched; all boundaries equal a re-run from the embeddings
-    assert bench._states[0] is states_before[0]
+    assert bench.scoring.states[0] is states_before[0]
     batches = [b for b in ids.split(bench.batch_size)]
     hs = [adapter.embed(b) for b in batches]
     with torch.inference_mode():
         for sub in bench.subs:
             hs = [h + adapter.contribution(sub, h, adapter.context(h)) for h in hs]
-            for h, cached in zip(hs, bench._states[bench.position(sub) + 1]):
+            for h, cached in zip(hs, bench.scoring.states[bench.position(sub) + 1]):
                 assert torch.allclose(cached, h, atol=1e-6, rtol=1e-5), sub
     # the final cached state gives the logits of the whole modified model
     logits = full_logits(model, ids)
-    cached_logits = torch.cat([adapter.logits(h) for h in bench._states[-1]]).double()
+    cached_logits = torch.cat([adapter.logits(h) for h in bench.scoring.states[-1]]).double()
     assert torch.allclose(cached_logits, logits, atol=1e-5, rtol=1e-4)
     assert bench.metric("kl") == pytest.approx(full_metric(logits, dense, ids, "kl"), abs=1e-5, rel=1e-4)
     assert bench.metric("loss") == pytest.approx(full_metric(logits, dense, ids, "loss"), abs=1e-5, rel=1e-4)
@@ -181,6 +181,23 @@ def test_commit_keeps_cached_states_equal_to_a_full_rerun(tiny_model, random_win
     bench.restore()
     assert not bench.replaced
     assert torch.allclose(full_logits(model, ids), dense)
+    assert bench.metric("kl") == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_module_swapped_in_behind_the_workbench_is_refused_not_scored(tiny_model, random_windows, tmp_path):
+    """Its cached boundaries and journal keys describe originals + committed modules: a bypass left
+    installed by other code would make every evaluation (and every journal entry) silently wrong."""
+    model = tiny_model("llama", initializer_range=0.1)
+    bench = make_bench(model, random_windows(calib=6, scoring=4, seq_len=16))
+    bench.journal_evaluations(tmp_path / "journal.jsonl")
+    sub, module = candidates(bench)["ffn-1-fitted"]
+    bench.adapter.replace(sub, module)  # not through the workbench (no commit / apply)
+    for call in (lambda: bench.metric("kl"), lambda: bench.metric_with(sub, module, "kl"),
+                 lambda: bench.commit(sub, module)):
+        with pytest.raises(SubFitError, match=f"{sub.name}: the model holds a"):
+            call()
+    assert not (tmp_path / "journal.jsonl").exists()  # nothing wrong was recorded
+    bench.adapter.replace(sub, bench.originals[sub])
     assert bench.metric("kl") == pytest.approx(0.0, abs=1e-6)
 
 

@@ -95,6 +95,45 @@ def test_a_run_gives_the_same_model_in_every_offload_mode(tmp_path):
     assert results["none"]["replaced"]  # something was removed
 
 
+def test_a_streamed_run_resumes_from_its_published_statistics(tmp_path, monkeypatch, capsys):
+    """A streamed run keeps its spilled statistics as a cache entry (a folder, one checksummed file
+    per submodule, published whole) and journals its evaluations: the next run reads both and
+    makes the same model. A damaged file is an error naming it, never a fit; an entry without
+    its index (a run killed while writing) is recomputed."""
+    monkeypatch.setenv("SUBFIT_CACHE", str(tmp_path / "cache"))
+    folder = write_local_model_and_text(tmp_path, seed=2, lines=600, layers=4)
+    args = [f"model={folder / 'model'}", f"calib.dataset={folder / 'text.txt'}", "calib.samples=6", "calib.seq_len=16",
+            "calib.generated=0", "scoring.samples=3", "eval.windows=3", "eval.seq_len=16", "eval.domains=[]",
+            "cache_stats=true", "sparsity=0.25", "strategy=subfit", "offload=disk"]
+
+    def run(name: str) -> dict:
+        assert run_main([*args, f"output_dir={tmp_path / name}"]) == 0
+        return json.loads((tmp_path / name / "results.json").read_text())
+
+    first = run("first")
+    (entry,) = [p for p in (tmp_path / "cache" / "stats").iterdir() if not p.name.startswith(".")]
+    assert entry.is_dir() and (entry / "index.json").is_file() and len(list(entry.glob("*.safetensors"))) == 8
+    again = run("again")
+    assert not first["timings"]["statistics_from_cache"] and again["timings"]["statistics_from_cache"]
+    assert first["timings"]["scoring_evaluations"] > 0 and again["timings"]["scoring_evaluations"] == 0  # all replayed
+    assert again["replaced"] == first["replaced"]
+    assert again["perplexity"]["compressed"] == pytest.approx(first["perplexity"]["compressed"], rel=1e-9)
+
+    victim = sorted(entry.glob("*.safetensors"))[0]
+    data = bytearray(victim.read_bytes())
+    data[-8:] = bytes(8)  # the last float64 of the file, zeroed
+    victim.write_bytes(bytes(data))
+    for journal in (tmp_path / "cache" / "evaluations").iterdir():
+        journal.unlink()  # so the selection fits (and reads statistics) again
+    capsys.readouterr()
+    assert run_main([*args, f"output_dir={tmp_path / 'damaged'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{victim} do not match their checksum" in err and "Traceback" not in err
+    (entry / "index.json").unlink()
+    assert not run("recomputed")["timings"]["statistics_from_cache"]
+    assert (entry / "index.json").is_file()  # and published again
+
+
 def test_offload_errors_name_the_key(tmp_path):
     folder = write_local_model_and_text(tmp_path, seed=2, lines=200, layers=2)
     base = [f"calib.dataset={folder / 'text.txt'}", "calib.samples=2", "calib.seq_len=16", "eval.domains=[]",

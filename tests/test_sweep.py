@@ -63,12 +63,12 @@ def finished(storage: str, name: str = "subfit-sweep") -> list:
 def test_one_worker_pays_for_dense_statistics_once_and_its_best_recipe_reproduces(tiny, tmp_path, monkeypatch):
     from subfit_core.apps.sweep import run_worker
     from subfit_core.config import validate
-    from subfit_core.engine import workbench
+    from subfit_core.engine import dense_statistics
     from subfit_core.engine.pipeline import run
 
     passes = []
-    original = workbench.Workbench._collect_calibration
-    monkeypatch.setattr(workbench.Workbench, "_collect_calibration", lambda self: (passes.append(1), original(self))[1])
+    original = dense_statistics.DenseStatistics.accumulate
+    monkeypatch.setattr(dense_statistics.DenseStatistics, "accumulate", lambda self, ids: (passes.append(1), original(self, ids))[1])
     out = tmp_path / "sweep"
     summary = run_worker(cfg_for(tiny, "sweep.trials=5", f"sweep.output_dir={out}"))
     assert len(passes) == 1  # five trials, one dense calibration pass

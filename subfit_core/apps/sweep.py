@@ -447,7 +447,7 @@ class Worker:
         reported, so that the pruner stops a clearly worse trial before its held-out evaluation."""
         sweep, windows = self.cfg["sweep"], self.session.windows.validation
         assert windows is not None  # start_worker opens the session with sweep.validation_windows (at least 1)
-        model, batch, device = self.session.model, cfg["eval"]["batch_size"], self.session.device
+        model, batch, device = self.session.model, self.session.batch_sizes["eval"], self.session.device
         prunable = len(sweep["objectives"]) == 1  # Optuna reports and prunes single-objective trials only
         nll, tokens = 0.0, 0
         chunks = [c for c in windows.tensor_split(min(sweep["prune_steps"], windows.shape[0])) if c.numel()]
@@ -500,7 +500,7 @@ def start_worker(cfg: dict, space: dict, study: optuna.Study) -> Worker:
     """Open the Session every trial of this worker reuses; the dense perplexities go into the study."""
     session = open_session(trial_config(cfg, []), validation_windows=cfg["sweep"]["validation_windows"])
     assert session.windows.validation is not None  # sweep.validation_windows is at least 1
-    dense_val = perplexity(session.model, session.windows.validation, cfg["eval"]["batch_size"], session.device,
+    dense_val = perplexity(session.model, session.windows.validation, session.batch_sizes["eval"], session.device,
                            "dense validation perplexity")
     study.set_user_attr("dense_val_ppl", dense_val)
     study.set_user_attr("dense_test_ppl", session.dense_ppl)

@@ -7,17 +7,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from subfit_core.engine.interfaces import Submodule
-from subfit_core.engine.stats import SubStats
+from subfit_core.engine.stats import SpilledStats, SubStats
 from subfit_core.errors import SubFitError
 
 if TYPE_CHECKING:
@@ -95,29 +96,68 @@ def save_stats(path: Path, stats: Mapping[Submodule, SubStats]) -> None:
 
 
 def evict(folder: Path, limit: int, keep: Path) -> list[Path]:
-    """Delete the least recently used statistics files until the folder holds at most ``limit``
-    bytes; ``keep`` (the file just written) is never deleted. Returns what was deleted."""
-    files = []
-    for f in folder.glob("*.safetensors"):
+    """Delete the least recently used statistics entries (files, and the folders of streamed runs)
+    until the folder holds at most ``limit`` bytes; ``keep`` (the entry just written) is never
+    deleted. Returns what was deleted."""
+    entries = []
+    for f in folder.iterdir():
+        if f.name.startswith("."):  # being written
+            continue
         try:
-            st = f.stat()
+            if f.is_dir():
+                size = sum(p.stat().st_size for p in f.iterdir())
+            elif f.suffix == ".safetensors":
+                size = f.stat().st_size
+            else:
+                continue
+            entries.append((f.stat().st_mtime, size, f))
         except FileNotFoundError:  # another process evicted it
             continue
-        files.append((st.st_mtime, st.st_size, f))
-    total = sum(size for _, size, _ in files)
+    total = sum(size for _, size, _ in entries)
     gone = []
-    for _, size, f in sorted(files):
+    for _, size, f in sorted(entries):
         if total <= limit:
             break
         if f == keep:
             continue
         try:
-            f.unlink()
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
         except FileNotFoundError:
             pass
         total -= size
         gone.append(f)
     return gone
+
+
+def state_shapes(dim: int, widths: dict[str, int] | None) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in one submodule's saved statistics (``SubStats.state``)."""
+    return {"gram": (dim + 1, dim + 1), "cross": (dim + 1, dim), "scalars": (2,),
+            **{f"extra.{name}": (width,) for name, width in (widths or {}).items()}}
+
+
+def load_spilled(folder: Path, subs: list[Submodule], dim: int, widths: dict[str, int] | None = None) -> SpilledStats | None:
+    """The statistics a streamed run published at ``folder`` (one file per submodule, read when a
+    fit asks; each checked against its sha256 then), or None to recompute them: missing, or (said
+    in one line on stderr) incomplete, unreadable or of the wrong shapes."""
+    if not folder.is_dir():
+        return None
+    shapes = state_shapes(dim, widths)
+    try:
+        stats = SpilledStats.open(folder, {s: s.name for s in subs}, shapes)
+    except ValueError as exc:
+        shutil.rmtree(folder, ignore_errors=True)  # so this run can publish a complete one in its place
+        return _reject(folder, str(exc))
+    try:
+        os.utime(folder)  # used now: the last to be evicted
+    except OSError:
+        pass
+    return stats
+
+
+def publish_spilled(folder: Path, stats: SpilledStats) -> None:
+    """Keep a streamed run's spilled statistics as the cache entry ``folder`` (bounded like the rest)."""
+    if stats.publish(folder):
+        evict(folder.parent, max_cache_bytes(), keep=folder)
 
 
 def load_stats(path: Path, subs: list[Submodule], dim: int,
@@ -138,8 +178,7 @@ def load_stats(path: Path, subs: list[Submodule], dim: int,
         return _reject(path, f"unreadable ({type(exc).__name__})")
     if expected != digest(tensors):
         return _reject(path, "its checksum does not match its contents" if expected else "it has no checksum")
-    shapes = {"gram": (dim + 1, dim + 1), "cross": (dim + 1, dim), "scalars": (2,),
-              **{f"extra.{name}": (width,) for name, width in (widths or {}).items()}}
+    shapes = state_shapes(dim, widths)
     try:
         state = {s: {k: tensors[f"{s.name}.{k}"] for k in shapes} for s in subs}
     except KeyError as exc:
@@ -158,6 +197,6 @@ def load_stats(path: Path, subs: list[Submodule], dim: int,
     return stats
 
 
-def _reject(path: Path, why: str) -> dict[Submodule, SubStats] | None:  # always None, typed for `return _reject(...)`
+def _reject(path: Path, why: str) -> Any:  # always None, typed for `return _reject(...)`
     print(f"statistics cache: {path} is not usable ({why}); recomputing", file=sys.stderr)
     return None

@@ -171,7 +171,7 @@ class Factorization:
 
     def __init__(self, bench, factorizer, kept_ratio: float, skip: set[Submodule]):
         self.bench, self.fz, self.kept_ratio = bench, factorizer, kept_ratio
-        self.adapter = bench.adapter
+        self.adapter, self.piecewise = bench.adapter, bench.piecewise  # the engine's streaming interface
         self.subs = [s for s in bench.subs if s not in skip]
         self.sites = {s: linear_sites(bench.originals[s], s) for s in self.subs}
         self.result = FactorizeResult(kept_ratio=kept_ratio)
@@ -194,16 +194,16 @@ class Factorization:
     def dense_pass(self, visit: Callable[[Site, nn.Linear, LinearStats], None]) -> None:
         """Stream the calibration windows through the dense model and call ``visit(site, linear,
         stats)`` with each site's dense input Gram (one submodule's statistics alive at a time)."""
-        b = self.bench
-        hs = [self.adapter.embed(x) for x in b.batches(b.windows.calib)]
-        for sub in progress(b.subs, desc="rank allocation statistics"):
+        b, pw = self.bench, self.piecewise
+        hs = [self.adapter.embed(x) for x in pw.batches(b.windows.calib)]
+        for sub in progress(pw.subs, desc="rank allocation statistics"):
             original = b.originals[sub]
             sites = self.sites.get(sub, [])
             grams = GramSet([s for s, _ in sites], dense=True, anchored=False)
             for j, h in enumerate(hs):
                 seen: dict = {}
                 with capture_inputs(sites, seen):
-                    y = self.adapter.contribution(sub, h, b.context(h), original)
+                    y = self.adapter.contribution(sub, h, pw.context(h), original)
                 if sites:
                     grams.add(seen, None)
                 hs[j] = h + y
@@ -213,8 +213,8 @@ class Factorization:
     def layer_forward(self, layer: int, h: torch.Tensor, ctx=None) -> torch.Tensor:
         """The current model's decoder layer ``layer`` on the residual stream ``h`` (differentiable
         when called under ``torch.enable_grad`` with a ``ctx`` built outside inference mode)."""
-        ctx = self.bench.context(h) if ctx is None else ctx
-        for sub in self.bench.subs:
+        ctx = self.piecewise.context(h) if ctx is None else ctx
+        for sub in self.piecewise.subs:
             if sub.layer == layer:
                 h = h + self.adapter.contribution(sub, h, ctx, self.adapter.module(sub))
         return h
@@ -258,9 +258,9 @@ class Factorization:
         return self.result
 
     def _stream(self, ranks: dict) -> None:
-        b, ad = self.bench, self.adapter
+        b, ad, pw = self.bench, self.adapter, self.piecewise
         with torch.no_grad():
-            dense = [ad.embed(x) for x in b.batches(b.windows.calib)]
+            dense = [ad.embed(x) for x in pw.batches(b.windows.calib)]
         comp, same = dense, True  # the compressed stream equals the dense one until something changes
         layer_in = comp
         params: list[nn.Parameter] = []
@@ -279,17 +279,17 @@ class Factorization:
                     x: dict[Site, torch.Tensor] = {}
                     x_hat: dict[Site, torch.Tensor] = {}
                     with capture_inputs(sites if grams else [], x):
-                        y = ad.contribution(sub, h, b.context(h), original)
+                        y = ad.contribution(sub, h, pw.context(h), original)
                     if grams is not None and self.need_comp and not same:
                         with capture_inputs(sites, x_hat):
-                            ad.contribution(sub, comp[j], b.context(comp[j]), original)
+                            ad.contribution(sub, comp[j], pw.context(comp[j]), original)
                     if grams is not None:
                         grams.add(x, x_hat or None)
                     targets.append(y)
                 params += [p for m in self._factor_sub(sub, ranks, grams) for p in m.parameters()]
                 if self.need_comp:
                     if sites or current is not original or not same:
-                        comp = [hc + ad.contribution(sub, hc, b.context(hc), current) for hc in comp]
+                        comp = [hc + ad.contribution(sub, hc, pw.context(hc), current) for hc in comp]
                         same = False
                 dense = [h + y for h, y in zip(dense, targets)]
                 if same:

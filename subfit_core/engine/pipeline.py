@@ -20,7 +20,9 @@ import torch
 from subfit_core.artifact.export import check_exportable
 from subfit_core.artifact.folder import save_compressed
 from subfit_core.artifact.outputs import check_output_dir, claim
+from subfit_core.config import SCHEMA
 from subfit_core.engine.adapter import Adapter
+from subfit_core.engine.batching import resolve_batch_size
 from subfit_core.engine.budget import Budget
 from subfit_core.engine.bypass import Bypass
 from subfit_core.engine.cache import cache_root, max_cache_bytes, stats_key
@@ -71,6 +73,7 @@ class Session:
     stats_s: float = 0.0
     stats_cached: bool = False
     sampling_s: float = 0.0  # calibration windows sampled from the dense model (calib.generated)
+    batch_sizes: dict[str, int] = field(default_factory=lambda: {"calib": 8, "eval": 8})  # as resolved (auto)
     # dense downstream scores and deployment measurements, computed once on first request (eval.tasks, eval.speed)
     dense_tasks: dict | None = None
     dense_speed: dict | None = None
@@ -161,13 +164,17 @@ def domain_perplexities(model, session: Session, cfg: dict, main_ppl: float, des
     """Held-out perplexity on every domain; the main domain's is ``main_ppl`` (already measured)."""
     main = main_domain(cfg)
     return {name: main_ppl if name == main else
-            perplexity(model, ids, cfg["eval"]["batch_size"], session.device, f"{desc} ({name})")
+            perplexity(model, ids, session.batch_sizes["eval"], session.device, f"{desc} ({name})")
             for name, ids in session.domains.items()}
 
 
 def mix_generated(windows: Windows, cfg: dict, model, tokenizer, device: torch.device) -> None:
     """Replace the share ``calib.generated`` of the calibration and scoring windows (the last ones of
     each) with windows sampled from the dense model."""
+    # sampled text depends on how it is batched: auto keeps the schema's default so memory never changes it
+    batch_size = cfg["calib"]["batch_size"]
+    if batch_size == "auto":
+        batch_size = SCHEMA["calib"]["batch_size"].default
     share = cfg["calib"]["generated"]
     n_calib, n_scoring = round(share * windows.calib.shape[0]), round(share * windows.scoring.shape[0])
     if n_calib + n_scoring == 0:
@@ -175,7 +182,7 @@ def mix_generated(windows: Windows, cfg: dict, model, tokenizer, device: torch.d
     cache = cache_root() / "samples" if cfg["cache_stats"] else None
     start = start_token(tokenizer, fallback=int(windows.calib[0, 0]))
     ids = sample_windows(model, start, n_calib + n_scoring, cfg["calib"]["seq_len"], cfg["seed"],
-                         cfg["calib"]["batch_size"] * 4, device, cache)
+                         batch_size * 4, device, cache)
     windows.calib = torch.cat([windows.calib[:windows.calib.shape[0] - n_calib], ids[:n_calib]])
     windows.scoring = torch.cat([windows.scoring[:windows.scoring.shape[0] - n_scoring], ids[n_calib:]])
     windows.source += f" + {n_calib + n_scoring} windows sampled from the dense model"
@@ -210,6 +217,8 @@ def open_session(cfg: dict, validation_windows: int = 0, loaded: tuple | None = 
             model, tokenizer, source, stream = load_streamed(cfg["model"], device, dtype, mode, cfg["trust_remote_code"])
     model.eval()
     adapter = find_adapter(plugins, model)
+    batch_sizes = {section: resolve_batch_size(cfg[section]["batch_size"], adapter, cfg[section]["seq_len"], dtype, device)
+                   for section in ("calib", "eval")}
     windows = make_windows(
         calib_text, tokenizer, calib_samples=cfg["calib"]["samples"], scoring_samples=cfg["scoring"]["samples"],
         seq_len=cfg["calib"]["seq_len"], heldout=eval_text, eval_windows=cfg["eval"]["windows"],
@@ -221,14 +230,14 @@ def open_session(cfg: dict, validation_windows: int = 0, loaded: tuple | None = 
     domains = {name: windows.heldout if name == main else
                heldout_windows(text(name), tokenizer, cfg["eval"]["windows"], cfg["eval"]["seq_len"])
                for name in names}
-    dense_ppl = perplexity(model, windows.heldout, cfg["eval"]["batch_size"], device, "dense perplexity")
-    dense_forward_s = forward_seconds(model, windows.calib, cfg["calib"]["batch_size"], device)
-    bench = Workbench(model, adapter, windows, cfg["calib"]["batch_size"], device, cfg["scoring"]["stride"], plugins, stream)
+    dense_ppl = perplexity(model, windows.heldout, batch_sizes["eval"], device, "dense perplexity")
+    dense_forward_s = forward_seconds(model, windows.calib, batch_sizes["calib"], device)
+    bench = Workbench(model, adapter, windows, batch_sizes["calib"], device, cfg["scoring"]["stride"], plugins, stream)
     cache = None
-    if cfg["cache_stats"] and stream is None:  # a streamed model's statistics are spilled, not cached
+    if cfg["cache_stats"]:  # streamed weights: a folder of per-submodule files, read one at a time
         key = stats_key(cfg["model"], model, cfg["dtype"], windows.calib, bench.statistics_signature(),
                         stream.fingerprint() if stream is not None else None)
-        cache = cache_root() / "stats" / f"{key}.safetensors"
+        cache = cache_root() / "stats" / (key if stream is not None else f"{key}.safetensors")
         max_cache_bytes()  # a bad SUBFIT_CACHE_MAX_GB fails now, not after the pass
     t0 = time.perf_counter()
     cached = bench.collect(cache)
@@ -236,7 +245,8 @@ def open_session(cfg: dict, validation_windows: int = 0, loaded: tuple | None = 
         scoring = hashlib.sha256(windows.scoring.numpy().tobytes()).hexdigest()[:16]
         bench.journal_evaluations(cache_root() / "evaluations" / f"{key}-{scoring}-{cfg['scoring']['stride']}.jsonl")
     session = Session(cfg, model, tokenizer, source, adapter, windows, device, dtype, dense_ppl, dense_forward_s,
-                      bench, domains, stats_s=time.perf_counter() - t0, stats_cached=cached, sampling_s=sampling_s)
+                      bench, domains, stats_s=time.perf_counter() - t0, stats_cached=cached, sampling_s=sampling_s,
+                      batch_sizes=batch_sizes)
     session.dense_domain_ppl = domain_perplexities(model, session, cfg, dense_ppl, "dense perplexity")
     return session
 
@@ -245,7 +255,7 @@ def evaluate_dense(session: Session, cfg: dict) -> None:
     """Dense downstream scores and deployment measurements, once per Session (the model must be dense)."""
     ev = cfg["eval"]
     if ev["tasks"] and session.dense_tasks is None:
-        session.dense_tasks = run_tasks(session.model, session.tokenizer, ev["tasks"], ev["limit"], ev["batch_size"],
+        session.dense_tasks = run_tasks(session.model, session.tokenizer, ev["tasks"], ev["limit"], session.batch_sizes["eval"],
                                         get_plugins())
     if ev["speed"] and session.dense_speed is None:
         session.dense_speed = measure_speed({"dense": session.model}, SpeedSettings.from_config(cfg["speed"]), session.device)
@@ -257,7 +267,7 @@ def evaluate_compressed(session: Session, cfg: dict, results: dict) -> None:
     t0 = time.perf_counter()
     if ev["tasks"]:
         assert session.dense_tasks is not None  # measured by evaluate_dense, which compress runs first
-        compressed = run_tasks(session.model, session.tokenizer, ev["tasks"], ev["limit"], ev["batch_size"], get_plugins())
+        compressed = run_tasks(session.model, session.tokenizer, ev["tasks"], ev["limit"], session.batch_sizes["eval"], get_plugins())
         results["downstream"] = {**compare_tasks(session.dense_tasks, compressed), "limit": ev["limit"]}
     if ev["speed"]:
         assert session.dense_speed is not None  # measured by evaluate_dense, which compress runs first
@@ -312,7 +322,7 @@ def compress(session: Session, cfg: dict, before_eval: Callable[[], None] | None
 
     if before_eval is not None:
         before_eval()
-    ppl = perplexity(session.model, session.windows.heldout, cfg["eval"]["batch_size"], device, "compressed perplexity")
+    ppl = perplexity(session.model, session.windows.heldout, session.batch_sizes["eval"], device, "compressed perplexity")
     results = report(session, cfg, budget, plan, fitted.bypasses, ppl, compression_s, t_select,
                      bench.evaluations - evaluations_before, factored, bench.replayed - replayed_before)
     results["perplexity"].update(cross_domain(session, cfg, ppl))
@@ -358,6 +368,7 @@ def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: di
         "strategy": cfg["name"],
         "model": {"name": cfg["model"], "source": session.model_source, "architecture": type(session.model).__name__,
                   "layers": n_layers, "device": str(session.device), "dtype": cfg["dtype"]},
+        "batch_sizes": session.batch_sizes,  # windows per batch as used (auto resolved)
         "data": {"calibration": f"{cfg['calib']['samples']} x {cfg['calib']['seq_len']} tokens",
                  "scoring": f"{cfg['scoring']['samples']} x {cfg['calib']['seq_len']} tokens",
                  "heldout": f"{cfg['eval']['windows']} x {cfg['eval']['seq_len']} tokens",

@@ -8,6 +8,8 @@ accumulated in the same pass. Activations are never stored.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import weakref
 from collections import OrderedDict
@@ -84,24 +86,48 @@ def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, name: str
 class SpilledStats(MutableMapping):
     """Per-submodule statistics kept on disk, one safetensors file each, and read back one at a time
     when a fit or a scorer asks (the last ``keep`` stay in memory). For models whose Gram matrices,
-    (d+1)^2 float64 per submodule, would not all fit: memory then holds O(1) of them, not O(depth)."""
+    (d+1)^2 float64 per submodule, would not all fit: memory then holds O(1) of them, not O(depth).
 
-    def __init__(self, folder: Path, keep: int = 1):
+    A run's spill is temporary (deleted with it) until ``publish`` makes it a statistics-cache entry,
+    which ``SpilledStats.open`` reads back in a later run. Every file carries a sha256 of its
+    tensors, checked whenever a cache entry's file is read: a damaged file is an error, never a fit."""
+
+    INDEX = "index.json"
+
+    def __init__(self, folder: Path, keep: int = 1, temporary: bool = True):
         self.folder, self.keep = folder, keep
         self.folder.mkdir(parents=True, exist_ok=True)
         self._names: dict = {}  # key -> its SubStats name (the file's stem)
         self._recent: OrderedDict = OrderedDict()  # key -> SubStats, most recent last
-        self._cleanup = weakref.finalize(self, shutil.rmtree, str(folder), True)
+        self._verify = not temporary  # a cache entry may have been damaged since it was written
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(folder), True) if temporary else None
 
     def _file(self, key) -> Path:
         return self.folder / f"{self._names[key]}.safetensors"
 
     def __setitem__(self, key, stats: SubStats) -> None:
         self._names[key] = stats.name
+        from subfit_core.engine.cache import digest
         from subfit_core.engine.streaming import write_safetensors
 
-        write_safetensors(self._file(key), stats.state())
+        state = stats.state()
+        write_safetensors(self._file(key), state, {"sha256": digest(state)})
         self._recent.pop(key, None)  # written, not kept: the pass that wrote it holds the next one
+
+    def _read(self, key, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        from subfit_core.engine.cache import digest
+        from subfit_core.engine.streaming import ShardReader
+
+        reader = ShardReader(self._file(key))
+        tensors = {k: reader.get_tensor(k) for k in (names or [k for k in reader.header if k != "__metadata__"])}
+        if self._verify and names is None:
+            if (reader.header.get("__metadata__") or {}).get("sha256") != digest(tensors):
+                raise NumericalError(f"{self._names[key]}: the cached statistics in {self._file(key)} do not match "
+                                     f"their checksum (damaged since they were written); delete {self.folder} and run again")
+            if not all(torch.isfinite(t).all() for t in tensors.values()):
+                raise NumericalError(f"{self._names[key]}: the cached statistics in {self._file(key)} hold NaN or Inf; "
+                                     f"delete {self.folder} and run again")
+        return tensors
 
     def __getitem__(self, key) -> SubStats:
         if key in self._recent:
@@ -109,14 +135,60 @@ class SpilledStats(MutableMapping):
             return self._recent[key]
         if key not in self._names:
             raise KeyError(key)
-        from subfit_core.engine.streaming import ShardReader
-
         while self._recent and len(self._recent) >= self.keep:  # make room before reading, not after
             self._recent.popitem(last=False)
-        reader = ShardReader(self._file(key))
-        stats = SubStats.from_state(self._names[key], {k: reader.get_tensor(k) for k in reader.header if k != "__metadata__"})
+        stats = SubStats.from_state(self._names[key], self._read(key))
         self._remember(key, stats)
         return stats
+
+    def summary(self, key) -> tuple[dict[str, torch.Tensor], int]:
+        """(the registered statistics' sums, tokens) of ``key`` without reading its Gram matrices."""
+        from subfit_core.engine.streaming import ShardReader
+
+        names = [k for k in ShardReader(self._file(key)).header if k.startswith("extra.")]
+        tensors = self._read(key, ["scalars", *names])
+        return {k.removeprefix("extra."): tensors[k] for k in names}, int(tensors["scalars"][0])
+
+    def publish(self, target: Path) -> bool:
+        """Make these statistics the cache entry ``target``: an index naming every file is written
+        last, then the folder is renamed into place in one step, so a run killed while writing
+        leaves nothing that looks complete. False (and they stay temporary) if another run
+        published ``target`` first."""
+        (self.folder / self.INDEX).write_text(json.dumps({"format": 1, "files": sorted(self._names.values())}))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(self.folder, target)  # fails if ``target`` exists: theirs stands
+        except OSError:
+            return False
+        if self._cleanup is not None:
+            self._cleanup.detach()
+        self.folder = target  # this run wrote them: later runs, which open them, check each file
+        return True
+
+    @classmethod
+    def open(cls, folder: Path, names: dict, shapes: dict[str, tuple[int, ...]], keep: int = 1) -> SpilledStats:
+        """The cache entry ``folder`` for ``names`` (key -> submodule name) whose files hold
+        ``shapes`` (tensor -> shape, float64). Raises ValueError saying why it is not usable."""
+        from subfit_core.engine.streaming import ShardReader
+
+        try:
+            index = json.loads((folder / cls.INDEX).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"no readable {cls.INDEX} ({type(exc).__name__})") from None
+        if index.get("format") != 1 or not set(names.values()) <= set(index.get("files", [])):
+            raise ValueError("it was written for another model layout")
+        store = cls(folder, keep, temporary=False)
+        for key, name in names.items():
+            try:
+                header = ShardReader(folder / f"{name}.safetensors").header
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{name}.safetensors is unreadable ({type(exc).__name__})") from None
+            for tensor, shape in shapes.items():
+                entry = header.get(tensor)
+                if entry is None or tuple(entry["shape"]) != shape or entry["dtype"] != "F64":
+                    raise ValueError(f"{name}.{tensor} is {entry and (entry['shape'], entry['dtype'])}, expected {shape} F64")
+            store._names[key] = name
+        return store
 
     def _remember(self, key, stats: SubStats) -> None:
         self._recent[key] = stats
