@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--accuracy", type=int, default=0, metavar="N",
                         help="instead: accuracy kept on the bundled multiple-choice tasks, N items each, the choice "
                              "made per item from probes of its context (writes dynamic-accuracy.*)")
+    parser.add_argument("--fresh", action="store_true", help="drop the other budgets' rows from the results file")
     parser.add_argument("overrides", nargs="*", help="key=value for the recipe (after --)")
     args = parser.parse_args()
 
@@ -138,8 +139,14 @@ def main() -> None:
     # Speed-ups are timed next to a dense timing of their own (the machine's load drifts over a long run).
     dense = nll_now()
     dense_s = fixed_s()
-    rows, pools = [], {}
+    # rows of budgets not run now are kept from the results file (rerun one budget without the others)
+    kept = [] if args.fresh or not (OUT / "dynamic.json").exists() else \
+        [r for r in json.loads((OUT / "dynamic.json").read_text())["rows"] if r["budget"] not in args.budgets]
+    rows = list(kept)
+    pools = {r["budget"]: r["candidates"] for r in kept if r.get("candidates")}
     for budget in args.budgets:
+        # every run starts from the dense model: a choice left installed would be compressed on top of
+        bench.check_model()  # nothing committed (restored after the last budget), so: every module original
         outcome = compress(session, recipe(budget))
         static_nll = nll_now()
         static_s = fixed_s()
@@ -199,7 +206,8 @@ def main() -> None:
                          "ppl_ratio_out": geo(v for k, v in r.items() if k != main),
                          "agreement": statistics.mean(agree), "decode_speedup": speed, "probe_overhead": overhead})
             print(rows[-1], flush=True)
-        table = write(rows, windows, main, args, pools, seq, prompt, timed, dense_s, cfg)
+            rows.sort(key=lambda row: row["budget"])  # stable: a budget's rows keep their order
+            table = write(rows, windows, main, args, pools, seq, prompt, timed, dense_s, cfg)
     print(table)
 
 
@@ -274,7 +282,7 @@ def accuracy(session, cfg: dict, args) -> None:
 
 def write(rows: list[dict], windows: dict, main: str, args, pools: dict, seq: int, prompt: int, timed: list,
           dense_s: float, cfg: dict) -> str:
-    """The table, JSON and plot of the rows so far (written after every budget: a long run stopped
+    """The table, JSON and plot of the rows so far (written after every row: a long run stopped
     early keeps what it measured)."""
     domains = list(windows)
     head = ["method", "budget", "probes m", "achieved", *domains, "not calibrated on (geo-mean)",
