@@ -95,6 +95,51 @@ def test_a_run_gives_the_same_model_in_every_offload_mode(tmp_path):
     assert results["none"]["replaced"]  # something was removed
 
 
+@pytest.mark.parametrize("strategy", [
+    ["strategy=aa-svd", "factorizer.refine_steps=2", "factorizer.ranks=adaptive"],  # anchored, refined, spectra read
+    ["strategy=subfit-svd", "factorizer.kept_ratio=0.7"],  # bypasses first, then the rest factored
+])
+def test_a_streamed_factorization_makes_the_same_model_and_keeps_no_factors_in_memory(tmp_path, strategy):
+    """The factorization stage streams like the rest: every offload mode gives the same factors,
+    the finished factors are read per module like the checkpoint's weights (memory holds none
+    between uses), and the saved model loads back with the same logits."""
+    from subfit_core.apps.cli import resolve_recipe
+    from subfit_core.engine.lowrank import FactoredLinear
+    from subfit_core.engine.pipeline import compress, open_session, save_compressed
+    from subfit_core.engine.surgery import records
+
+    folder = write_local_model_and_text(tmp_path, seed=3, lines=600, layers=4)
+    common = [f"model={folder / 'model'}", f"calib.dataset={folder / 'text.txt'}", "calib.samples=6", "calib.seq_len=16",
+              "calib.generated=0", "scoring.samples=3", "eval.windows=3", "eval.seq_len=16", "eval.domains=[]",
+              "cache_stats=false", *strategy]
+    ids = torch.arange(2, 26).reshape(2, 12)
+    results, logits = {}, {}
+    for mode in ("none", "disk", "cpu"):
+        cfg = resolve_recipe([*common, f"offload={mode}", f"output_dir={tmp_path / mode}"])
+        session = open_session(cfg)
+        outcome = compress(session, cfg)
+        factored = [m for m in session.model.modules() if isinstance(m, FactoredLinear)]
+        assert factored and outcome.results["factorization"]["linears"] == len(factored)
+        if mode != "none":
+            stream = session.bench.stream
+            assert all(p.is_meta for m in factored for p in m.parameters())
+            kept = {id(p): p for b in outcome.bypasses.values() for p in b.parameters()}  # bypasses stay in memory
+            assert stream.resident_bytes() == sum(p.numel() * p.element_size() for p in kept.values())
+        with torch.no_grad():
+            logits[mode] = session.model(ids).logits
+        save_compressed(session.model, session.tokenizer, records(outcome.bypasses), tmp_path / mode, cfg,
+                        outcome.results, outcome.factored_records(), layout=session.adapter.layout,
+                        stream=session.bench.stream)
+        results[mode] = outcome.results
+        loaded, _ = load_compressed(tmp_path / mode)
+        with torch.no_grad():
+            assert torch.allclose(loaded(ids).logits, logits[mode], atol=1e-5)
+    for mode in ("disk", "cpu"):
+        assert results[mode]["replaced"] == results["none"]["replaced"]
+        assert results[mode]["perplexity"]["compressed"] == pytest.approx(results["none"]["perplexity"]["compressed"], rel=1e-5)
+        assert torch.allclose(logits[mode], logits["none"], atol=1e-5)
+
+
 def test_a_streamed_run_resumes_from_its_published_statistics(tmp_path, monkeypatch, capsys):
     """A streamed run keeps its spilled statistics as a cache entry (a folder, one checksummed file
     per submodule, published whole) and journals its evaluations: the next run reads both and

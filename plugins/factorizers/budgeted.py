@@ -56,9 +56,9 @@ class BudgetedFactorizer(Factorizer):
         spectra = {}
         if self.statistics == "none":
             for site, lin in stage.linears():
-                spectra[site] = self.spectrum(site.name, lin.weight, None)
+                spectra[site] = self.spectrum(site.name, stage.read(lin.weight), None)
         else:  # a dense pre-pass: each layer's Gram gives its spectra, then is dropped
-            stage.dense_pass(lambda site, lin, st: spectra.__setitem__(site, self.spectrum(site.name, lin.weight, st.gram)))
+            stage.dense_pass(lambda site, lin, st: spectra.__setitem__(site, self.spectrum(site.name, stage.read(lin.weight), st.gram)))
         return allocate_ranks(spectra, shapes, kept_ratio)
 
     def refines(self):

@@ -21,19 +21,28 @@ streams themselves are held as in the anchored refit. Within a submodule all lin
 from one pass (the o/down inputs come from the submodule with its original q/k/v, gate/up); the
 next submodule sees the factored one. After each layer the factorizer may adjust its factors
 given the layer's input on the compressed stream, the dense layer's output and its own output.
+
+Streamed weights (``offload``): every weight is read through ``read`` when a factorizer asks, each
+submodule's weights once per pass, and a finished layer's factors join the weight stream (written
+to a spill folder, their memory freed), so memory holds one layer's factors, not the model's.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from subfit_core.artifact.rebuild import set_child
+from subfit_core.engine.cache import spill_root
 from subfit_core.engine.interfaces import Submodule
 from subfit_core.engine.lowrank import FactoredLinear, Factors
 from subfit_core.errors import NumericalError, SubFitError
@@ -181,6 +190,8 @@ class Factorization:
             raise ValueError(f"factorizer statistics {kind!r}; one of {STATISTICS}")
         self.need_stats = kind in ("dense", "anchored")  # streamed Gram statistics
         self.need_comp = kind == "anchored" or self.refine
+        self.stream = bench.stream
+        self.folder: Path | None = None  # where a streamed run's factors wait (deleted with the stream)
 
     # ------------------------------------------------------------------ what factorizers read
     def shapes(self) -> dict[Site, tuple[int, int]]:
@@ -189,6 +200,12 @@ class Factorization:
 
     def linears(self) -> list[tuple[Site, nn.Linear]]:
         return [pair for subs in self.sites.values() for pair in subs]
+
+    def read(self, param: torch.Tensor) -> torch.Tensor:
+        """A parameter's value, detached: from memory, or read from the stream when it is streamed."""
+        if param.is_meta:
+            return self.stream.read(param).to(self.piecewise.device)
+        return param.detach()
 
     @torch.no_grad()
     def dense_pass(self, visit: Callable[[Site, nn.Linear, LinearStats], None]) -> None:
@@ -200,13 +217,14 @@ class Factorization:
             original = b.originals[sub]
             sites = self.sites.get(sub, [])
             grams = GramSet([s for s, _ in sites], dense=True, anchored=False)
-            for j, h in enumerate(hs):
-                seen: dict = {}
-                with capture_inputs(sites, seen):
-                    y = self.adapter.contribution(sub, h, pw.context(h), original)
-                if sites:
-                    grams.add(seen, None)
-                hs[j] = h + y
+            with pw.one_pass():
+                for j, h in enumerate(hs):
+                    seen: dict = {}
+                    with capture_inputs(sites, seen):
+                        y = self.adapter.contribution(sub, h, pw.context(h), original)
+                    if sites:
+                        grams.add(seen, None)
+                    hs[j] = h + y
             for site, lin in sites:
                 visit(site, lin, grams.of(site))
 
@@ -221,8 +239,9 @@ class Factorization:
 
     # ------------------------------------------------------------------ factors
     def _install(self, site: Site, lin: nn.Linear, f: Factors) -> FactoredLinear:
-        dtype, device = lin.weight.dtype, lin.weight.device
-        bias = lin.bias.detach().clone() if lin.bias is not None else None
+        dtype = lin.weight.dtype
+        device = self.piecewise.device if lin.weight.is_meta else lin.weight.device
+        bias = self.read(lin.bias).clone() if lin.bias is not None else None
         module = FactoredLinear(f.down.to(device, dtype).contiguous(), f.up.to(device, dtype).contiguous(), bias)
         set_child(self.bench.originals[site.sub], site.path, module)
         self.bench.factored[(site.sub, site.path)] = lin
@@ -234,13 +253,23 @@ class Factorization:
             self.result.regularised.append({"linear": site.name, "shift": f.shift})
         return module
 
-    def _factor_sub(self, sub: Submodule, ranks: dict, grams: GramSet | None) -> list[FactoredLinear]:
+    def _factor_sub(self, sub: Submodule, ranks: dict, grams: GramSet | None) -> list[tuple[Site, FactoredLinear]]:
         out = []
         for site, lin in self.sites.get(sub, []):
             st = grams.of(site) if grams is not None else None
-            f = self.fz.factor(site.name, lin.weight.detach(), st, ranks[site])
-            out.append(self._install(site, lin, f))
+            f = self.fz.factor(site.name, self.read(lin.weight), st, ranks[site])
+            out.append((site, self._install(site, lin, f)))
         return out
+
+    def _settle(self, factored: list[tuple[Site, FactoredLinear]]) -> None:
+        """With streamed weights, finished factors join the stream: written out, memory freed."""
+        if self.stream is None or not factored:
+            return
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="factors-", dir=spill_root()))
+            weakref.finalize(self.stream, shutil.rmtree, str(self.folder), True)  # read until the model goes
+        for site, module in factored:
+            self.stream.adopt(module, self.folder, f"factors.{site.name}")
 
     # ------------------------------------------------------------------ run
     def run(self) -> FactorizeResult:
@@ -249,7 +278,7 @@ class Factorization:
         t_ranks = time.perf_counter()
         if not self.need_stats and not self.need_comp:
             for sub in self.subs:
-                self._factor_sub(sub, ranks, None)
+                self._settle(self._factor_sub(sub, ranks, None))
         else:
             self._stream(ranks)
         t_end = time.perf_counter()
@@ -264,9 +293,10 @@ class Factorization:
         comp, same = dense, True  # the compressed stream equals the dense one until something changes
         layer_in = comp
         params: list[nn.Parameter] = []
+        factored: list[tuple[Site, FactoredLinear]] = []  # this layer's, settled when it is finished
         for i, sub in enumerate(progress(b.subs, desc="factorizing")):
             if i == 0 or b.subs[i - 1].layer != sub.layer:
-                layer_in, params = comp, []
+                layer_in, params, factored = comp, [], []
             original, current = b.originals[sub], ad.module(sub)
             sites = self.sites.get(sub, [])
             grams = None
@@ -274,7 +304,7 @@ class Factorization:
                 grams = GramSet([s for s, _ in sites], dense=self.fz.statistics == "dense",
                                 anchored=self.fz.statistics == "anchored")
             targets = []
-            with torch.no_grad():
+            with torch.no_grad(), pw.one_pass():
                 for j, h in enumerate(dense):
                     x: dict[Site, torch.Tensor] = {}
                     x_hat: dict[Site, torch.Tensor] = {}
@@ -286,7 +316,9 @@ class Factorization:
                     if grams is not None:
                         grams.add(x, x_hat or None)
                     targets.append(y)
-                params += [p for m in self._factor_sub(sub, ranks, grams) for p in m.parameters()]
+                done = self._factor_sub(sub, ranks, grams)
+                factored += done
+                params += [p for _, m in done for p in m.parameters()]
                 if self.need_comp:
                     if sites or current is not original or not same:
                         comp = [hc + ad.contribution(sub, hc, pw.context(hc), current) for hc in comp]
@@ -296,8 +328,11 @@ class Factorization:
                     comp = dense
             last_of_layer = i + 1 == len(b.subs) or b.subs[i + 1].layer != sub.layer
             if last_of_layer and self.refine and params and not same:
-                comp, record = self.fz.refine_layer(self, sub.layer, params, layer_in, dense, comp)
+                with pw.one_pass():  # the layer's streamed weights read once for all steps
+                    comp, record = self.fz.refine_layer(self, sub.layer, params, layer_in, dense, comp)
                 self.result.refinement.append({"layer": sub.layer, **record})
+            if last_of_layer:
+                self._settle(factored)
 
 
 def factorize(bench, factorizer, kept_ratio: float, skip: set[Submodule]) -> FactorizeResult:

@@ -216,7 +216,8 @@ class Factorizer(Component):
 
     def ranks(self, stage: Factorization, kept_ratio: float) -> dict:
         """A rank per site of ``stage`` (``stage.shapes()``; spectra through ``stage.linears()`` or
-        ``stage.dense_pass``) keeping ``kept_ratio`` of the sites' weights."""
+        ``stage.dense_pass``) keeping ``kept_ratio`` of the sites' weights. Read a linear's weight
+        as ``stage.read(linear.weight)``: with streamed weights (``offload``) it is not in memory."""
         raise NotImplementedError
 
     def factor(self, name: str, weight: torch.Tensor, stats: LinearStats | None, rank: int) -> Factors:

@@ -288,9 +288,6 @@ def compress(session: Session, cfg: dict, before_eval: Callable[[], None] | None
     comps = build_components(get_plugins(), cfg)
     bench, adapter, device = session.bench, session.adapter, session.device
     fz = comps.factorizer
-    if fz is not None and bench.stream is not None:
-        raise ConfigError(f"factorizer.name: {cfg['factorizer']['name']} factors weights held in memory, but this run "
-                          "streams them (offload); set offload=none")
     bench.restore()
     evaluate_dense(session, cfg)
     if fz is None:

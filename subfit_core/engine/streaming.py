@@ -202,6 +202,29 @@ class WeightStream:
             m.register_forward_pre_hook(lambda module, args: self.load(module))
             m.register_forward_hook(lambda module, args, out: self.drop(module))
 
+    def adopt(self, module: nn.Module, folder: Path, name: str) -> None:
+        """Stream ``module``, built in memory during the run (a factored linear), like the
+        checkpoint's own modules: its tensors are written to ``folder/<name>.safetensors`` (with
+        ``cpu``: kept in host memory) and its parameters become meta, read when it runs or is saved.
+        What the run builds then holds no memory between uses either, however deep the model."""
+        tensors = {f"{name}.{k}": p.detach().to("cpu").contiguous()
+                   for k, p in module._parameters.items() if p is not None}
+        if self.state is not None:
+            self.state.update(tensors)
+        else:
+            path = folder / f"{name}.safetensors"
+            write_safetensors(path, tensors)
+            self.files.update(dict.fromkeys(tensors, path))
+        for k, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            meta = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+            module._parameters[k] = meta
+            self.keys[id(meta)] = f"{name}.{k}"
+        self.owners.append(module)  # held: the ids in ``keys`` stay this module's
+        module.register_forward_pre_hook(lambda m, args: self.load(m))
+        module.register_forward_hook(lambda m, args, out: self.drop(m))
+
     def _read(self, key: str) -> torch.Tensor:
         if self.state is not None:
             return self.state[key]
