@@ -162,10 +162,7 @@ def test_a_streamed_model_of_every_family_computes_what_the_loaded_one_does(arch
 
     model = build_tiny_model(arch, seed=5, tie_word_embeddings=True)
     model.save_pretrained(tmp_path, max_shard_size="40KB")
-    if arch in ("mixtral", "qwen3_moe"):  # experts saved one by one, stacked by transformers while loading
-        with pytest.raises(SubFitError, match="converts while loading.*use offload=none"):
-            build_streamed(tmp_path, torch.float32, torch.device("cpu"), "disk")
-        return
+    # mixtral, qwen3_moe: experts saved one by one, stacked (and renamed) as transformers stacks them while loading
     streamed, stream = build_streamed(tmp_path, torch.float32, torch.device("cpu"), "disk")
     with torch.no_grad():
         assert torch.equal(streamed(IDS).logits, model(IDS).logits)

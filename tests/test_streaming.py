@@ -74,8 +74,9 @@ def test_weights_are_written_shard_by_shard_and_read_back(sharded, tmp_path):
     assert all(torch.equal(written[n], reference[n]) for n in written)
 
 
-def test_a_run_gives_the_same_model_in_every_offload_mode(tmp_path):
-    folder = write_local_model_and_text(tmp_path, seed=2, lines=600, layers=4)
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])  # mixtral: experts stored apart, stacked per module
+def test_a_run_gives_the_same_model_in_every_offload_mode(tmp_path, arch):
+    folder = write_local_model_and_text(tmp_path, seed=2, lines=600, layers=4, arch=arch)
     common = [f"model={folder / 'model'}", f"calib.dataset={folder / 'text.txt'}", "calib.samples=6", "calib.seq_len=16",
               "calib.generated=0", "scoring.samples=3", "eval.windows=3", "eval.seq_len=16", "eval.domains=[]",
               "cache_stats=false", "sparsity=0.25", "strategy=subfit"]

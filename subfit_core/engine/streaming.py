@@ -157,6 +157,53 @@ class ShardReader:
         return tensor.reshape(entry["shape"])
 
 
+class Conversion:
+    """How transformers builds one parameter from checkpoint tensors stored in another layout (a
+    mixture of experts stores each expert's linears apart; the model holds them stacked): the
+    checkpoint keys per source pattern, in transformers' order, and the converter whose operations
+    join them. Streaming applies the same operations per module, so it reads what loading builds."""
+
+    def __init__(self, converter, keys: dict[str, list[str]]):
+        self.converter, self.keys = converter, keys
+
+    def build(self, read: Callable[[str], torch.Tensor], name: str, model: nn.Module) -> torch.Tensor:
+        c = self.converter
+        tensors: dict = {pattern: [read(k) for k in keys] for pattern, keys in self.keys.items()}
+        for op in c.operations:
+            tensors = op.convert(tensors, source_patterns=c.source_patterns, target_patterns=c.target_patterns,
+                                 full_layer_name=name, model=model, config=getattr(model, "config", None))
+        (tensor,) = tensors.values()
+        return tensor
+
+
+def conversions(model: nn.Module, keys: list[str]) -> tuple[dict[str, str], dict[str, Conversion]]:
+    """Where each of ``model``'s parameters comes from in a checkpoint holding ``keys`` that
+    transformers converts while loading: (parameter -> the one key it is renamed from, parameter ->
+    the conversion that builds it from several). Uses transformers' own mapping and renaming."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)  # type: ignore[arg-type]  # a PreTrainedModel (converted_on_load)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+    meta = dict(model.named_parameters(remove_duplicate=False))
+    prefix = getattr(model, "base_model_prefix", None)
+    renamed: dict[str, str] = {}
+    built: dict[str, Conversion] = {}
+    for key in sorted(keys, key=dot_natural_key):  # the order transformers collects them in (expert 2 before 10)
+        name, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if name not in meta and key in meta:
+            name, pattern = key, None
+        if name not in meta:
+            continue
+        if pattern is None:
+            renamed.setdefault(name, key)
+        else:
+            built.setdefault(name, Conversion(by_pattern[pattern], {})).keys.setdefault(pattern, []).append(key)
+    return renamed, built
+
+
 def converted_on_load(model: nn.Module) -> bool:
     """Whether transformers renames or merges this model's checkpoint tensors while loading them."""
     try:
@@ -181,14 +228,21 @@ class WeightStream:
         self.state = state
         self._handles: dict[Path, ShardReader] = {}
         self.keys: dict[int, str] = {}  # id(meta parameter) -> its name in the checkpoint
+        self.conversions: dict[str, Conversion] = {}  # parameter name -> how it is built from several tensors
+        stored = set(self.files) | set(state or {})
+        renamed: dict[str, str] = {}
+        if converted_on_load(model) and any(n not in stored for n, p in model.named_parameters() if p.is_meta):
+            renamed, self.conversions = conversions(model, sorted(stored))
         for name, p in model.named_parameters(remove_duplicate=False):
-            if p.is_meta and (name in self.files or (state is not None and name in state)):
+            if not p.is_meta:
+                continue
+            if name in stored:
+                self.keys.setdefault(id(p), name)
+            elif name in renamed:
+                self.keys.setdefault(id(p), renamed[name])
+            elif name in self.conversions:
                 self.keys.setdefault(id(p), name)
         missing = [n for n, p in model.named_parameters() if p.is_meta and id(p) not in self.keys]
-        if missing and converted_on_load(model):
-            raise SubFitError(f"offload: {type(model).__name__}'s checkpoint stores some tensors in a layout that "
-                              f"transformers converts while loading (such as {missing[0]}); streamed execution reads "
-                              "tensors as stored and cannot convert them yet: use offload=none")
         if missing:
             raise SubFitError(f"offload: the checkpoint lacks {missing[0]} (and {len(missing) - 1} more); "
                               "it does not match the model's config")
@@ -226,6 +280,8 @@ class WeightStream:
         module.register_forward_hook(lambda m, args, out: self.drop(m))
 
     def _read(self, key: str) -> torch.Tensor:
+        if key in self.conversions:
+            return self.conversions[key].build(self._read, key, self.model)
         if self.state is not None:
             return self.state[key]
         path = self.files[key]
