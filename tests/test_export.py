@@ -165,8 +165,11 @@ def test_save_pretrained_round_trip_keeps_logits_and_one_shared_basis(tmp_path):
         assert torch.allclose(ours(input_ids=IDS).logits, before, atol=1e-5, rtol=0)
 
 
-def test_generation_with_dynamic_and_static_cache_and_left_padding(tmp_path):
-    save_every_kind("llama", tmp_path / "m")
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_generation_with_dynamic_and_static_cache_and_left_padding(tmp_path, arch):
+    """Standard ``generate`` on the saved folder: cached, static-cache (each kept attention keeps
+    its own cache type and window; the prompt is longer than Gemma's window) and left-padded."""
+    save_every_kind(arch, tmp_path / "m")
     ours, _ = load_compressed(tmp_path / "m")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
     prompt = torch.tensor([[5, 17, 42, 9, 77, 3]])
