@@ -118,6 +118,8 @@ def test_a_streamed_factorization_makes_the_same_model_and_keeps_no_factors_in_m
     for mode in ("none", "disk", "cpu"):
         cfg = resolve_recipe([*common, f"offload={mode}", f"output_dir={tmp_path / mode}"])
         session = open_session(cfg)
+        with torch.no_grad():
+            dense = session.model(ids).logits
         outcome = compress(session, cfg)
         factored = [m for m in session.model.modules() if isinstance(m, FactoredLinear)]
         assert factored and outcome.results["factorization"]["linears"] == len(factored)
@@ -135,6 +137,14 @@ def test_a_streamed_factorization_makes_the_same_model_and_keeps_no_factors_in_m
         loaded, _ = load_compressed(tmp_path / mode)
         with torch.no_grad():
             assert torch.allclose(loaded(ids).logits, logits[mode], atol=1e-5)
+        if mode == "disk":  # restored: the spilled factors are deleted and the model is dense again
+            spilled = [p for m in factored for p in [session.bench.stream.files.get(session.bench.stream.keys[id(m.down)])]]
+            assert all(p is not None and p.is_file() for p in spilled)
+            session.bench.restore()
+            assert not any(p.exists() for p in spilled)
+            assert not [m for m in session.model.modules() if isinstance(m, FactoredLinear)]
+            with torch.no_grad():
+                assert torch.equal(session.model(ids).logits, dense)
     for mode in ("disk", "cpu"):
         assert results[mode]["replaced"] == results["none"]["replaced"]
         assert results[mode]["perplexity"]["compressed"] == pytest.approx(results["none"]["perplexity"]["compressed"], rel=1e-5)

@@ -247,6 +247,8 @@ class WeightStream:
             raise SubFitError(f"offload: the checkpoint lacks {missing[0]} (and {len(missing) - 1} more); "
                               "it does not match the model's config")
         self._meta: dict[tuple[int, str], nn.Parameter] = {}  # (id(module), name) -> its meta parameter
+        self._adopted: dict[int, nn.Parameter] = {}  # id -> meta parameter of a module built during the run
+        self._handles_of: dict[nn.Module, tuple] = {}  # adopted module -> its load/drop hooks
         self._keeping = 0  # depth of nested ``keep`` blocks
         self._kept: dict[int, nn.Module] = {}  # modules whose drop waits for the end of the block
         self.bytes_read = 0
@@ -275,9 +277,27 @@ class WeightStream:
             meta = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
             module._parameters[k] = meta
             self.keys[id(meta)] = f"{name}.{k}"
-        self.owners.append(module)  # held: the ids in ``keys`` stay this module's
-        module.register_forward_pre_hook(lambda m, args: self.load(m))
-        module.register_forward_hook(lambda m, args, out: self.drop(m))
+            self._adopted[id(meta)] = meta  # held: its id in ``keys`` stays its own
+        self.owners.append(module)
+        self._handles_of[module] = (module.register_forward_pre_hook(lambda m, args: self.load(m)),
+                                    module.register_forward_hook(lambda m, args, out: self.drop(m)))
+
+    def forget_adopted(self) -> None:
+        """Delete what ``adopt`` stored (the model holds those modules no more: a restored model)."""
+        keys = {self.keys.pop(i) for i in self._adopted}
+        self._adopted.clear()
+        paths = {self.files.pop(k) for k in keys if k in self.files}
+        for path in paths:
+            self._handles.pop(path, None)
+            path.unlink(missing_ok=True)
+        for k in keys:
+            if self.state is not None:
+                self.state.pop(k, None)
+        for module, handles in self._handles_of.items():
+            for h in handles:
+                h.remove()
+            self.owners.remove(module)
+        self._handles_of.clear()
 
     def _read(self, key: str) -> torch.Tensor:
         if key in self.conversions:

@@ -270,6 +270,8 @@ class Workbench:
             parent, _, child = path.rpartition(".")
             setattr(self.originals[sub].get_submodule(parent) if parent else self.originals[sub], child, linear)
         self.factored.clear()
+        if self.stream is not None:  # the factors it streamed are no longer the model's
+            self.stream.forget_adopted()
         self.adapter.finalize()
         self.scoring.reset()
 
