@@ -290,8 +290,8 @@ class WeightStream:
         for path in paths:
             self._handles.pop(path, None)
             path.unlink(missing_ok=True)
-        for k in keys:
-            if self.state is not None:
+        if self.state is not None:
+            for k in keys:
                 self.state.pop(k, None)
         for module, handles in self._handles_of.items():
             for h in handles:
