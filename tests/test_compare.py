@@ -120,6 +120,28 @@ def test_every_shipped_strategy_runs_and_meets_its_budget(local_model_and_text):
         assert r["ppl_ratio"] > 0 and (name in factored or r["achieved_layers"] >= 0.34 - 1e-9)
 
 
+def test_every_shipped_strategy_makes_the_same_model_streamed(local_model_and_text):
+    """offload=disk reads each module's weights when it runs: fitters that read or copy weights
+    instead (ReplaceMe's fold, LLM-Streamline's start) get them through ``bench.loaded``."""
+    from pathlib import Path
+
+    import yaml
+
+    import subfit_strategies
+
+    folder = local_model_and_text
+    names = [p.stem for p in sorted(Path(subfit_strategies.__file__).parent.glob("*.yaml"))
+             if "runner" not in yaml.safe_load(p.read_text())]
+    ratios = {}
+    for mode in ("none", "disk"):
+        summary = compare([f"strategies=[{','.join(names)}]", "sparsities=[0.25]", f"offload={mode}",
+                           f"output_dir={folder / ('streamed-' + mode)}", *tiny_args(folder)])
+        ratios[mode] = {r["strategy"]: (r["status"], r.get("ppl_ratio")) for r in summary["rows"]}
+    assert {n: s for n, (s, _) in ratios["disk"].items()} == dict.fromkeys(names, "ok")
+    for name in names:
+        assert ratios["disk"][name][1] == pytest.approx(ratios["none"][name][1], rel=1e-5), name
+
+
 @pytest.mark.parametrize("strategy", ["replaceme", "llm-streamline", "laco"])
 def test_window_strategies_save_and_load_with_identical_logits(local_model_and_text, tmp_path, strategy):
     """ReplaceMe and LaCo edit kept layers, LLM-Streamline adds a trained FFN: all survive save/load."""

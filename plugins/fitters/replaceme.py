@@ -112,7 +112,8 @@ class ReplaceMeFitter(Fitter):
                     start = solve_transform(*normal.result(name), self.params.ridge, name)
                 t = fit_cosine(x, h_i - x, h_out, self.params, name, start)
             mlp = Submodule(first - 1, "ffn")
-            edits[mlp] = bench.adapter.fold_output(mlp, bench.originals[mlp], t.to(bench.device))
+            with bench.loaded(bench.originals[mlp]) as original:  # the edited copy keeps its weights
+                edits[mlp] = bench.adapter.fold_output(mlp, original, t.to(bench.device))
         return Fitted({s: ZeroBypass() for s in selected}, edits)
 
 

@@ -133,8 +133,8 @@ class StreamlineFitter(Fitter):
                     targets[batch] += rows(h + y).float()  # h_{j+1} - h_i
 
             bench.calibration_trace(bench.position(tail) + 1, visit)
-            ffn = GatedFFN(*initial_weights(bench.originals[Submodule(first, "ffn")], bench.adapter.hidden_size,
-                                            self.hidden)).to(bench.device)
+            with bench.loaded(bench.originals[Submodule(first, "ffn")]) as mlp:  # GatedFFN copies what it starts from
+                ffn = GatedFFN(*initial_weights(mlp, bench.adapter.hidden_size, self.hidden)).to(bench.device)
             x, target = torch.cat(xs), torch.cat(targets)
             removal_mse = float(target.pow(2).mean())  # what plain removal leaves (the untrained start)
             losses[name] = {"removal_mse": removal_mse, "final_mse": train_ffn(ffn, x, target, self.params, name)}

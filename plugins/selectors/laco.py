@@ -16,6 +16,7 @@ are exact parameter arithmetic too. The scorer is not used: the criterion above 
 from __future__ import annotations
 
 import copy
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,10 @@ class LaCoSelector(Selector):
 
     @staticmethod
     def _modules(bench, base: int, coefs: Coefs, rears: list[int]) -> dict:
-        modules = {Submodule(base, k): merged_module(bench.originals, k, base, coefs) for k in ("attn", "ffn")}
+        with ExitStack() as stack:  # the merged layers' weights in memory, streamed or not (the copies keep them)
+            for layer in {base, *coefs}:
+                for k in ("attn", "ffn"):
+                    stack.enter_context(bench.loaded(bench.originals[Submodule(layer, k)]))
+            modules = {Submodule(base, k): merged_module(bench.originals, k, base, coefs) for k in ("attn", "ffn")}
         modules.update({Submodule(r, k): ZeroBypass() for r in rears for k in ("attn", "ffn")})
         return modules

@@ -8,8 +8,8 @@ The residual stream h advances by each submodule's contribution: h <- h + f_s(x_
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -30,6 +30,23 @@ class Piecewise:
     def one_pass(self):
         """A loop of one module over many batches: with streamed weights, read them once for it."""
         return self.stream.keep() if self.stream is not None else nullcontext()
+
+    @contextmanager
+    def loaded(self, module: nn.Module) -> Iterator[nn.Module]:
+        """``module`` with every weight in memory within the block, streamed or not: for code that
+        reads, copies or edits weights instead of running the module (a copy made inside keeps them)."""
+        if self.stream is None:
+            yield module
+            return
+        with self.stream.keep():
+            parts = list(module.modules())
+            for part in parts:
+                self.stream.load(part)
+            try:
+                yield module
+            finally:
+                for part in parts:
+                    self.stream.drop(part)  # at the end of the keep block
 
     def position(self, sub: Submodule) -> int:
         """Where ``sub`` sits along the residual stream (its input is boundary ``position(sub)``)."""

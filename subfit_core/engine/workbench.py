@@ -103,6 +103,11 @@ class Workbench:
     def one_pass(self):
         return self.piecewise.one_pass()
 
+    def loaded(self, module: nn.Module):
+        """``with bench.loaded(module):`` its weights are in memory inside the block, even when the
+        model's weights are streamed (for fitters that read or copy weights instead of running them)."""
+        return self.piecewise.loaded(module)
+
     def position(self, sub: Submodule) -> int:
         return self.piecewise.position(sub)
 
