@@ -14,7 +14,7 @@ OFFLINE = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 TASKS    = "eval.tasks=[subfit_kjv_cloze,subfit_shakespeare_nextline,subfit_pydocs_cloze,subfit_jargon_cloze]"
 RUN_ARGS ?= strategy=subfit output_dir=runs/subfit overwrite=true $(TASKS) eval.limit=50
 
-COMPARE_STRATEGIES ?= subfit,subfit-delete,subfit-contiguous,replaceme,replaceme-cosine,llm-streamline,laco,shortgpt,uidl,sleb,blockpruner,finercut
+COMPARE_STRATEGIES ?= subfit,subfit-delete,subfit-contiguous,replaceme,replaceme-cosine,llm-streamline,laco,shortgpt,uidl,sleb,blockpruner,finercut,linear-patch,shortgpt-patch,sleb-patch
 # the real models make compare runs on: smollm2-135m writes docs/results/compare, any other docs/results/compare-<name>
 COMPARE_MODELS ?= smollm2-135m gemma3-270m
 

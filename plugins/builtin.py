@@ -74,6 +74,7 @@ def subfit_fitters():
         "per-type": f"{P}.fitters.per_type:PerTypeFitter",
         "replaceme": f"{P}.fitters.replaceme:ReplaceMeFitter",
         "llm-streamline": f"{P}.fitters.streamline:StreamlineFitter",
+        "linear-patch": f"{P}.fitters.linear_patch:LinearPatchFitter",
     }
 
 
@@ -85,6 +86,7 @@ def subfit_bypass_kinds():
         "lowrank": "subfit_core.engine.bypass:LowRankBypass",
         "shared_basis": f"{P}.fitters.shared_basis:SharedBasisBypass",
         "mlp": f"{P}.fitters.streamline:MLPBypass",
+        "patch": f"{P}.fitters.linear_patch:PatchBypass",
     }
 
 

@@ -85,7 +85,7 @@ def test_kind_without_its_plugin_is_a_one_line_error(tmp_path):
     msg = str(err.value)
     assert "\n" not in msg
     assert "unknown bypass kind 'diagonal'" in msg and str(out) in msg
-    assert "allowed: linear, lowrank, mlp, shared_basis, zero" in msg
+    assert "allowed: linear, lowrank, mlp, patch, shared_basis, zero" in msg
 
 
 def test_builtin_kinds_come_through_the_hook():

@@ -142,9 +142,10 @@ def test_every_shipped_strategy_makes_the_same_model_streamed(local_model_and_te
         assert ratios["disk"][name][1] == pytest.approx(ratios["none"][name][1], rel=1e-5), name
 
 
-@pytest.mark.parametrize("strategy", ["replaceme", "llm-streamline", "laco"])
+@pytest.mark.parametrize("strategy", ["replaceme", "llm-streamline", "laco", "linear-patch"])
 def test_window_strategies_save_and_load_with_identical_logits(local_model_and_text, tmp_path, strategy):
-    """ReplaceMe and LaCo edit kept layers, LLM-Streamline adds a trained FFN: all survive save/load."""
+    """ReplaceMe and LaCo edit kept layers, LLM-Streamline adds a trained FFN, LinearPatch a patch on
+    the stream: all survive save/load."""
     import torch
 
     from subfit_core import load_compressed
@@ -159,7 +160,8 @@ def test_window_strategies_save_and_load_with_identical_logits(local_model_and_t
     session = open_session(cfg)
     outcome = compress(session, cfg)
     assert outcome.results["edited"] == {"replaceme": [f"L{outcome.plan.subs[0].layer - 1}.ffn"],
-                                         "llm-streamline": [], "laco": outcome.results["edited"]}[strategy]
+                                         "llm-streamline": [], "laco": outcome.results["edited"],
+                                         "linear-patch": []}[strategy]
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = session.model(input_ids=ids).logits

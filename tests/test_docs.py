@@ -388,7 +388,7 @@ def test_diagonal_fitter_recovers_a_planted_scale_and_its_kind_loads_back(plugin
     with pytest.raises(SubFitError) as refused:  # where the plugin is not installed
         load_compressed(out)
     assert str(refused.value) == (f"load_compressed: '{out}': saved bypass: unknown bypass kind 'diagonal'; "
-                                  "allowed: linear, lowrank, mlp, shared_basis, zero")
+                                  "allowed: linear, lowrank, mlp, patch, shared_basis, zero")
 
 
 def test_fixed_split_selector_meets_the_budget_lowest_score_first(plugins, bench):

@@ -31,6 +31,7 @@ from subfit_core.engine.lowrank import FactoredLinear  # noqa: E402
 from subfit_core.engine.models import find_adapter  # noqa: E402
 from subfit_core.engine.surgery import apply_bypasses, records  # noqa: E402
 from subfit_core.plugins import get_plugins  # noqa: E402
+from subfit_plugins.fitters.linear_patch import PatchBypass  # noqa: E402
 from subfit_plugins.fitters.shared_basis import SharedBasisBypass  # noqa: E402
 from subfit_plugins.fitters.streamline import MLPBypass  # noqa: E402
 
@@ -71,11 +72,19 @@ def factor(model, layer: int, kind: str, path: str, rank: int, seed: int) -> dic
     return {"layer": layer, "kind": kind, "linear": path, **f.spec()}
 
 
-def save_every_kind(arch: str, out):
+def stream_patch(seed: int = 3) -> dict:
+    """A deleted layer whose cut is patched on the residual stream itself (no pre-norm in front)."""
+    g = torch.Generator().manual_seed(seed)
+    return {Submodule(1, "attn"): ZeroBypass(), Submodule(1, "ffn"): PatchBypass(torch.eye(D) + 0.1 * torch.randn(D, D, generator=g))}
+
+
+def save_every_kind(arch: str, out, bypasses: dict | None = None):
     model = make_model(arch)
-    bypasses = every_kind()
+    patched = bypasses is not None
+    bypasses = every_kind() if bypasses is None else bypasses
     apply_bypasses(find_adapter(get_plugins(), model), bypasses)
-    factored = [r for r in (factor(model, 2, "ffn", "down_proj", 5, 7), factor(model, 3, "attn", "q_proj", 3, 8)) if r]
+    factored = [] if patched else [
+        r for r in (factor(model, 2, "ffn", "down_proj", 5, 7), factor(model, 3, "attn", "q_proj", 3, 8)) if r]
     folder.save_compressed(model, tiny_tokenizer(), records(bypasses), out, {"name": "test"}, {}, factored)
     with torch.no_grad():
         return model(input_ids=IDS).logits
@@ -114,19 +123,21 @@ def run_isolated(folders, tmp_path) -> dict:
 
 
 def test_standard_tools_load_every_family_and_kind_without_subfit(tmp_path):
-    folders, expected = [], []
+    folders, expected, names = [], [], []
     for arch in sorted(CONFIGS):
-        out = tmp_path / arch
-        before = save_every_kind(arch, out)
-        loaded, _ = load_compressed(out)
-        with torch.no_grad():
-            ours = loaded(input_ids=IDS).logits
-        assert torch.equal(ours, before), arch
-        folders.append(out)
-        expected.append(ours)
+        for name, bypasses in ((arch, None), (f"{arch}-patch", stream_patch())):
+            out = tmp_path / name
+            before = save_every_kind(arch, out, bypasses)
+            loaded, _ = load_compressed(out)
+            with torch.no_grad():
+                ours = loaded(input_ids=IDS).logits
+            assert torch.equal(ours, before), name
+            folders.append(out)
+            expected.append(ours)
+            names.append(name)
     got = run_isolated(folders, tmp_path)
-    for i, arch in enumerate(sorted(CONFIGS)):
-        assert torch.allclose(got[str(i)], expected[i], atol=1e-5, rtol=0), arch
+    for i, name in enumerate(names):
+        assert torch.allclose(got[str(i)], expected[i], atol=1e-5, rtol=0), name
 
 
 def test_artifact_describes_itself(tmp_path):

@@ -7,6 +7,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["SUBFIT_PROGRESS"] = "0"
 
+import importlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -217,6 +218,10 @@ def example_plugin(tmp_path_factory):
     finally:
         subprocess.run([*pip, "uninstall", "-y", "-q", "subfit-example-plugin"], capture_output=True,
                        env=SUBPROCESS_ENV, timeout=120)
+        # a later test that imports the docs' copy of the package must not get the uninstalled one
+        for name in [m for m in sys.modules if m.split(".")[0] == "subfit_example_plugin"]:
+            del sys.modules[name]
+        importlib.invalidate_caches()
 
 
 def test_installed_plugin_is_listed(example_plugin):

@@ -42,6 +42,7 @@ def causal_mask(seq: int, window: int | None, dtype: torch.dtype, device: torch.
 
 class DecoderAdapter(Adapter):
     layout: DecoderLayout  # each family sets its own
+    stream_bypasses = True  # DecoderLayout.install drops the pre-norm in front of a reads_stream bypass
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

@@ -65,9 +65,10 @@ class DecoderLayout:
 
     def install(self, model: nn.Module, layer: int, kind: str, bypass: nn.Module) -> None:
         """Put ``bypass`` at (layer, kind); the post-norm goes (the bypass fits the normalised output).
-        One that reads no input (plain removal) takes the pre-norm with it: no weights, no compute."""
+        One that reads no input (plain removal) takes the pre-norm with it: no weights, no compute;
+        so does one that reads the residual stream itself (``reads_stream``: a patch on the stream)."""
         pre, _ = self.norms(model, layer, kind)
-        if pre is not None and not getattr(bypass, "reads_input", True):
+        if pre is not None and (not getattr(bypass, "reads_input", True) or getattr(bypass, "reads_stream", False)):
             pre = nn.Identity()
         module = AttentionBypass(bypass) if kind == "attn" else bypass
         self.set_module(model, layer, kind, module, pre, nn.Identity())

@@ -118,7 +118,7 @@ class DynamicSkip:
         ctx = self.adapter.context(h)
         states = [h]
         for sub in self.order:
-            h = h + self.adapter.apply(sub, self.module_of(sub), self.adapter.bypass_input(sub, h), ctx)
+            h = h + self.adapter.contribution(sub, h, ctx, self.module_of(sub))
             states.append(h)
         self.counts["probe"] += ids.numel()
         return Run(states, ctx, self.adapter.logits(h).float().log_softmax(-1))
@@ -133,7 +133,7 @@ class DynamicSkip:
         h = run.states[start]
         for sub in self.order[start:]:
             module = self.bypasses[sub] if sub in subset else self.module_of(sub)
-            h = h + self.adapter.apply(sub, module, self.adapter.bypass_input(sub, h), run.ctx)
+            h = h + self.adapter.contribution(sub, h, run.ctx, module)
         self.counts["probe"] += int(h.shape[0] * h.shape[1] * (len(self.order) - start) / len(self.order))
         lp = self.adapter.logits(h).float().log_softmax(-1)
         return float((run.dense.exp() * (run.dense - lp)).sum(-1).mean())

@@ -26,6 +26,7 @@ class Adapter:
     # should use it too.
     layout: Any = None
     kinds: tuple[str, ...] = ("attn", "ffn")  # the submodules of a layer, in residual-stream order
+    stream_bypasses = False  # True: the layout feeds a bypass with ``reads_stream`` the residual stream, not the pre-norm's output
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -78,8 +79,10 @@ class Adapter:
         raise NotImplementedError
 
     def contribution(self, sub: Submodule, hidden: torch.Tensor, ctx: Any, module: nn.Module | None = None) -> torch.Tensor:
+        """What ``module`` (default: the one standing at ``sub``) adds to the residual stream ``hidden``."""
         module = self.module(sub) if module is None else module
-        return self.apply(sub, module, self.bypass_input(sub, hidden), ctx)
+        x = hidden if getattr(module, "reads_stream", False) else self.bypass_input(sub, hidden)
+        return self.apply(sub, module, x, ctx)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -24,6 +24,7 @@ from subfit_core.errors import SubFitError
 class Bypass(nn.Module):
     kind = "bypass"
     reads_input = True  # False: the bypass ignores its input, so the submodule's pre-norm can go too
+    reads_stream = False  # True: it reads the residual stream itself, not the pre-norm's output (a patch on the stream)
 
     def spec(self) -> dict:
         return {"kind": self.kind}

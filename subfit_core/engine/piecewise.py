@@ -65,7 +65,7 @@ class Piecewise:
 
     def step(self, sub: Submodule, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
         """The residual stream after ``sub``, computed by ``module``."""
-        return h + self.adapter.apply(sub, module, self.adapter.bypass_input(sub, h), self.context(h))
+        return h + self.adapter.contribution(sub, h, self.context(h), module)
 
     def run(self, start: int, hs: list[torch.Tensor], override: dict[Submodule, nn.Module] | None = None,
             visit: Callable[[int, list[torch.Tensor]], None] | None = None) -> list[torch.Tensor]:
