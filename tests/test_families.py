@@ -110,7 +110,9 @@ TINY_RUN = ["strategy=subfit", "sparsity=0.25", "calib.samples=6", "calib.seq_le
             "eval.windows=2", "eval.seq_len=24", "selector.rounds=1", "cache_stats=false", "calib.generated=0"]
 
 
-@pytest.mark.parametrize("arch", [a for a in TINY_ARCHS if a not in ("llama", "mistral", "qwen2", "qwen3")])
+# qwen2: transformers loads any tokenizer in a Qwen2 folder as Qwen2Tokenizer, which does not keep
+# this test's word-level vocabulary (a real Qwen2 tokenizer loads fine); its adapter is Llama's
+@pytest.mark.parametrize("arch", [a for a in TINY_ARCHS if a != "qwen2"])
 def test_subfit_run_compresses_saves_reloads_and_generates(arch, tmp_path, capsys):
     folder = write_local_model_and_text(tmp_path, seed=1, lines=300, layers=4, arch=arch)
     out = tmp_path / "out"
