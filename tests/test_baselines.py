@@ -100,6 +100,17 @@ def test_finercut_removes_the_sublayer_with_the_smallest_js(setup):
     assert first == min(brute, key=brute.get)
 
 
+def test_blockpruner_removes_the_block_whose_deletion_raises_loss_least(setup):
+    """BlockPruner: attention and FFN blocks, one at a time, by the LM loss of the pruned model."""
+    model, windows = setup
+    make_identity(model, 3, scale=0.5)
+    brute = {s: full_metric(model, windows, [s], "loss") for s in LlamaFamilyAdapter(model).submodules()}
+    bench = bench_for(model, windows)
+    budget = Budget(0.3, "layers", bench.adapter)
+    plan = IterativeSelector().select(bench, OutputScorer(OutputParams("loss")), IdentityFitter(), budget)
+    assert plan.replacements[0].sub == min(brute, key=brute.get)
+
+
 def test_iterative_selection_rescored_on_the_current_model(setup):
     model, windows = setup
     bench = bench_for(model, windows)
