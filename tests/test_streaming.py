@@ -190,6 +190,51 @@ def test_a_streamed_run_resumes_from_its_published_statistics(tmp_path, monkeypa
     assert (entry / "index.json").is_file()  # and published again
 
 
+def test_a_killed_statistics_pass_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """The dense pass of a streamed run checkpoints the stream at layer boundaries: a run that dies
+    in layer 2 is continued from layer 2 by the next one, which makes the model an uninterrupted
+    run makes; the finished pass is published and the checkpoint is gone."""
+    from subfit_core.engine import stats as stats_module
+
+    folder = write_local_model_and_text(tmp_path, seed=2, lines=600, layers=4)
+    args = [f"model={folder / 'model'}", f"calib.dataset={folder / 'text.txt'}", "calib.samples=6", "calib.seq_len=16",
+            "calib.generated=0", "scoring.samples=3", "eval.windows=3", "eval.seq_len=16", "eval.domains=[]",
+            "cache_stats=true", "sparsity=0.25", "strategy=subfit", "offload=disk", "calib.batch_size=2"]
+    monkeypatch.setenv("SUBFIT_CHECKPOINT_SECONDS", "0")
+
+    def run(name: str, cache: str) -> dict:
+        monkeypatch.setenv("SUBFIT_CACHE", str(tmp_path / cache))
+        assert run_main([*args, f"output_dir={tmp_path / name}"]) == 0
+        return json.loads((tmp_path / name / "results.json").read_text())
+
+    whole = run("whole", "cache-whole")
+    check, calls = stats_module.SubStats.check, []
+
+    def dies_in_layer_2(self):
+        calls.append(self.name)
+        if self.name == "L2.ffn":
+            raise KeyboardInterrupt  # as a kill would stop it, mid-layer
+        return check(self)
+
+    monkeypatch.setattr(stats_module.SubStats, "check", dies_in_layer_2)
+    monkeypatch.setenv("SUBFIT_CACHE", str(tmp_path / "cache"))
+    assert run_main([*args, f"output_dir={tmp_path / 'killed'}"]) != 0  # "interrupted; nothing was written"
+    (partial,) = (tmp_path / "cache" / "stats").glob(".*.partial")
+    assert json.loads((partial / "progress.json").read_text())["done"] == ["L0.attn", "L0.ffn", "L1.attn", "L1.ffn"]
+    monkeypatch.setattr(stats_module.SubStats, "check", check)
+    capsys.readouterr()
+    calls.clear()
+    resumed = run("resumed", "cache")
+    assert "resuming the dense pass at L2.attn (4 of 8 submodules done" in capsys.readouterr().err
+    assert not resumed["timings"]["statistics_from_cache"]
+    assert resumed["replaced"] == whole["replaced"]
+    assert resumed["perplexity"]["compressed"] == pytest.approx(whole["perplexity"]["compressed"], rel=1e-6)
+    (entry,) = [p for p in (tmp_path / "cache" / "stats").iterdir() if not p.name.startswith(".")]
+    assert {p.name for p in entry.iterdir()} == {"index.json", *(f"L{l}.{k}.safetensors" for l in range(4)
+                                                                   for k in ("attn", "ffn"))}
+    assert not partial.exists()
+
+
 def test_offload_errors_name_the_key(tmp_path):
     folder = write_local_model_and_text(tmp_path, seed=2, lines=200, layers=2)
     base = [f"calib.dataset={folder / 'text.txt'}", "calib.samples=2", "calib.seq_len=16", "eval.domains=[]",

@@ -8,13 +8,15 @@ every depth). Read from / written to the statistics cache when one is given.
 from __future__ import annotations
 
 import hashlib
+import sys
 import tempfile
 from collections.abc import MutableMapping
 from pathlib import Path
 
 import torch
 
-from subfit_core.engine.cache import load_spilled, load_stats, publish_spilled, save_stats, spill_root
+from subfit_core.engine.cache import load_spilled, load_stats, publish_spilled, save_stats, spill_root, state_shapes
+from subfit_core.engine.checkpoint import PassCheckpoint
 from subfit_core.engine.interfaces import Statistic, Submodule
 from subfit_core.engine.piecewise import Piecewise
 from subfit_core.engine.stats import SpilledStats, SubStats
@@ -62,21 +64,50 @@ class DenseStatistics:
         if cached is not None:
             self.stats = cached
             return True
-        self.accumulate(calib)
-        if cache is not None and isinstance(self.stats, SpilledStats):
+        if cache is None or not isinstance(self.stats, SpilledStats):
+            self.accumulate(calib)
+            if cache is not None:
+                save_stats(cache, self.stats)
+            return False
+        checkpoint = PassCheckpoint.claim(cache)  # a streamed pass can resume where a killed one stopped
+        try:
+            self.accumulate(calib, checkpoint, state_shapes(dim, widths))
+            if checkpoint is not None:
+                checkpoint.finish()
             publish_spilled(cache, self.stats)
-        elif cache is not None:
-            save_stats(cache, self.stats)
+            if self.stats.folder != cache:  # another run published this entry first: ours goes with the run
+                self.stats.make_temporary()
+        finally:
+            if checkpoint is not None:
+                checkpoint.release()
         return False
 
-    def accumulate(self, ids: torch.Tensor) -> None:
-        """The calibration pass: each submodule over every batch, then the next."""
+    def accumulate(self, ids: torch.Tensor, checkpoint: PassCheckpoint | None = None, shapes: dict | None = None) -> None:
+        """The calibration pass: each submodule over every batch, then the next (from the last
+        ``checkpoint`` of a killed run when there is one, saving new ones at layer boundaries)."""
         pw, adapter = self.piecewise, self.piecewise.adapter
-        with pw.one_pass():
-            calib = [adapter.embed(b) for b in pw.batches(ids)]
+        start, calib = 0, []
+        if checkpoint is not None:
+            resumed = checkpoint.resume(pw.subs, shapes or {})
+            if resumed is None:
+                self.stats = checkpoint.store()
+            else:
+                self.stats, start, stream = resumed
+                self._extras = {s: self.stats.summary(s) for s in pw.subs[:start]}
+                sizes = [len(b) for b in pw.batches(ids)]
+                calib = [h.to(pw.device) for h in stream] if [len(h) for h in stream] == sizes else \
+                    [h.to(pw.device) for h in torch.cat(stream).split(pw.batch_size)]  # another batch size now
+                print(f"statistics: resuming the dense pass at {pw.subs[start].name} ({start} of {len(pw.subs)} "
+                      f"submodules done, from {checkpoint.folder})", file=sys.stderr)
+        if start == 0:
+            with pw.one_pass():
+                calib = [adapter.embed(b) for b in pw.batches(ids)]
         layer_input: list[torch.Tensor] = []
-        for i, sub in enumerate(progress(pw.subs, desc="calibration statistics")):
-            if i == 0 or pw.subs[i - 1].layer != sub.layer:
+        bar = progress(pw.subs[start:], desc="calibration statistics", initial=start, total=len(pw.subs))
+        for i, sub in enumerate(bar, start=start):
+            if i == start or pw.subs[i - 1].layer != sub.layer:
+                if checkpoint is not None and i > start and checkpoint.due():
+                    checkpoint.save([s.name for s in pw.subs[:i]], calib)
                 layer_input = list(calib)
             st = SubStats(adapter.hidden_size, sub.name)
             module = adapter.module(sub)

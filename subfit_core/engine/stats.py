@@ -165,6 +165,11 @@ class SpilledStats(MutableMapping):
         self.folder = target  # this run wrote them: later runs, which open them, check each file
         return True
 
+    def make_temporary(self) -> None:
+        """Delete the folder with this object (statistics that will not be kept after all)."""
+        if self._cleanup is None:
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
+
     @classmethod
     def open(cls, folder: Path, names: dict, shapes: dict[str, tuple[int, ...]], keep: int = 1) -> SpilledStats:
         """The cache entry ``folder`` for ``names`` (key -> submodule name) whose files hold
