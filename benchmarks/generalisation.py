@@ -31,21 +31,24 @@ from subfit_core.engine.pipeline import SESSION_KEYS, compress, open_session  # 
 ROOT = Path(__file__).resolve().parent.parent
 
 KJV = "calib.generated=0"  # the user's corpus alone (the previous default)
+# The recipe as it was before the anchored refit became its default: the rows measured then pin it,
+# so rerunning them reproduces what is stored.
+SUBFIT = ["strategy=subfit", "anchored=false"]
 SETS: dict[str, list[tuple[str, list[str]]]] = {
     # what overfits, at one level: the calibration mix, the fit's ridge and ranks, anchoring, no bypass
     "ablation": [
-        ("subfit, KJV calibration (previous default)", ["strategy=subfit", KJV]),
-        ("subfit, ridge 0.1, KJV calibration", ["strategy=subfit", KJV, "fitter.attn.ridge=0.1", "fitter.ffn.ridge=0.1"]),
-        ("subfit, ranks 16 / 64, KJV calibration", ["strategy=subfit", KJV, "fitter.attn.rank=16", "fitter.ffn.rank=64"]),
+        ("subfit, KJV calibration (previous default)", [*SUBFIT, KJV]),
+        ("subfit, ridge 0.1, KJV calibration", [*SUBFIT, KJV, "fitter.attn.ridge=0.1", "fitter.ffn.ridge=0.1"]),
+        ("subfit, ranks 16 / 64, KJV calibration", [*SUBFIT, KJV, "fitter.attn.rank=16", "fitter.ffn.rank=64"]),
         ("subfit, anchored, KJV calibration", ["strategy=subfit", KJV, "anchored=true"]),
         ("subfit-delete (no bypass), KJV calibration", ["strategy=subfit-delete", KJV]),
-        ("subfit, 50% self-sampled (default)", ["strategy=subfit"]),
-        ("subfit, 100% self-sampled", ["strategy=subfit", "calib.generated=1.0"]),
+        ("subfit, 50% self-sampled (default)", [*SUBFIT]),
+        ("subfit, 100% self-sampled", [*SUBFIT, "calib.generated=1.0"]),
         ("subfit, 50% self-sampled, anchored", ["strategy=subfit", "anchored=true"]),
     ],
     # the targets: SubFit's default against whole-layer deletion, both calibrations for the baselines
     "baselines": [
-        ("subfit (default: 50% self-sampled)", ["strategy=subfit"]),
+        ("subfit (default: 50% self-sampled)", [*SUBFIT]),
         ("shortgpt, same calibration", ["strategy=shortgpt", "calib.generated=0.5"]),
         ("sleb, same calibration", ["strategy=sleb", "calib.generated=0.5"]),
     ],
@@ -56,18 +59,34 @@ SETS: dict[str, list[tuple[str, list[str]]]] = {
     ],
     # more calibration and scoring text (both still half sampled): does size matter once the mix is right?
     "size": [
-        ("subfit, calib 128 + scoring 8 windows", ["strategy=subfit", "calib.samples=128", "scoring.samples=8"]),
+        ("subfit, calib 128 + scoring 8 windows", [*SUBFIT, "calib.samples=128", "scoring.samples=8"]),
     ],
     # more text and a larger sampled share together (in-domain must stay within 1.6x)
     "mix": [
         ("subfit, calib 128 + scoring 8, 60% self-sampled",
-         ["strategy=subfit", "calib.samples=128", "scoring.samples=8", "calib.generated=0.6"]),
+         [*SUBFIT, "calib.samples=128", "scoring.samples=8", "calib.generated=0.6"]),
         ("subfit, calib 256 + scoring 8, 50% self-sampled",
-         ["strategy=subfit", "calib.samples=256", "scoring.samples=8"]),
+         [*SUBFIT, "calib.samples=256", "scoring.samples=8"]),
+    ],
+    # where 37.5% lost on modern text: anchoring against the drift of 25 bypasses (now the default),
+    # a larger scoring set to judge them on, and a larger sampled share
+    "deep": [
+        ("subfit, anchored (default)", ["strategy=subfit", "anchored=true"]),
+        ("subfit, scoring 16 windows", [*SUBFIT, "scoring.samples=16"]),
+        ("subfit, 75% self-sampled", [*SUBFIT, "calib.generated=0.75"]),
+    ],
+    # LinearPatch (a Hadamard-rotated channel scaling of the stream at each cut) on the deletion
+    # baselines and on its own contiguous window, with the window's unpatched deletion beside it
+    "patch": [
+        ("shortgpt + LinearPatch, same calibration", ["strategy=shortgpt-patch", "calib.generated=0.5"]),
+        ("sleb + LinearPatch, same calibration", ["strategy=sleb-patch", "calib.generated=0.5"]),
+        ("linear-patch (its window), same calibration", ["strategy=linear-patch", "calib.generated=0.5"]),
+        ("linear-patch's window, no patch, same calibration", ["strategy=linear-patch", "fitter.name=identity",
+                                                               "calib.generated=0.5"]),
     ],
     # the baselines as their papers run them: the user's corpus alone
     "baselines-kjv": [
-        ("subfit, KJV calibration", ["strategy=subfit", KJV]),
+        ("subfit, KJV calibration", [*SUBFIT, KJV]),
         ("shortgpt, KJV calibration", ["strategy=shortgpt", KJV]),
         ("sleb, KJV calibration", ["strategy=sleb", KJV]),
     ],
