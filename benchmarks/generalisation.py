@@ -3,11 +3,12 @@ the calibration domain and of every bundled domain the run did not calibrate on.
 
     python benchmarks/generalisation.py                          # the ablation set at 25%
     python benchmarks/generalisation.py --set baselines --sparsities 0.125 0.25 0.375
+    python benchmarks/generalisation.py --set targets -- model=gemma3-270m   # another model's own file
     python benchmarks/generalisation.py --set lowrank            # kept 0.8 and 0.6
     python benchmarks/generalisation.py --only "sleb, KJV calibration" -- eval.windows=16
 
 Variants that share a session (model, data, evaluation settings) run from one dense pass. Prints a
-markdown table and writes benchmarks/results/generalisation[-SET].{json,md} after every row (a
+markdown table and writes benchmarks/results/generalisation-SET[-MODEL].{json,md} after every row (a
 partial run keeps its rows; rerunning skips rows already there unless --fresh).
 """
 
@@ -46,7 +47,13 @@ SETS: dict[str, list[tuple[str, list[str]]]] = {
         ("subfit, 100% self-sampled", [*SUBFIT, "calib.generated=1.0"]),
         ("subfit, 50% self-sampled, anchored", ["strategy=subfit", "anchored=true"]),
     ],
-    # the targets: SubFit's default against whole-layer deletion, both calibrations for the baselines
+    # the issue's targets on any model: the current default against whole-layer deletion, same calibration
+    "targets": [
+        ("subfit (default)", ["strategy=subfit"]),
+        ("shortgpt, same calibration", ["strategy=shortgpt", "calib.generated=0.5"]),
+        ("sleb, same calibration", ["strategy=sleb", "calib.generated=0.5"]),
+    ],
+    # the targets as first measured: SubFit before anchoring against whole-layer deletion
     "baselines": [
         ("subfit (default: 50% self-sampled)", [*SUBFIT]),
         ("shortgpt, same calibration", ["strategy=shortgpt", "calib.generated=0.5"]),
@@ -148,7 +155,11 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="ignore rows already in the results file")
     parser.add_argument("overrides", nargs="*", help="key=value applied to every variant (after --)")
     args = parser.parse_args()
-    out = ROOT / "benchmarks" / "results" / f"generalisation-{args.set}"
+    # rows are keyed by variant and level: another model's rows go to a file of their own
+    model = resolve_recipe(["strategy=subfit", *args.overrides])["model"]
+    default_model = resolve_recipe(["strategy=subfit"])["model"]
+    suffix = "" if model == default_model else f"-{model}"
+    out = ROOT / "benchmarks" / "results" / f"generalisation-{args.set}{suffix}"
     done = [] if args.fresh or not out.with_suffix(".json").exists() else json.loads(out.with_suffix(".json").read_text())["rows"]
     rows = list(done)
     work = []
