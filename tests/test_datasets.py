@@ -13,6 +13,7 @@ import random  # noqa: E402
 import re  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from subfit_plugins import datasets as ds  # noqa: E402
 
@@ -199,3 +200,37 @@ def test_wikitext2_offline(hub_offline):
 def test_c4_offline(hub_offline):
     with pytest.raises(ValueError, match=r"^calib\.dataset: 'c4' needs the dataset hub"):
         ds.c4()
+
+
+def _word_tokenizer(adds_bos: bool):
+    """A whitespace word tokenizer; with ``adds_bos`` it puts <bos> before every text by default."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<bos>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate("a b c d e f g h".split())}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_windows_begin_as_the_tokenizer_begins_a_text(adds_bos):
+    # Gemma without its BOS has ~3.5x the perplexity: windows cut from a corpus must begin with the
+    # token every tool puts first, or calibration and evaluation see inputs no user sends
+    from subfit_core.engine.corpus import CorpusText, make_windows, prefix_token
+
+    tokenizer = _word_tokenizer(adds_bos)
+    assert prefix_token(tokenizer) == (0 if adds_bos else None)
+    text = " ".join("abcdefgh"[i % 7] for i in range(400))
+    corpus = CorpusText("letters", train=text, heldout=text, source="test")
+    w = make_windows(corpus, tokenizer, calib_samples=4, scoring_samples=2, seq_len=8, heldout=corpus,
+                     eval_windows=3, eval_seq_len=6, seed=0)
+    assert w.calib.shape == (4, 8) and w.heldout.shape == (3, 6)
+    for windows in (w.calib, w.scoring, w.heldout):
+        assert bool((windows[:, 0] == 0).all()) == adds_bos
+        assert not bool((windows[:, 1:] == 0).any())  # the prefix is never text
+    body = w.heldout[:, 1:] if adds_bos else w.heldout
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    assert torch.equal(body.flatten(), ids[: body.numel()])  # consecutive text, nothing skipped or repeated

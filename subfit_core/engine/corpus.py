@@ -61,15 +61,34 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
     return torch.tensor(ids, dtype=torch.long)
 
 
-def cut(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-    n = ids.numel() // seq_len
-    return ids[: n * seq_len].view(n, seq_len)
+def prefix_token(tokenizer) -> int | None:
+    """The token the tokenizer puts before every text by default (a BOS), or None if it adds none.
+    Some models are only in distribution after it (Gemma without its BOS has about 3.5x the
+    perplexity), and every tool that runs them (generate, lm-eval, a serving stack) adds it; so each
+    window begins with it, as a real input does."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(full) > len(plain) and full[0] == bos:
+        return int(bos)
+    return None
+
+
+def cut(ids: torch.Tensor, seq_len: int, prefix: int | None = None) -> torch.Tensor:
+    """Consecutive windows of ``seq_len`` tokens; with ``prefix``, each is that token and then
+    ``seq_len - 1`` tokens of text (the prefix is context, never a predicted token)."""
+    if prefix is None:
+        n = ids.numel() // seq_len
+        return ids[: n * seq_len].view(n, seq_len)
+    n = ids.numel() // (seq_len - 1)
+    body = ids[: n * (seq_len - 1)].view(n, seq_len - 1)
+    return torch.cat([torch.full((n, 1), prefix, dtype=ids.dtype), body], dim=1)
 
 
 def heldout_windows(corpus: CorpusText, tokenizer, windows: int, seq_len: int) -> torch.Tensor:
     """The first ``windows`` windows of ``corpus``'s held-out text: fixed and seed-independent, so
     every run is measured on the same reference."""
-    held = cut(tokenize(tokenizer, corpus.heldout, windows * seq_len), seq_len)
+    held = cut(tokenize(tokenizer, corpus.heldout, windows * seq_len), seq_len, prefix_token(tokenizer))
     if held.shape[0] < windows:
         raise SubFitError(
             f"eval.windows: the held-out part of {corpus.name} gives {held.shape[0]} windows of "
@@ -80,7 +99,7 @@ def heldout_windows(corpus: CorpusText, tokenizer, windows: int, seq_len: int) -
 def make_windows(corpus: CorpusText, tokenizer, *, calib_samples: int, scoring_samples: int, seq_len: int,
                  heldout: CorpusText, eval_windows: int, eval_seq_len: int, seed: int,
                  validation_samples: int = 0) -> Windows:
-    train = cut(tokenize(tokenizer, corpus.train), seq_len)
+    train = cut(tokenize(tokenizer, corpus.train), seq_len, prefix_token(tokenizer))
     need = calib_samples + scoring_samples
     if train.shape[0] < need + validation_samples:
         extra = f" + sweep.validation_windows = {need + validation_samples}" if validation_samples else f" = {need}"
