@@ -58,16 +58,22 @@ test: setup postgres-server
 sparsity-sweep: setup
 	$(OFFLINE) $(PY) benchmarks/sparsity_sweep.py
 
-# Every strategy at 12.5/25/37.5% in one process per model (dense statistics shared), for each of COMPARE_MODELS;
-# writes docs/results/compare (smollm2-135m) and docs/results/compare-gemma3 (gemma3-270m)
+# The paper's protocol: every strategy at five levels on each of COMPARE_MODELS, one process per model (dense
+# statistics shared), accuracy on 200 items of each bundled task; writes docs/results/compare (smollm2-135m),
+# docs/results/compare-gemma3 (gemma3-270m), then docs/results/compare-models: the geometric mean over the models
+# and the trade-off plots. Hours per model on a CPU; a killed run resumes when run again.
+COMPARE_LEVELS ?= 0.125,0.1875,0.25,0.3125,0.375
 compare: setup
-	@set -e; for model in $(COMPARE_MODELS); do \
+	@set -e; folders=; for model in $(COMPARE_MODELS); do \
 		case $$model in smollm2-135m) out=docs/results/compare;; gemma3-270m) out=docs/results/compare-gemma3;; \
 			*) out=docs/results/compare-$$model;; esac; \
 		echo "== compare: model=$$model -> $$out"; \
-		$(OFFLINE) $(VENV)/bin/subfit-compare model=$$model strategies=[$(COMPARE_STRATEGIES)] sparsities=[0.125,0.25,0.375] \
-			cache_stats=false output_dir=$$out overwrite=true $(TASKS) eval.limit=100; \
-	done
+		$(OFFLINE) $(VENV)/bin/subfit-compare model=$$model strategies=[$(COMPARE_STRATEGIES)] sparsities=[$(COMPARE_LEVELS)] \
+			cache_stats=false output_dir=$$out overwrite=true $(TASKS) eval.limit=200; \
+		folders=$${folders:+$$folders,}$$out; \
+	done; \
+	case $$folders in *,*) echo "== combine: [$$folders] -> docs/results/compare-models"; \
+		$(OFFLINE) $(VENV)/bin/subfit-compare combine=[$$folders] output_dir=docs/results/compare-models overwrite=true;; esac
 
 clean:
 	rm -rf $(VENV) runs

@@ -55,7 +55,8 @@ def test_compare_shares_one_dense_pass_and_reports_failures(local_model_and_text
     assert "failed: NumericalError" in (out / "table.md").read_text()
     table = list(csv.DictReader((out / "table.csv").open()))
     assert len(table) == 8 and table[0]["strategy"] == "subfit"
-    assert json.loads((out / "results.json").read_text())["sparsities"] == [0.17, 0.34]
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["sparsities"] == [0.17, 0.34] and stored["model"] == str(folder / "model")  # combine= names it
     assert (out / "ppl_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
     # the bundled domains (none calibrated on here): a column each, their geometric mean, and its plot
     head = (out / "table.md").read_text().splitlines()[0]
@@ -214,3 +215,69 @@ def test_table_shows_retained_accuracy_only_when_tasks_ran():
     assert "| KV-cache saving | retained accuracy | compression / dense forward |" in with_tasks[0]
     assert "| 20.0% | 0.784 | 3.50x |" in with_tasks[2]
     assert with_tasks[3].count("|") == with_tasks[0].count("|") == 10  # the failed row keeps the shape
+
+
+def write_comparison(folder, model, rows):
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"meta": "m", "model": model, "rows": rows}))
+    return folder
+
+
+def comparison_row(strategy, sparsity, ppl, ood, accuracy, achieved):
+    return {"strategy": strategy, "sparsity": sparsity, "status": "ok", "ppl_ratio": ppl, "ood_ppl_ratio": ood,
+            "retained_accuracy": accuracy, "achieved_layers": achieved, "achieved_params": achieved, "kv_saving": 0.1}
+
+
+def test_combine_takes_the_geometric_mean_over_models_and_names_what_is_missing(tmp_path):
+    from subfit_core.apps.combine import combine
+
+    a = write_comparison(tmp_path / "a", "model-a", [
+        comparison_row("subfit", 0.25, 2.0, 3.0, 0.8, 0.25), comparison_row("shortgpt", 0.25, 4.0, 5.0, 0.7, 0.27),
+        comparison_row("laco", 0.25, 9.0, 9.0, 0.5, 0.25)])
+    b = write_comparison(tmp_path / "b", "model-b", [
+        comparison_row("subfit", 0.25, 8.0, 12.0, 0.9, 0.27), comparison_row("shortgpt", 0.25, 1.0, 20.0, 0.9, 0.23),
+        {"strategy": "laco", "sparsity": 0.25, "status": "failed", "error": "x"}])
+    out = tmp_path / "both"
+    merged = combine([f"combine=[{a},{b}]", f"output_dir={out}"])
+    rows = {r["strategy"]: r for r in merged["rows"]}
+    assert rows["subfit"]["ppl_ratio"] == pytest.approx(4.0)  # sqrt(2 * 8)
+    assert rows["subfit"]["ood_ppl_ratio"] == pytest.approx(6.0)  # sqrt(3 * 12)
+    assert rows["subfit"]["retained_accuracy"] == pytest.approx(math.sqrt(0.8 * 0.9))
+    assert rows["subfit"]["achieved_layers"] == pytest.approx(0.26)
+    assert rows["shortgpt"]["ppl_ratio"] == pytest.approx(2.0) and rows["shortgpt"]["ood_ppl_ratio"] == pytest.approx(10.0)
+    assert rows["laco"]["status"] == "missing" and rows["laco"]["missing"] == ["model-b"]
+    table = (out / "table.md").read_text()
+    assert "| strategy | sparsity | model-a ppl ratio | model-b ppl ratio | ppl ratio (geo-mean) |" in table
+    assert "| subfit | 0.250 | 2.00x | 8.00x | 4.00x | 6.00x | 0.849 | 0.2600 |" in table
+    assert "| laco | 0.250 | not finished on model-b |" in table
+    for name in ("ppl_vs_sparsity.png", "tradeoff.png", "ood_tradeoff.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["combine=[a]"], "combine: ['a']; give two or more subfit-compare output folders"),
+    (["combine=[a,missing]"], "combine: 'missing' has no results.json"),
+    (["combine=[a,a]"], "the folders hold the same model more than once (model-a, model-a)"),
+    (["combine=[a,b]", "sparsities=[0.2]"],
+     "sparsities: not a key of subfit-compare combine=[...]; allowed: combine, output_dir, overwrite"),
+])
+def test_combine_errors_are_one_line(args, message, tmp_path, monkeypatch, capsys):
+    from subfit_core.apps.compare import compare_main
+
+    write_comparison(tmp_path / "a", "model-a", [comparison_row("subfit", 0.25, 2.0, 3.0, 0.8, 0.25)])
+    write_comparison(tmp_path / "b", "model-b", [comparison_row("subfit", 0.25, 2.0, 3.0, 0.8, 0.25)])
+    monkeypatch.chdir(tmp_path)
+    assert compare_main([*args, "output_dir=out"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("subfit-compare: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_tradeoff_plots_need_accuracy(tmp_path):
+    from subfit_core.apps.compare import plot_tradeoff
+
+    rows = [comparison_row("subfit", s, 1 + 4 * s, 1 + 6 * s, 1 - s, s) for s in (0.125, 0.25)]
+    plot_tradeoff([{**r, "retained_accuracy": None} for r in rows], tmp_path)
+    assert not list(tmp_path.iterdir())
+    plot_tradeoff(rows, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"tradeoff.png", "ood_tradeoff.png"}

@@ -136,6 +136,7 @@ def plot(rows: list[dict], layers: int, folder: Path) -> None:
         ratio_lines(ax, {name: points for name, points in unseen.items() if points})
         save_ratio_plot(fig, ax, folder / "ood_ppl_vs_sparsity.png", "achieved sparsity (layer-equivalents / layers)",
                         "perplexity ratio, domains not calibrated on (geometric mean)")
+    plot_tradeoff(ok, folder)
 
     for sparsity in dict.fromkeys(r["sparsity"] for r in ok):
         sel = [r for r in ok if r["sparsity"] == sparsity]
@@ -154,6 +155,26 @@ def plot(rows: list[dict], layers: int, folder: Path) -> None:
         fig.tight_layout()
         fig.savefig(folder / f"removed_map_{sparsity:g}.png", dpi=120)
         plt.close(fig)
+
+
+def plot_tradeoff(rows: list[dict], folder: Path) -> None:
+    """Perplexity ratio against accuracy kept, one curve per strategy through its sparsity levels
+    (lower and further right is better; a curve runs right to left as sparsity grows): tradeoff.png
+    on the calibration domain, ood_tradeoff.png on the domains not calibrated on. Drawn only when
+    tasks were evaluated."""
+    plt = pyplot()
+    for key, filename, label in (("ppl_ratio", "tradeoff.png", "calibration domain"),
+                                 ("ood_ppl_ratio", "ood_tradeoff.png", "domains not calibrated on (geometric mean)")):
+        series: dict[str, list[tuple[float, float]]] = {}
+        for r in rows:
+            if r.get("retained_accuracy") is not None and r.get(key) is not None:
+                series.setdefault(r["strategy"], []).append((r["retained_accuracy"], r[key]))
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(7.2, 4.8))
+        ratio_lines(ax, series)
+        save_ratio_plot(fig, ax, folder / filename, "accuracy kept (compressed / dense, bundled tasks)",
+                        f"perplexity ratio, {label}")
 
 
 def compare(argv: list[str]) -> dict:
@@ -203,7 +224,8 @@ def run_comparison(strategies: list[str], sparsities: list[float], out: Path, sh
             f"device {session.device}. Dense statistics computed once and shared "
             f"({session.stats_s:.1f} s{', read from the cache' if session.stats_cached else ''}, "
             "included in every strategy's compression time).")
-    summary = {"meta": meta, "strategies": strategies, "sparsities": sparsities, "shared_overrides": [f"{k}={v}" for k, v in shared],
+    summary = {"meta": meta, "model": str(base["model"]), "strategies": strategies, "sparsities": sparsities,
+               "shared_overrides": [f"{k}={v}" for k, v in shared],
                "dense_ppl": session.dense_ppl, "rows": rows}
 
     def write(tmp: Path) -> None:
@@ -273,8 +295,18 @@ def compare_main(argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv:
         print("usage: subfit-compare strategies=[subfit,shortgpt,...] sparsities=[0.125,0.25,0.375] "
               "[output_dir=runs/compare] [overwrite=true] [key=value ...]\n"
+              "       subfit-compare combine=[FOLDER,FOLDER,...] [output_dir=runs/compare-models] [overwrite=true]\n"
               "Runs every strategy at every sparsity in one process, sharing the dense statistics;\n"
-              "other key=value overrides apply to every strategy (e.g. calib.samples=32).")
+              "other key=value overrides apply to every strategy (e.g. calib.samples=32).\n"
+              "combine= reads the output folders of comparisons on several models and writes the\n"
+              "geometric mean over the models of each strategy's ratios at each level.")
+        return 0
+    if any(arg.startswith("combine=") for arg in argv):
+        from subfit_core.apps.combine import combine, combined_markdown
+
+        merged = combine(argv)
+        print(combined_markdown(merged))
+        print(f"written to {merged['output_dir']}")
         return 0
     summary = compare(argv)
     print(markdown(summary["rows"], summary["meta"]))
