@@ -166,13 +166,13 @@ def plot_tradeoff(rows: list[dict], folder: Path) -> None:
     for key, filename, label in (("ppl_ratio", "tradeoff.png", "calibration domain"),
                                  ("ood_ppl_ratio", "ood_tradeoff.png", "domains not calibrated on (geometric mean)")):
         series: dict[str, list[tuple[float, float]]] = {}
-        for r in rows:
+        for r in sorted(rows, key=lambda r: r["achieved_layers"]):  # a curve follows its levels
             if r.get("retained_accuracy") is not None and r.get(key) is not None:
                 series.setdefault(r["strategy"], []).append((r["retained_accuracy"], r[key]))
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(7.2, 4.8))
-        ratio_lines(ax, series)
+        ratio_lines(ax, series, ordered=True)
         save_ratio_plot(fig, ax, folder / filename, "accuracy kept (compressed / dense, bundled tasks)",
                         f"perplexity ratio, {label}")
 

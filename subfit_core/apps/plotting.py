@@ -28,13 +28,14 @@ def save_ratio_plot(fig, ax, path: Path, xlabel: str, ylabel: str) -> None:
     pyplot().close(fig)
 
 
-def ratio_lines(ax, series: dict[str, list[tuple[float, float]]], ceiling: float = 100.0) -> list[str]:
-    """One line per name, each with its own colour/marker pair (more names than colours stay apart).
-    A series above ``ceiling`` anywhere would flatten the others on a log axis: it is left out and
-    named in the title. Returns the names left out."""
+def ratio_lines(ax, series: dict[str, list[tuple[float, float]]], ceiling: float = 100.0, ordered: bool = False) -> list[str]:
+    """One line per name, each with its own colour/marker pair (more names than colours stay apart),
+    through its points sorted by x, or in the given order with ``ordered``. A series above
+    ``ceiling`` anywhere would flatten the others on a log axis: it is left out and named in the
+    title. Returns the names left out."""
     off = []
     for i, (name, pts) in enumerate(series.items()):
-        pts = sorted(pts)
+        pts = pts if ordered else sorted(pts)
         if max(y for _, y in pts) > ceiling:
             off.append(name)
             continue
