@@ -85,6 +85,22 @@ def test_anchored_refit_of_the_first_replacement_equals_the_dense_fit():
     assert bench.metric("kl") == pytest.approx(0.0, abs=1e-6)
 
 
+def test_anchored_refit_stops_at_the_deepest_replacement(monkeypatch):
+    # The streams past the deepest bypass feed no fit: the pass must not run the layers behind it.
+    model = tiny_llama()
+    bench = bench_for(model)
+    fitter = LinearFitter(LinearParams(ridge=1e-4))
+    deepest = Submodule(1, "attn")
+    assert max(bench.subs) > deepest
+    visited = []
+    real = type(bench.adapter).contribution
+    monkeypatch.setattr(type(bench.adapter), "contribution",
+                        lambda self, sub, *a, **k: (visited.append(sub), real(self, sub, *a, **k))[1])
+    fits = bench.refit_anchored(fitter, [Submodule(0, "ffn"), deepest])
+    assert max(visited) == deepest and set(fits) == {Submodule(0, "ffn"), deepest}
+    assert set(bench.replaced) == set(fits)
+
+
 # ----------------------------------------------------------------------------- batch sizes
 
 

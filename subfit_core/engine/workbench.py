@@ -310,6 +310,8 @@ class Workbench:
                     fits[sub] = fitter.fit(sub, st).to(self.device, self.dtype)
                     self.adapter.replace(sub, fits[sub])
                     self.replaced[sub] = fits[sub]
+                    if len(fits) == len(chosen):  # the streams past the deepest bypass feed no fit
+                        break
                     comp = [self.piecewise.step(sub, fits[sub], hc) for hc in comp]
                 elif fits:
                     comp = [self.piecewise.step(sub, original, hc) for hc in comp]
