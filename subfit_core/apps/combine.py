@@ -13,13 +13,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from pathlib import Path
 
 from subfit_core.apps.compare import plot_tradeoff
 from subfit_core.apps.plotting import pyplot, ratio_lines, save_ratio_plot
-from subfit_core.artifact.outputs import atomic_dir, check_output_dir, claim
+from subfit_core.artifact.outputs import atomic_dir, check_output_dir
 from subfit_core.config import ConfigError, parse_bool, parse_override
+from subfit_core.evaluation.tasks import geometric_mean
 
 RATIOS = ("ppl_ratio", "ood_ppl_ratio", "retained_accuracy")
 MEANS = ("achieved_layers", "achieved_params", "kv_saving")  # the same plan size on every model: arithmetic mean
@@ -55,10 +55,6 @@ def read_summary(folder: Path) -> dict:
         raise ConfigError(f"combine: '{path}' has no rows; give subfit-compare output folders")
     summary.setdefault("model", folder.name)  # folders written before the model was recorded
     return summary
-
-
-def geometric_mean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def combined_rows(summaries: list[dict]) -> list[dict]:
@@ -146,7 +142,6 @@ def combine(argv: list[str]) -> dict:
             merged["plot_error"] = f"{type(exc).__name__}: {exc}"
             (tmp / "results.json").write_text(json.dumps(merged, indent=2))
 
-    with claim(out):
-        atomic_dir(out, write)
+    atomic_dir(out, write)  # holds the folder's lock while it writes
     merged["output_dir"] = str(out)
     return merged
