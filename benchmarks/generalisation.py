@@ -35,6 +35,9 @@ KJV = "calib.generated=0"  # the user's corpus alone (the previous default)
 # The recipe as it was before the anchored refit became its default: the rows measured then pin it,
 # so rerunning them reproduces what is stored.
 SUBFIT = ["strategy=subfit", "anchored=false"]
+# The baselines' rows were measured on the engine's default windows (64 calibration, 4 scoring, 256
+# tokens, stride 2), before their recipes carried their papers' protocols: pinned, so they reproduce.
+ENGINE = ["calib.samples=64", "calib.seq_len=256", "scoring.samples=4", "scoring.stride=2"]
 SETS: dict[str, list[tuple[str, list[str]]]] = {
     # what overfits, at one level: the calibration mix, the fit's ridge and ranks, anchoring, no bypass
     "ablation": [
@@ -42,7 +45,7 @@ SETS: dict[str, list[tuple[str, list[str]]]] = {
         ("subfit, ridge 0.1, KJV calibration", [*SUBFIT, KJV, "fitter.attn.ridge=0.1", "fitter.ffn.ridge=0.1"]),
         ("subfit, ranks 16 / 64, KJV calibration", [*SUBFIT, KJV, "fitter.attn.rank=16", "fitter.ffn.rank=64"]),
         ("subfit, anchored, KJV calibration", ["strategy=subfit", KJV, "anchored=true"]),
-        ("subfit-delete (no bypass), KJV calibration", ["strategy=subfit-delete", KJV]),
+        ("subfit-delete (no bypass), KJV calibration", ["strategy=subfit-delete", *ENGINE, KJV]),
         ("subfit, 50% self-sampled (default)", [*SUBFIT]),
         ("subfit, 100% self-sampled", [*SUBFIT, "calib.generated=1.0"]),
         ("subfit, 50% self-sampled, anchored", ["strategy=subfit", "anchored=true"]),
@@ -50,19 +53,19 @@ SETS: dict[str, list[tuple[str, list[str]]]] = {
     # the issue's targets on any model: the current default against whole-layer deletion, same calibration
     "targets": [
         ("subfit (default)", ["strategy=subfit"]),
-        ("shortgpt, same calibration", ["strategy=shortgpt", "calib.generated=0.5"]),
-        ("sleb, same calibration", ["strategy=sleb", "calib.generated=0.5"]),
+        ("shortgpt, same calibration", ["strategy=shortgpt", *ENGINE, "calib.generated=0.5"]),
+        ("sleb, same calibration", ["strategy=sleb", *ENGINE, "calib.generated=0.5"]),
     ],
     # the targets as first measured: SubFit before anchoring against whole-layer deletion
     "baselines": [
         ("subfit (default: 50% self-sampled)", [*SUBFIT]),
-        ("shortgpt, same calibration", ["strategy=shortgpt", "calib.generated=0.5"]),
-        ("sleb, same calibration", ["strategy=sleb", "calib.generated=0.5"]),
+        ("shortgpt, same calibration", ["strategy=shortgpt", *ENGINE, "calib.generated=0.5"]),
+        ("sleb, same calibration", ["strategy=sleb", *ENGINE, "calib.generated=0.5"]),
     ],
     # whole layers cannot hit a level exactly: the layer count just below it, to bracket SubFit
     "bracket": [
-        ("shortgpt, same calibration", ["strategy=shortgpt", "calib.generated=0.5"]),
-        ("sleb, same calibration", ["strategy=sleb", "calib.generated=0.5"]),
+        ("shortgpt, same calibration", ["strategy=shortgpt", *ENGINE, "calib.generated=0.5"]),
+        ("sleb, same calibration", ["strategy=sleb", *ENGINE, "calib.generated=0.5"]),
     ],
     # more calibration and scoring text (both still half sampled): does size matter once the mix is right?
     "size": [
@@ -85,17 +88,29 @@ SETS: dict[str, list[tuple[str, list[str]]]] = {
     # LinearPatch (a Hadamard-rotated channel scaling of the stream at each cut) on the deletion
     # baselines and on its own contiguous window, with the window's unpatched deletion beside it
     "patch": [
-        ("shortgpt + LinearPatch, same calibration", ["strategy=shortgpt-patch", "calib.generated=0.5"]),
-        ("sleb + LinearPatch, same calibration", ["strategy=sleb-patch", "calib.generated=0.5"]),
-        ("linear-patch (its window), same calibration", ["strategy=linear-patch", "calib.generated=0.5"]),
-        ("linear-patch's window, no patch, same calibration", ["strategy=linear-patch", "fitter.name=identity",
+        ("shortgpt + LinearPatch, same calibration", ["strategy=shortgpt-patch", *ENGINE, "calib.generated=0.5"]),
+        ("sleb + LinearPatch, same calibration", ["strategy=sleb-patch", *ENGINE, "calib.generated=0.5"]),
+        ("linear-patch (its window), same calibration", ["strategy=linear-patch", *ENGINE, "calib.generated=0.5"]),
+        ("linear-patch's window, no patch, same calibration", ["strategy=linear-patch", *ENGINE, "fitter.name=identity",
                                                                "calib.generated=0.5"]),
     ],
     # the baselines as their papers run them: the user's corpus alone
     "baselines-kjv": [
         ("subfit, KJV calibration", [*SUBFIT, KJV]),
-        ("shortgpt, KJV calibration", ["strategy=shortgpt", KJV]),
-        ("sleb, KJV calibration", ["strategy=sleb", KJV]),
+        ("shortgpt, KJV calibration", ["strategy=shortgpt", *ENGINE, KJV]),
+        ("sleb, KJV calibration", ["strategy=sleb", *ENGINE, KJV]),
+    ],
+    # the baselines on their papers' calibration protocols (their recipes' own), the user's corpus alone
+    "protocols": [
+        ("sleb, its paper's protocol, KJV calibration", ["strategy=sleb", KJV]),
+        ("uidl, its paper's protocol, KJV calibration", ["strategy=uidl", KJV]),
+        ("laco, its paper's protocol, KJV calibration", ["strategy=laco", KJV]),
+        ("replaceme, its paper's protocol, KJV calibration", ["strategy=replaceme", KJV]),
+        ("blockpruner, its paper's protocol, KJV calibration", ["strategy=blockpruner", KJV]),
+        ("finercut, its paper's protocol, KJV calibration", ["strategy=finercut", KJV]),
+        ("uidl, engine windows, KJV calibration", ["strategy=uidl", *ENGINE, KJV]),
+        ("laco, engine windows, KJV calibration", ["strategy=laco", *ENGINE, KJV]),
+        ("replaceme, engine windows, KJV calibration", ["strategy=replaceme", *ENGINE, KJV]),
     ],
     # the low-rank stage: every calibration-fitted piece (whitening, anchoring, refinement)
     "lowrank": [

@@ -10,6 +10,7 @@ import math
 import pytest
 
 from subfit_core.apps.compare import compare
+from subfit_core.config import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,7 +37,7 @@ def test_compare_shares_one_dense_pass_and_reports_failures(local_model_and_text
     summary = compare([
         "strategies=[subfit,shortgpt,sleb," + str(folder / "broken.yaml") + "]", "sparsities=[0.17,0.34]",
         f"model={folder / 'model'}", f"calib.dataset={folder / 'text.txt'}", "calib.samples=6", "calib.seq_len=16",
-        "scoring.samples=2", "eval.windows=3", "eval.seq_len=16", "cache_stats=false",
+        "scoring.samples=2", "eval.windows=3", "eval.seq_len=16", "cache_stats=false", "calibration=shared",
         f"output_dir={out}"])
     assert len(passes) == 1  # one dense calibration pass for 8 (strategy, sparsity) runs
     rows = summary["rows"]
@@ -66,6 +67,62 @@ def test_compare_shares_one_dense_pass_and_reports_failures(local_model_and_text
         assert set(r["domains"]) == {"kjv", "shakespeare", "pydocs", "jargon"}
         assert r["ood_ppl_ratio"] == pytest.approx(math.prod(r["domains"].values()) ** 0.25)
     assert (out / "ood_ppl_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_each_strategy_calibrates_as_its_recipe_says_against_one_dense_reference(local_model_and_text, monkeypatch):
+    """calibration=recipe (the default): strategies whose recipes calibrate differently get their own
+    windows and dense pass, the model and dense reference are measured once, and each row equals what
+    a comparison of that strategy alone gives."""
+    folder = local_model_and_text
+    from subfit_core.engine import dense_statistics, pipeline
+
+    (folder / "wide.yaml").write_text(  # SLEB on more scoring windows and half sampled calibration text
+        "name: wide\nscorer: {name: output, metric: loss}\nselector: {name: iterative, unit: layer}\n"
+        "fitter: {name: identity}\ncalib: {samples: 8, generated: 0.5}\nscoring: {samples: 3, stride: 1}\n")
+    (folder / "plain.yaml").write_text(  # no protocol of its own: the schema's, as shortgpt's
+        "name: plain\nscorer: {name: angular-distance}\nselector: {name: contiguous}\nfitter: {name: identity}\n")
+    passes, dense = [], []
+    accumulate, perplexity = dense_statistics.DenseStatistics.accumulate, pipeline.perplexity
+    monkeypatch.setattr(dense_statistics.DenseStatistics, "accumulate",
+                        lambda self, ids, *a, **k: (passes.append(ids.shape[0]), accumulate(self, ids, *a, **k))[1])
+    monkeypatch.setattr(pipeline, "perplexity", lambda model, ids, *a: (dense.append(a[-1]), perplexity(model, ids, *a))[1])
+    wide, plain = str(folder / "wide.yaml"), str(folder / "plain.yaml")
+    common = [f"model={folder / 'model'}", f"calib.dataset={folder / 'text.txt'}", "calib.seq_len=16",
+              "eval.windows=3", "eval.seq_len=16", "cache_stats=false", "sparsities=[0.34]"]
+    summary = compare([f"strategies=[shortgpt,{wide},{plain}]", *common, f"output_dir={folder / 'own'}"])
+    assert passes == [64, 8]  # shortgpt and plain share the schema's protocol (64 windows), wide has its own
+    assert sum(desc.startswith("dense perplexity") for desc in dense) == 5  # one dense reference: 4 domains + main
+    rows = {r["strategy"]: r for r in summary["rows"]}
+    assert rows["shortgpt"]["calibration"] == rows[plain]["calibration"] == "calibration 64 x 16, scoring 4 windows (stride 2)"
+    assert rows[wide]["calibration"] == "calibration 8 x 16 (50% sampled from the model), scoring 3 windows"
+    assert summary["protocols"] == {rows["shortgpt"]["calibration"]: ["shortgpt", plain], rows[wide]["calibration"]: [wide]}
+    assert [r["strategy"] for r in summary["rows"]] == ["shortgpt", wide, plain]  # the order given
+    alone = compare([f"strategies=[{wide}]", *common, f"output_dir={folder / 'alone'}"])
+    assert alone["rows"][0]["ppl_ratio"] == pytest.approx(rows[wide]["ppl_ratio"], rel=1e-6)
+    assert alone["rows"][0]["replaced"] == rows[wide]["replaced"]
+    # shared: every strategy on the first one's protocol, one pass
+    passes.clear()
+    shared = compare([f"strategies=[{wide},shortgpt]", *common, "calibration=shared", f"output_dir={folder / 'shared'}"])
+    assert passes == [8] and {r["calibration"] for r in shared["rows"]} == {rows[wide]["calibration"]}
+    with pytest.raises(ConfigError, match=r"calibration: 'own' is not one of recipe, shared"):
+        compare(["strategies=[sleb]", "sparsities=[0.3]", "calibration=own"])
+
+
+@pytest.mark.parametrize("name, protocol", [
+    ("sleb", "calibration 64 x 256, scoring 40 windows"),  # the released code's ~10K tokens, every position
+    ("finercut", "calibration 64 x 256, scoring 100 windows"),
+    ("blockpruner", "calibration 64 x 256, scoring 150 windows"),
+    ("laco", "calibration 64 x 256, scoring 1 window (stride 2)"),
+    ("replaceme", "calibration 1024 x 256, scoring 40 windows"),
+    ("subfit-delete", "calibration 256 x 256 (50% sampled from the model), scoring 8 windows (stride 2)"),
+])
+def test_baseline_recipes_carry_their_papers_protocols(name, protocol):
+    from subfit_core.apps.compare import protocol_of, strategy_config
+
+    assert protocol_of(strategy_config(name, 0.25, [], None)) == protocol
+    base = strategy_config("subfit", 0.25, [], None)  # in a comparison: the recipe's protocol, the shared text
+    assert protocol_of(strategy_config(name, 0.25, [("calib.dataset", "shakespeare")], base, "recipe")) == protocol
+    assert strategy_config(name, 0.25, [], base, "shared")["scoring"] == base["scoring"]
 
 
 def test_a_shared_override_invalid_for_one_strategy_fails_before_any_work(local_model_and_text):

@@ -1,14 +1,18 @@
 """``subfit-compare``: several strategies at several sparsities in one process.
 
-The model, the windows, the dense reference and the dense calibration statistics are computed
-once (one Session) and shared by every strategy; each (strategy, sparsity) is then only its own
-selection and fitting. A strategy that fails is reported as failed, with its error, and the
+The model and the dense reference (held-out perplexities, tasks) are measured once and shared by
+every strategy. With ``calibration=recipe`` (the default) each strategy calibrates as its recipe
+says (a baseline's recipe carries its paper's protocol), so strategies are grouped by calibration
+and each group gets its own windows and dense statistics (one Session); ``calibration=shared``
+gives every strategy the first one's, in one Session. Each (strategy, sparsity) is then only its
+own selection and fitting. A strategy that fails is reported as failed, with its error, and the
 others still run. Writes results.json, table.md, table.csv and PNG plots, atomically; finished
 runs are journalled as they end, so an interrupted comparison resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -32,10 +36,21 @@ COLUMNS = ["strategy", "sparsity", "status", "ppl_ratio", "ppl", "ood_ppl_ratio"
            "retained_accuracy", "ttft_speedup", "error"]
 
 
-def parse_args(argv: list[str]) -> tuple[list[str], list[float], Path, bool, list[tuple[str, object]]]:
+CALIBRATIONS = ("recipe", "shared")
+# the calibration keys a recipe's protocol sets; the text itself and the batch size are the comparison's
+PROTOCOL = {"calib": ("samples", "seq_len", "generated"), "scoring": ("samples", "stride")}
+
+
+def parse_args(argv: list[str]) -> tuple[list[str], list[float], Path, bool, list[tuple[str, object]], str]:
     strategies, sparsities, out, overwrite, shared = None, None, Path("runs/compare"), False, []
+    calibration = "recipe"
     for key, value in map(parse_override, argv):
-        if key == "strategies":
+        if key == "calibration":
+            if value not in CALIBRATIONS:
+                raise ConfigError(f"calibration: {value!r} is not one of {', '.join(CALIBRATIONS)} (recipe: each "
+                                  "strategy's own calibration protocol; shared: the first strategy's for all)")
+            calibration = str(value)
+        elif key == "strategies":
             strategies = value if isinstance(value, list) else [value]
         elif key == "sparsities":
             sparsities = value if isinstance(value, list) else [value]
@@ -49,17 +64,31 @@ def parse_args(argv: list[str]) -> tuple[list[str], list[float], Path, bool, lis
         raise ConfigError("strategies: give a list, e.g. strategies=[subfit,shortgpt]")
     if not sparsities or not all(isinstance(s, (int, float)) and 0 < s < 1 for s in sparsities):
         raise ConfigError(f"sparsities: {sparsities!r}; give a list of numbers in (0, 1), e.g. sparsities=[0.125,0.25]")
-    return [str(s) for s in strategies], [float(s) for s in sparsities], out, overwrite, shared
+    return [str(s) for s in strategies], [float(s) for s in sparsities], out, overwrite, shared, calibration
 
 
-def strategy_config(name: str, sparsity: float, shared: list[tuple[str, object]], base: dict | None) -> dict:
+def strategy_config(name: str, sparsity: float, shared: list[tuple[str, object]], base: dict | None,
+                    calibration: str = "shared") -> dict:
     data, _ = read_recipe(get_plugins(), name)
     apply_overrides(data, shared)
     data.update({"sparsity": sparsity, "save": False})
     cfg = validate(data)
-    if base is not None:  # model, data and evaluation settings are the same for every strategy
-        cfg.update({k: base[k] for k in SESSION_KEYS})
+    if base is not None:  # model, text and evaluation settings are the same for every strategy
+        own = {section: {key: cfg[section][key] for key in keys} for section, keys in PROTOCOL.items()}
+        cfg.update({k: copy.deepcopy(base[k]) for k in SESSION_KEYS})
+        if calibration == "recipe":  # ... and the calibration protocol is the recipe's
+            for section, values in own.items():
+                cfg[section].update(values)
     return cfg
+
+
+def protocol_of(cfg: dict) -> str:
+    """A calibration protocol in words, e.g. ``calibration 64 x 256 (50% sampled), scoring 8 windows``."""
+    calib, scoring = cfg["calib"], cfg["scoring"]
+    sampled = f" ({calib['generated']:.0%} sampled from the model)" if calib["generated"] else ""
+    stride = f" (stride {scoring['stride']})" if scoring["stride"] != 1 else ""
+    return (f"calibration {calib['samples']} x {calib['seq_len']}{sampled}, "
+            f"scoring {scoring['samples']} window{'s' if scoring['samples'] != 1 else ''}{stride}")
 
 
 def row_from(name: str, sparsity: float, results: dict) -> dict:
@@ -178,54 +207,74 @@ def plot_tradeoff(rows: list[dict], folder: Path) -> None:
 
 
 def compare(argv: list[str]) -> dict:
-    strategies, sparsities, out, overwrite, shared = parse_args(argv)
+    strategies, sparsities, out, overwrite, shared, calibration = parse_args(argv)
     check_output_dir(out, overwrite)
     with claim(out):  # one comparison per output folder at a time
-        return run_comparison(strategies, sparsities, out, shared)
+        return run_comparison(strategies, sparsities, out, shared, calibration)
 
 
-def run_comparison(strategies: list[str], sparsities: list[float], out: Path, shared: list[tuple[str, object]]) -> dict:
+def run_comparison(strategies: list[str], sparsities: list[float], out: Path, shared: list[tuple[str, object]],
+                   calibration: str = "recipe") -> dict:
     base = strategy_config(strategies[0], sparsities[0], shared, None)
+    groups: dict[str, list[str]] = {}  # protocol -> its strategies, in the order given
     for name in strategies:  # unknown recipes and bad keys (shared overrides too) fail before any work
         try:
-            cfg = strategy_config(name, sparsities[0], shared, base)
+            cfg = strategy_config(name, sparsities[0], shared, base, calibration)
             build_components(get_plugins(), cfg)
             if cfg["runner"]["name"] != "none":
                 raise ConfigError(f"runner.name: {cfg['runner']['name']} delivers its own kind of model; subfit-compare "
                                   "compares compressed models (run this recipe with subfit-run)")
         except SubFitError as exc:
             raise SubFitError(f"strategy {name}: {exc}") from None
+        groups.setdefault(protocol_of(cfg), []).append(name)
     check_tasks(base["eval"]["tasks"], get_plugins())
     journal = Journal(out, {"strategies": strategies, "sparsities": sparsities,
-                            "shared": [[k, v] for k, v in shared]})
-    session = open_session(base)
-    rows, todo = [], [(name, sparsity) for name in strategies for sparsity in sparsities]
-    for i, (name, sparsity) in enumerate(todo, 1):
-        if (name, sparsity) in journal.done:
-            rows.append(journal.done[name, sparsity])
+                            "shared": [[k, v] for k, v in shared], "calibration": calibration})
+    done: dict[tuple[str, float], dict] = {}
+    described, session, count = [], None, len(strategies) * len(sparsities)
+    for protocol, names in groups.items():
+        todo = [(name, sparsity) for name in names for sparsity in sparsities]
+        done.update({key: journal.done[key] for key in todo if key in journal.done})
+        todo = [key for key in todo if key not in done]
+        if not todo:
+            described.append(f"{protocol}: {', '.join(names)} (journalled)")
             continue
-        t0 = time.perf_counter()
-        try:
-            row = row_from(name, sparsity, compress(session, strategy_config(name, sparsity, shared, base)).results)
-        except Exception as exc:  # noqa: BLE001 - one failing strategy must not stop the comparison
-            line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            row = {"strategy": name, "sparsity": sparsity, "status": "failed",
-                   "error": f"{type(exc).__name__}: {line}", "traceback": traceback.format_exc(),
-                   "compression_s": time.perf_counter() - t0}
-        session.bench.restore()
-        rows.append(row)
-        journal.add(row)
-        outcome = f"{row['ppl_ratio']:.2f}x" if row["status"] == "ok" else row["error"]
-        print(f"[{i}/{len(todo)}] {name} @ {sparsity:g}: {outcome} ({time.perf_counter() - t0:.0f} s)",
-              file=sys.stderr, flush=True)
+        first = strategy_config(names[0], sparsities[0], shared, base, calibration)
+        # the model (unless streamed) and the dense reference carry over; the windows and statistics do not
+        loaded = (session.model, session.tokenizer, session.model_source) if session and session.bench.stream is None else None
+        reference = session.reference() if session else None
+        session = None  # the previous group's statistics are freed before this group's pass
+        session = open_session(first, loaded=loaded, reference=reference)
+        described.append(f"{protocol}: {', '.join(names)} (dense statistics {session.stats_s:.1f} s"
+                         f"{', read from the cache' if session.stats_cached else ''})")
+        for name, sparsity in todo:
+            t0 = time.perf_counter()
+            try:
+                cfg = strategy_config(name, sparsity, shared, base, calibration)
+                row = {**row_from(name, sparsity, compress(session, cfg).results), "calibration": protocol}
+            except Exception as exc:  # noqa: BLE001 - one failing strategy must not stop the comparison
+                line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                row = {"strategy": name, "sparsity": sparsity, "status": "failed",
+                       "error": f"{type(exc).__name__}: {line}", "traceback": traceback.format_exc(),
+                       "compression_s": time.perf_counter() - t0, "calibration": protocol}
+            session.bench.restore()
+            done[name, sparsity] = row
+            journal.add(row)
+            outcome = f"{row['ppl_ratio']:.2f}x" if row["status"] == "ok" else row["error"]
+            print(f"[{len(done)}/{count}] {name} @ {sparsity:g}: {outcome} ({time.perf_counter() - t0:.0f} s)",
+                  file=sys.stderr, flush=True)
+    if session is None:  # every row journalled: the dense reference for the summary
+        session = open_session(base)
+    rows = [done[name, sparsity] for name in strategies for sparsity in sparsities]
     meta = (f"Model {base['model']}; dense held-out perplexity {session.dense_ppl:.2f} on "
             f"{base['eval']['windows']} x {base['eval']['seq_len']} tokens of {base['eval']['dataset'] or base['calib']['dataset']}; "
-            f"calibration {base['calib']['samples']} x {base['calib']['seq_len']}, scoring {base['scoring']['samples']} windows; "
-            f"device {session.device}. Dense statistics computed once and shared "
-            f"({session.stats_s:.1f} s{', read from the cache' if session.stats_cached else ''}, "
-            "included in every strategy's compression time).")
+            f"device {session.device}. Calibration text {base['calib']['dataset']}, "
+            + ("each strategy's own protocol" if calibration == "recipe" else "one protocol for all")
+            + " (dense statistics computed once per protocol and included in every strategy's compression time): "
+            + "; ".join(described) + ".")
     summary = {"meta": meta, "model": str(base["model"]), "strategies": strategies, "sparsities": sparsities,
-               "shared_overrides": [f"{k}={v}" for k, v in shared],
+               "shared_overrides": [f"{k}={v}" for k, v in shared], "calibration": calibration,
+               "protocols": {protocol: names for protocol, names in groups.items()},
                "dense_ppl": session.dense_ppl, "rows": rows}
 
     def write(tmp: Path) -> None:
@@ -294,10 +343,12 @@ class Journal:
 def compare_main(argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv:
         print("usage: subfit-compare strategies=[subfit,shortgpt,...] sparsities=[0.125,0.25,0.375] "
-              "[output_dir=runs/compare] [overwrite=true] [key=value ...]\n"
+              "[calibration=recipe|shared] [output_dir=runs/compare] [overwrite=true] [key=value ...]\n"
               "       subfit-compare combine=[FOLDER,FOLDER,...] [output_dir=runs/compare-models] [overwrite=true]\n"
-              "Runs every strategy at every sparsity in one process, sharing the dense statistics;\n"
-              "other key=value overrides apply to every strategy (e.g. calib.samples=32).\n"
+              "Runs every strategy at every sparsity in one process, sharing the model and the dense\n"
+              "reference; calibration=recipe (default) calibrates each strategy as its recipe says (the\n"
+              "baselines' papers' protocols), shared gives all the first strategy's. Other key=value\n"
+              "overrides apply to every strategy (e.g. calib.samples=32 sets it for all).\n"
               "combine= reads the output folders of comparisons on several models and writes the\n"
               "geometric mean over the models of each strategy's ratios at each level.")
         return 0

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 
 # Keys that must agree for two runs to share a Session (model, data and the dense reference).
 SESSION_KEYS = ("model", "device", "dtype", "offload", "seed", "trust_remote_code", "calib", "scoring", "eval", "speed")
+# What the dense reference (held-out perplexities, tasks, speed) depends on: sessions that calibrate
+# differently but agree on these (and on the main domain) measure the same dense model on the same text.
+REFERENCE_KEYS = ("model", "device", "dtype", "offload", "trust_remote_code", "eval", "speed")
 
 
 @dataclass
@@ -81,6 +84,25 @@ class Session:
     def compatible(self, cfg: dict) -> bool:
         """Whether a run of ``cfg`` can use this Session (same model, data and evaluation settings)."""
         return all(self.cfg[k] == cfg[k] for k in SESSION_KEYS)
+
+    def reference(self) -> Reference:
+        """The dense measurements, without the statistics, for a session that calibrates differently."""
+        return Reference(self.cfg, self.dense_ppl, self.domains, self.dense_domain_ppl, self.dense_tasks, self.dense_speed)
+
+
+@dataclass
+class Reference:
+    """The dense model's held-out perplexities, tasks and speed, as one session measured them."""
+    cfg: dict
+    dense_ppl: float
+    domains: dict[str, torch.Tensor]
+    dense_domain_ppl: dict[str, float]
+    dense_tasks: dict | None
+    dense_speed: dict | None
+
+    def serves(self, cfg: dict) -> bool:
+        """Whether a session of ``cfg`` would measure exactly these numbers."""
+        return all(self.cfg[k] == cfg[k] for k in REFERENCE_KEYS) and main_domain(self.cfg) == main_domain(cfg)
 
 
 @dataclass
@@ -189,11 +211,15 @@ def mix_generated(windows: Windows, cfg: dict, model, tokenizer, device: torch.d
 
 
 def open_session(cfg: dict, validation_windows: int = 0, loaded: tuple | None = None,
-                 texts: dict[str, CorpusText] | None = None) -> Session:
+                 texts: dict[str, CorpusText] | None = None, reference: Reference | None = None) -> Session:
     """Load the model and data, measure the dense model, and stream the dense statistics.
     ``validation_windows``: also carve that many validation windows (sweeps choose on these).
     ``loaded``: (model, tokenizer, source) already in memory, used instead of loading ``cfg["model"]``;
-    ``texts``: text sources by name passed in memory, found before the registered ones."""
+    ``texts``: text sources by name passed in memory, found before the registered ones;
+    ``reference``: dense measurements of an earlier session, taken over instead of measured again
+    when they are the ones this session would measure (``Reference.serves``)."""
+    if reference is not None and not reference.serves(cfg):
+        reference = None
     plugins = get_plugins()
     texts = texts or {}
     torch.manual_seed(cfg["seed"])
@@ -227,10 +253,13 @@ def open_session(cfg: dict, validation_windows: int = 0, loaded: tuple | None = 
     mix_generated(windows, cfg, model, tokenizer, device)
     sampling_s = time.perf_counter() - t0
     main = main_domain(cfg)
-    domains = {name: windows.heldout if name == main else
-               heldout_windows(text(name), tokenizer, cfg["eval"]["windows"], cfg["eval"]["seq_len"])
-               for name in names}
-    dense_ppl = perplexity(model, windows.heldout, batch_sizes["eval"], device, "dense perplexity")
+    if reference is not None:
+        domains, dense_ppl = reference.domains, reference.dense_ppl
+    else:
+        domains = {name: windows.heldout if name == main else
+                   heldout_windows(text(name), tokenizer, cfg["eval"]["windows"], cfg["eval"]["seq_len"])
+                   for name in names}
+        dense_ppl = perplexity(model, windows.heldout, batch_sizes["eval"], device, "dense perplexity")
     dense_forward_s = forward_seconds(model, windows.calib, batch_sizes["calib"], device)
     bench = Workbench(model, adapter, windows, batch_sizes["calib"], device, cfg["scoring"]["stride"], plugins, stream)
     cache = None
@@ -247,7 +276,11 @@ def open_session(cfg: dict, validation_windows: int = 0, loaded: tuple | None = 
     session = Session(cfg, model, tokenizer, source, adapter, windows, device, dtype, dense_ppl, dense_forward_s,
                       bench, domains, stats_s=time.perf_counter() - t0, stats_cached=cached, sampling_s=sampling_s,
                       batch_sizes=batch_sizes)
-    session.dense_domain_ppl = domain_perplexities(model, session, cfg, dense_ppl, "dense perplexity")
+    if reference is not None:
+        session.dense_domain_ppl = reference.dense_domain_ppl
+        session.dense_tasks, session.dense_speed = reference.dense_tasks, reference.dense_speed
+    else:
+        session.dense_domain_ppl = domain_perplexities(model, session, cfg, dense_ppl, "dense perplexity")
     return session
 
 
