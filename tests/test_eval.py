@@ -152,3 +152,26 @@ def test_compare_tasks_metrics():
     out = lm_tasks.compare_tasks(dense, comp)
     assert out["retained_accuracy"] == pytest.approx((0.8 + 1.0) / 2)
     assert out["perplexity_degradation"] == pytest.approx(4.0)  # geometric mean of 2x and 8x
+
+
+def test_the_dense_forward_timing_runs_the_batches_asked_and_scales_to_all_windows(monkeypatch):
+    """Compression cost is reported against one dense forward over the calibration set; timing a
+    few batches and scaling must give what timing every batch gives when each costs the same."""
+    import torch
+
+    from subfit_core.evaluation import perplexity as module
+
+    clock = [0.0]
+    calls = []
+
+    def model(input_ids, use_cache):
+        calls.append(input_ids.shape[0])
+        clock[0] += 1.0  # one second per batch
+
+    monkeypatch.setattr(module.time, "perf_counter", lambda: clock[0])
+    windows = torch.zeros(20, 4, dtype=torch.long)
+    assert module.forward_seconds(model, windows, 2, torch.device("cpu")) == 10.0 and len(calls) == 10
+    calls.clear()
+    assert module.forward_seconds(model, windows, 2, torch.device("cpu"), batches=3) == 10.0 and calls == [2, 2, 2]
+    calls.clear()
+    assert module.forward_seconds(model, windows, 8, torch.device("cpu"), batches=8) == 3.0 and calls == [8, 8, 4]

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 # Keys that must agree for two runs to share a Session (model, data and the dense reference).
 SESSION_KEYS = ("model", "device", "dtype", "offload", "seed", "trust_remote_code", "calib", "scoring", "eval", "speed")
+TIMED_BATCHES = 8  # the dense forward that compression time is reported against: timed on these, scaled
 # What the dense reference (held-out perplexities, tasks, speed) depends on: sessions that calibrate
 # differently but agree on these (and on the main domain) measure the same dense model on the same text.
 REFERENCE_KEYS = ("model", "device", "dtype", "offload", "trust_remote_code", "eval", "speed")
@@ -260,7 +261,7 @@ def open_session(cfg: dict, validation_windows: int = 0, loaded: tuple | None = 
                    heldout_windows(text(name), tokenizer, cfg["eval"]["windows"], cfg["eval"]["seq_len"])
                    for name in names}
         dense_ppl = perplexity(model, windows.heldout, batch_sizes["eval"], device, "dense perplexity")
-    dense_forward_s = forward_seconds(model, windows.calib, batch_sizes["calib"], device)
+    dense_forward_s = forward_seconds(model, windows.calib, batch_sizes["calib"], device, batches=TIMED_BATCHES)
     bench = Workbench(model, adapter, windows, batch_sizes["calib"], device, cfg["scoring"]["stride"], plugins, stream)
     cache = None
     if cfg["cache_stats"]:  # streamed weights: a folder of per-submodule files, read one at a time

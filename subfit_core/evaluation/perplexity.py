@@ -29,11 +29,15 @@ def perplexity(model, windows: torch.Tensor, batch_size: int, device: torch.devi
 
 
 @torch.inference_mode()
-def forward_seconds(model, windows: torch.Tensor, batch_size: int, device: torch.device) -> float:
-    """Seconds of one plain forward pass over ``windows`` (the reference for compression cost)."""
+def forward_seconds(model, windows: torch.Tensor, batch_size: int, device: torch.device,
+                    batches: int | None = None) -> float:
+    """Seconds of one plain forward pass over ``windows`` (the reference for compression cost).
+    ``batches``: time only that many batches and scale to all windows (forward time is linear in
+    them), so a large calibration set does not cost a whole extra pass to measure."""
+    timed = windows if batches is None else windows[:batches * batch_size]
     _sync(device)
     start = time.perf_counter()
-    for batch in progress(windows.split(batch_size), desc="dense forward (timing)"):
+    for batch in progress(timed.split(batch_size), desc="dense forward (timing)"):
         model(input_ids=batch.to(device), use_cache=False)
     _sync(device)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) * windows.shape[0] / max(timed.shape[0], 1)
