@@ -58,8 +58,8 @@ test: setup postgres-server
 sparsity-sweep: setup
 	$(OFFLINE) $(PY) benchmarks/sparsity_sweep.py
 
-# The paper's protocol: every strategy at five levels on each of COMPARE_MODELS, one process per model (dense
-# statistics shared), accuracy on 200 items of each bundled task; writes docs/results/compare (smollm2-135m),
+# The paper's protocol: every strategy at five levels on each of COMPARE_MODELS, one process per model (each
+# baseline on its paper's calibration protocol, one dense pass per protocol), accuracy on 200 items of each bundled task; writes docs/results/compare (smollm2-135m),
 # docs/results/compare-gemma3 (gemma3-270m), then docs/results/compare-models: the geometric mean over the models
 # and the trade-off plots. Hours per model on a CPU; a killed run resumes when run again.
 COMPARE_LEVELS ?= 0.125,0.1875,0.25,0.3125,0.375
