@@ -338,3 +338,15 @@ def test_tradeoff_plots_need_accuracy(tmp_path):
     assert not list(tmp_path.iterdir())
     plot_tradeoff(rows, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"tradeoff.png", "ood_tradeoff.png"}
+
+
+def test_a_dense_reference_serves_only_sessions_that_would_measure_the_same_numbers():
+    from subfit_core.config import validate
+    from subfit_core.engine.pipeline import Reference
+
+    cfg = validate({"calib": {"dataset": "kjv"}})
+    ref = Reference(cfg, 20.0, {}, {}, None, None)
+    assert ref.serves(validate({"calib": {"dataset": "kjv", "samples": 1024}, "scoring": {"samples": 40}}))
+    assert not ref.serves(validate({"calib": {"dataset": "kjv"}, "eval": {"windows": 31}}))  # other held-out text
+    assert not ref.serves(validate({"calib": {"dataset": "shakespeare"}}))  # another main domain
+    assert not ref.serves(validate({"calib": {"dataset": "kjv"}, "dtype": "bfloat16"}))
