@@ -97,6 +97,9 @@ def test_each_strategy_calibrates_as_its_recipe_says_against_one_dense_reference
     assert rows[wide]["calibration"] == "calibration 8 x 16 (50% sampled from the model), scoring 3 windows"
     assert summary["protocols"] == {rows["shortgpt"]["calibration"]: ["shortgpt", plain], rows[wide]["calibration"]: [wide]}
     assert [r["strategy"] for r in summary["rows"]] == ["shortgpt", wide, plain]  # the order given
+    table = {r["strategy"]: r for r in csv.DictReader((folder / "own" / "table.csv").open())}
+    assert table[wide]["calibration"] == rows[wide]["calibration"]
+    assert rows[wide]["calibration"] in (folder / "own" / "table.md").read_text()  # the protocols under the table
     alone = compare([f"strategies=[{wide}]", *common, f"output_dir={folder / 'alone'}"])
     assert alone["rows"][0]["ppl_ratio"] == pytest.approx(rows[wide]["ppl_ratio"], rel=1e-6)
     assert alone["rows"][0]["replaced"] == rows[wide]["replaced"]

@@ -33,7 +33,7 @@ from subfit_core.recipes import read_recipe
 
 COLUMNS = ["strategy", "sparsity", "status", "ppl_ratio", "ppl", "ood_ppl_ratio", "achieved_layers", "achieved_params",
            "attn_removed", "ffn_removed", "kv_saving", "compression_s", "compression_over_dense_forward",
-           "retained_accuracy", "ttft_speedup", "error"]
+           "retained_accuracy", "ttft_speedup", "calibration", "error"]
 
 
 CALIBRATIONS = ("recipe", "shared")
