@@ -111,6 +111,41 @@ def test_each_strategy_calibrates_as_its_recipe_says_against_one_dense_reference
         compare(["strategies=[sleb]", "sparsities=[0.3]", "calibration=own"])
 
 
+def test_a_protocol_the_text_cannot_serve_fails_its_rows_and_not_the_others(local_model_and_text, monkeypatch):
+    """A recipe asking for more calibration windows than the text holds fails its own rows, named;
+    the other protocols still run, and a rerun whose rows are all journalled measures only the dense
+    reference, on one window, before writing the results."""
+    folder = local_model_and_text
+    from subfit_core.apps import compare as compare_module
+    from subfit_core.engine import dense_statistics
+
+    (folder / "huge.yaml").write_text(
+        "name: huge\nscorer: {name: angular-distance}\nselector: {name: contiguous}\nfitter: {name: identity}\n"
+        "calib: {samples: 1000000}\n")
+    huge = str(folder / "huge.yaml")
+    passes = []
+    accumulate = dense_statistics.DenseStatistics.accumulate
+    monkeypatch.setattr(dense_statistics.DenseStatistics, "accumulate",
+                        lambda self, ids, *a, **k: (passes.append(ids.shape[0]), accumulate(self, ids, *a, **k))[1])
+    args = [f"strategies=[{huge},shortgpt]", "sparsities=[0.34]", f"model={folder / 'model'}",
+            f"calib.dataset={folder / 'text.txt'}", "calib.seq_len=16", "eval.windows=3", "eval.seq_len=16",
+            "cache_stats=false", f"output_dir={folder / 'huge-run'}"]
+    monkeypatch.setattr(compare_module, "plot", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # stopped after every row, before the results were written
+        compare(args)
+    assert passes == [64]  # huge never reached its pass; shortgpt ran on the schema's 64 windows
+    passes.clear()
+    monkeypatch.setattr(compare_module, "plot", lambda *a: None)
+    monkeypatch.setattr(compare_module, "compress", lambda *a: pytest.fail("a journalled row was run again"))
+    summary = compare(args)
+    assert passes == [1]  # all journalled except the failed rows, retried: huge fails again, then the reference
+    failed, ok = summary["rows"]
+    assert failed["status"] == "failed" and ok["status"] == "ok" and ok["strategy"] == "shortgpt"
+    assert failed["error"].startswith(f"SubFitError: calibration protocol of {huge} (calibration 1000000 x 16")
+    assert "calib.samples: " in failed["error"] and "\n" not in failed["error"]
+    assert summary["dense_ppl"] > 0 and (folder / "huge-run" / "table.md").exists()
+
+
 @pytest.mark.parametrize("name, protocol", [
     ("sleb", "calibration 64 x 256, scoring 40 windows"),  # the released code's ~10K tokens, every position
     ("finercut", "calibration 64 x 256, scoring 100 windows"),
@@ -267,13 +302,13 @@ def test_table_shows_retained_accuracy_only_when_tasks_ran():
 
     row = {"strategy": "subfit", "sparsity": 0.25, "status": "ok", "ppl_ratio": 1.47, "achieved_layers": 0.2568,
            "achieved_params": 0.2568, "attn_removed": 6, "ffn_removed": 9, "kv_saving": 0.2,
-           "compression_over_dense_forward": 3.5, "retained_accuracy": None, "ttft_speedup": None}
+           "compression_s": 61.7, "compression_over_dense_forward": 3.5, "retained_accuracy": None, "ttft_speedup": None}
     failed = {"strategy": "broken", "sparsity": 0.25, "status": "failed", "error": "ConfigError: x"}
     plain = markdown([row, failed], "meta").splitlines()
     assert "retained accuracy" not in plain[0] and plain[2].count("|") == plain[0].count("|") == 9
     with_tasks = markdown([{**row, "retained_accuracy": 0.784}, failed], "meta").splitlines()
-    assert "| KV-cache saving | retained accuracy | compression / dense forward |" in with_tasks[0]
-    assert "| 20.0% | 0.784 | 3.50x |" in with_tasks[2]
+    assert "| KV-cache saving | retained accuracy | compression (x dense forward) |" in with_tasks[0]
+    assert "| 20.0% | 0.784 | 62 s (3.50x) |" in with_tasks[2]  # seconds: each ratio has its own protocol's forward
     assert with_tasks[3].count("|") == with_tasks[0].count("|") == 10  # the failed row keeps the shape
 
 

@@ -120,7 +120,7 @@ def markdown(rows: list[dict], meta: str) -> str:
     unseen = list(dict.fromkeys(name for r in rows for name in r.get("domains", {})))
     head = ["strategy", "sparsity", "ppl ratio", *(f"{name} ppl ratio" for name in unseen),
             *(["out-of-domain ppl ratio"] if unseen else []), "achieved (layers)", "achieved (params)", "removed",
-            "KV-cache saving", *(title for _, title, _ in extra), "compression / dense forward"]
+            "KV-cache saving", *(title for _, title, _ in extra), "compression (x dense forward)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r["status"] != "ok":
@@ -132,7 +132,8 @@ def markdown(rows: list[dict], meta: str) -> str:
                  f"{r['achieved_params']:.4f}", f"{r['attn_removed']} attn + {r['ffn_removed']} ffn",
                  f"{r['kv_saving']:.1%}",
                  *(fmt.format(r[key]) if r.get(key) is not None else "" for key, _, fmt in extra),
-                 f"{r['compression_over_dense_forward']:.2f}x"]
+                 # the dense forward is over the row's own calibration windows: seconds compare across protocols
+                 f"{r['compression_s']:.0f} s ({r['compression_over_dense_forward']:.2f}x)"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + meta + "\n"
 
@@ -216,7 +217,9 @@ def compare(argv: list[str]) -> dict:
 def run_comparison(strategies: list[str], sparsities: list[float], out: Path, shared: list[tuple[str, object]],
                    calibration: str = "recipe") -> dict:
     base = strategy_config(strategies[0], sparsities[0], shared, None)
-    groups: dict[str, list[str]] = {}  # protocol -> its strategies, in the order given
+    # protocol -> (its description, its strategies in the order given); keyed on the values, since the
+    # description rounds (12% sampled is 0.12 or 0.125)
+    groups: dict[tuple, tuple[str, list[str]]] = {}
     for name in strategies:  # unknown recipes and bad keys (shared overrides too) fail before any work
         try:
             cfg = strategy_config(name, sparsities[0], shared, base, calibration)
@@ -226,13 +229,17 @@ def run_comparison(strategies: list[str], sparsities: list[float], out: Path, sh
                                   "compares compressed models (run this recipe with subfit-run)")
         except SubFitError as exc:
             raise SubFitError(f"strategy {name}: {exc}") from None
-        groups.setdefault(protocol_of(cfg), []).append(name)
+        key = tuple(cfg[section][k] for section, keys in PROTOCOL.items() for k in keys)
+        groups.setdefault(key, (protocol_of(cfg), []))[1].append(name)
     check_tasks(base["eval"]["tasks"], get_plugins())
     journal = Journal(out, {"strategies": strategies, "sparsities": sparsities,
                             "shared": [[k, v] for k, v in shared], "calibration": calibration})
     done: dict[tuple[str, float], dict] = {}
-    described, session, count = [], None, len(strategies) * len(sparsities)
-    for protocol, names in groups.items():
+    described, count = [], len(strategies) * len(sparsities)
+    # the model (unless streamed) and the dense reference carry over from group to group; the windows and
+    # statistics do not
+    session, loaded, reference = None, None, None
+    for protocol, names in groups.values():
         todo = [(name, sparsity) for name in names for sparsity in sparsities]
         done.update({key: journal.done[key] for key in todo if key in journal.done})
         todo = [key for key in todo if key not in done]
@@ -240,11 +247,22 @@ def run_comparison(strategies: list[str], sparsities: list[float], out: Path, sh
             described.append(f"{protocol}: {', '.join(names)} (journalled)")
             continue
         first = strategy_config(names[0], sparsities[0], shared, base, calibration)
-        # the model (unless streamed) and the dense reference carry over; the windows and statistics do not
-        loaded = (session.model, session.tokenizer, session.model_source) if session and session.bench.stream is None else None
-        reference = session.reference() if session else None
         session = None  # the previous group's statistics are freed before this group's pass
-        session = open_session(first, loaded=loaded, reference=reference)
+        try:
+            session = open_session(first, loaded=loaded, reference=reference)
+        except Exception as exc:  # noqa: BLE001 - a protocol the text cannot serve fails its rows, not the others
+            line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            error = f"{type(exc).__name__}: calibration protocol of {', '.join(names)} ({protocol}): {line}"
+            for name, sparsity in todo:
+                done[name, sparsity] = {"strategy": name, "sparsity": sparsity, "status": "failed", "error": error,
+                                        "traceback": traceback.format_exc(), "compression_s": 0.0,
+                                        "calibration": protocol}
+                journal.add(done[name, sparsity])
+            described.append(f"{protocol}: {', '.join(names)} (failed to open: {line})")
+            print(f"[{len(done)}/{count}] {', '.join(names)}: {error}", file=sys.stderr, flush=True)
+            continue
+        loaded = (session.model, session.tokenizer, session.model_source) if session.bench.stream is None else None
+        reference = session.reference()
         described.append(f"{protocol}: {', '.join(names)} (dense statistics {session.stats_s:.1f} s"
                          f"{', read from the cache' if session.stats_cached else ''})")
         for name, sparsity in todo:
@@ -263,8 +281,12 @@ def run_comparison(strategies: list[str], sparsities: list[float], out: Path, sh
             outcome = f"{row['ppl_ratio']:.2f}x" if row["status"] == "ok" else row["error"]
             print(f"[{len(done)}/{count}] {name} @ {sparsity:g}: {outcome} ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr, flush=True)
-    if session is None:  # every row journalled: the dense reference for the summary
-        session = open_session(base)
+    if session is None:  # every row journalled, or the last protocol failed: the dense reference for the
+        # summary, on the least calibration a session takes (held-out windows do not depend on it)
+        light = copy.deepcopy(base)
+        light["calib"].update(samples=1, generated=0.0)
+        light["scoring"]["samples"] = 1
+        session = open_session(light, loaded=loaded, reference=reference)
     rows = [done[name, sparsity] for name in strategies for sparsity in sparsities]
     meta = (f"Model {base['model']}; dense held-out perplexity {session.dense_ppl:.2f} on "
             f"{base['eval']['windows']} x {base['eval']['seq_len']} tokens of {base['eval']['dataset'] or base['calib']['dataset']}; "
@@ -274,7 +296,7 @@ def run_comparison(strategies: list[str], sparsities: list[float], out: Path, sh
             + "; ".join(described) + ".")
     summary = {"meta": meta, "model": str(base["model"]), "strategies": strategies, "sparsities": sparsities,
                "shared_overrides": [f"{k}={v}" for k, v in shared], "calibration": calibration,
-               "protocols": {protocol: names for protocol, names in groups.items()},
+               "protocols": {protocol: names for protocol, names in groups.values()},
                "dense_ppl": session.dense_ppl, "rows": rows}
 
     def write(tmp: Path) -> None:
