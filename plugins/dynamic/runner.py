@@ -30,7 +30,7 @@ import yaml
 from torch import nn
 
 from subfit_core.engine.interfaces import Runner, Submodule
-from subfit_core.errors import ConfigError, SubFitError
+from subfit_core.errors import ConfigError, SubFitError, first_line
 
 from .skip import DynamicParams, DynamicSkip
 
@@ -262,7 +262,7 @@ def load_dynamic(path: str | Path, device: str | torch.device = "cpu", dtype: to
     except SubFitError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:  # a file that does not match the model
-        line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        line = first_line(exc)
         raise SubFitError(f"load_dynamic: '{path}': {line}") from None
     dyn = DynamicSkip(adapter, {s: b.to(device) for s, b in bypasses.items()},
                       {s: float(e["saving"]) for s, e in zip(subs, entries)}, DynamicParams(**spec["params"]))

@@ -26,7 +26,7 @@ from subfit_core.apps.plotting import pyplot, ratio_lines, save_ratio_plot
 from subfit_core.artifact.outputs import atomic_dir, check_output_dir, claim
 from subfit_core.config import ConfigError, apply_overrides, parse_bool, parse_override, validate
 from subfit_core.engine.pipeline import SESSION_KEYS, build_components, compress, open_session
-from subfit_core.errors import SubFitError
+from subfit_core.errors import SubFitError, first_line
 from subfit_core.evaluation.tasks import check_tasks
 from subfit_core.plugins import get_plugins
 from subfit_core.recipes import read_recipe
@@ -251,7 +251,7 @@ def run_comparison(strategies: list[str], sparsities: list[float], out: Path, sh
         try:
             session = open_session(first, loaded=loaded, reference=reference)
         except Exception as exc:  # noqa: BLE001 - a protocol the text cannot serve fails its rows, not the others
-            line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            line = first_line(exc)
             error = f"{type(exc).__name__}: calibration protocol of {', '.join(names)} ({protocol}): {line}"
             for name, sparsity in todo:
                 done[name, sparsity] = {"strategy": name, "sparsity": sparsity, "status": "failed", "error": error,
@@ -271,7 +271,7 @@ def run_comparison(strategies: list[str], sparsities: list[float], out: Path, sh
                 cfg = strategy_config(name, sparsity, shared, base, calibration)
                 row = {**row_from(name, sparsity, compress(session, cfg).results), "calibration": protocol}
             except Exception as exc:  # noqa: BLE001 - one failing strategy must not stop the comparison
-                line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                line = first_line(exc)
                 row = {"strategy": name, "sparsity": sparsity, "status": "failed",
                        "error": f"{type(exc).__name__}: {line}", "traceback": traceback.format_exc(),
                        "compression_s": time.perf_counter() - t0, "calibration": protocol}

@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 import torch
 
 from subfit_core.engine.cache import cache_root
-from subfit_core.errors import SubFitError
+from subfit_core.errors import SubFitError, first_line
 from subfit_core.progress import progress_enabled
 
 SUFFIX = ".gguf"
@@ -176,11 +176,6 @@ def is_converted(folder: Path) -> bool:
         (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file())
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _uncovered(info: dict) -> list[str]:
     """Weights of the model that the file did not provide (left at their random initialisation)."""
     missing = set(info.get("missing_keys") or ())
@@ -240,7 +235,7 @@ def convert(path: str | Path, target: Path, name: str | None = None) -> Path:
                                                                **kwargs, **_dequantised())
     except (OSError, ValueError, KeyError, NotImplementedError, ImportError) as exc:
         raise SubFitError(f"model: cannot convert '{shown}' (GGUF architecture '{gguf_architecture(path)}'): "
-                          f"{_first_line(exc)}") from None
+                          f"{first_line(exc)}") from None
     loaded, info = result  # the model, and what transformers could not fill from the file
     uncovered = _uncovered(info)
     if uncovered:

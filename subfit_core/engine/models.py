@@ -14,7 +14,7 @@ import torch
 
 from subfit_core.engine import gguf
 from subfit_core.engine.adapter import Adapter
-from subfit_core.errors import SubFitError, did_you_mean
+from subfit_core.errors import SubFitError, did_you_mean, first_line
 from subfit_core.plugins import Plugins
 from subfit_core.progress import quiet_transformers
 
@@ -123,7 +123,7 @@ def load_model(plugins: Plugins, spec: str, device: torch.device, dtype: torch.d
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise SubFitError(f"model: cannot load the converted copy of '{spec}' at {folder}: {_first_line(exc)}; "
+            raise SubFitError(f"model: cannot load the converted copy of '{spec}' at {folder}: {first_line(exc)}; "
                               "delete that folder to convert the file again") from None
         return model.to(device), tokenizer, f"{spec} (GGUF, converted at {folder})"  # type: ignore[arg-type]
     path = Path(spec).expanduser()
@@ -143,14 +143,9 @@ def load_model(plugins: Plugins, spec: str, device: torch.device, dtype: torch.d
                                                      use_safetensors=True, **kwargs)
     except (OSError, ValueError) as exc:
         where = "local directory" if local else "hub id (is the hub reachable?)"
-        raise SubFitError(f"model: cannot load '{spec}' as a {where}: {_first_line(exc)}") from None
+        raise SubFitError(f"model: cannot load '{spec}' as a {where}: {first_line(exc)}") from None
     # transformers wraps PreTrainedModel.to with functools.wraps, whose typeshed type does not bind self
     return model.to(device), tokenizer, f"{spec} ({'local' if local else 'hub'})"  # type: ignore[arg-type]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def model_folder(spec: str) -> Path | None:
