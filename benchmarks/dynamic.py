@@ -3,6 +3,7 @@
     python benchmarks/dynamic.py                                   # budgets 0.125 0.25 0.375, probes 0 4 8 16 32
     python benchmarks/dynamic.py --prompts 2 --budgets 0.25 -- calib.samples=8 eval.windows=2   # smoke run
     python benchmarks/dynamic.py --accuracy 100 --probes 0 16          # accuracy kept on the bundled tasks
+    python benchmarks/dynamic.py --tokens 0.25 --probes 0 16           # prompt tokens dropped too (adds rows)
 
 One process, one session. Per budget B, static SubFit is the recipe run at B; the candidates of
 the dynamic system are the recipe's selection at a larger budget (``--pool`` x B), each with the
@@ -11,8 +12,11 @@ Each held-out window of every bundled domain is split into a prompt (first half)
 scored in blocks of ``--every`` tokens: before each block the choice is made on the context so far,
 from m random probes recovered around the calibration prior (``subfit_plugins.dynamic``), or from
 the exact per-candidate harm (n probes). Decoding is timed by greedy generation with the KV cache,
-probes and re-prefills included. Prints the table and writes benchmarks/results/dynamic.{json,md}
-and dynamic.png (agreement with the exact choice against m).
+probes and re-prefills included. With ``--tokens``, only per-prompt rows that also drop that share
+of each context from the KV cache are measured (the rest of the budget goes to skipping; each block
+is scored after a prefill of its context with those tokens dropped). Rows are kept per (method,
+budget, m, tokens): a run replaces only the rows it measures. Prints the table and writes
+benchmarks/results/dynamic.{json,md} and dynamic.png (agreement with the exact choice against m).
 """
 
 from __future__ import annotations
@@ -101,7 +105,9 @@ def main() -> None:
     parser.add_argument("--accuracy", type=int, default=0, metavar="N",
                         help="instead: accuracy kept on the bundled multiple-choice tasks, N items each, the choice "
                              "made per item from probes of its context (writes dynamic-accuracy.*)")
-    parser.add_argument("--fresh", action="store_true", help="drop the other budgets' rows from the results file")
+    parser.add_argument("--tokens", type=float, nargs="+", default=[],
+                        help="instead: per-prompt rows that drop this share of each context from the KV cache")
+    parser.add_argument("--fresh", action="store_true", help="drop the rows this run does not measure from the results file")
     parser.add_argument("overrides", nargs="*", help="key=value for the recipe (after --)")
     args = parser.parse_args()
 
@@ -139,34 +145,39 @@ def main() -> None:
     # Speed-ups are timed next to a dense timing of their own (the machine's load drifts over a long run).
     dense = nll_now()
     dense_s = fixed_s()
-    # rows of budgets not run now are kept from the results file (rerun one budget without the others)
-    kept = [] if args.fresh or not (OUT / "dynamic.json").exists() else \
-        [r for r in json.loads((OUT / "dynamic.json").read_text())["rows"] if r["budget"] not in args.budgets]
-    rows = list(kept)
-    pools = {r["budget"]: r["candidates"] for r in kept if r.get("candidates")}
+    # rows this run does not measure are kept from the results file (rerun one budget, or add rows)
+    stored = [] if args.fresh or not (OUT / "dynamic.json").exists() else json.loads((OUT / "dynamic.json").read_text())["rows"]
+    rows = list(stored)
+    pools = {r["budget"]: r["candidates"] for r in stored if r.get("candidates")}
+
+    def add(row: dict) -> None:
+        rows[:] = [r for r in rows if key(r) != key(row)] + [row]
+        print(row, flush=True)
+
     for budget in args.budgets:
         # every run starts from the dense model: a choice left installed would be compressed on top of
         bench.check_model()  # nothing committed (restored after the last budget), so: every module original
-        outcome = compress(session, recipe(budget))
-        static_nll = nll_now()
-        static_s = fixed_s()
-        bench.restore()
-        dense_s = fixed_s()
-        r = ratios(static_nll)
-        rows.append({"method": "static", "budget": budget, "probes": None,
-                     "achieved": outcome.results["sparsity"]["achieved_layers"], "ppl_ratio": r,
-                     "ppl_ratio_out": geo(v for k, v in r.items() if k != main), "agreement": None,
-                     "decode_speedup": dense_s / static_s, "probe_overhead": 0.0})
-        print(rows[-1], flush=True)
+        if not args.tokens:
+            outcome = compress(session, recipe(budget))
+            static_nll = nll_now()
+            static_s = fixed_s()
+            bench.restore()
+            dense_s = fixed_s()
+            r = ratios(static_nll)
+            add({"method": "static", "budget": budget, "probes": None,
+                 "achieved": outcome.results["sparsity"]["achieved_layers"], "ppl_ratio": r,
+                 "ppl_ratio_out": geo(v for k, v in r.items() if k != main), "agreement": None,
+                 "decode_speedup": dense_s / static_s, "probe_overhead": 0.0})
 
-        def params(probes: int) -> DynamicParams:
-            return DynamicParams(budget=budget, probes=probes, share=args.share, every=args.every, seed=cfg["seed"])
+        def params(probes: int, drop: float = 0.0) -> DynamicParams:
+            return DynamicParams(budget=budget, probes=probes, share=args.share, every=args.every, tokens=drop,
+                                 seed=cfg["seed"])
 
         probe = DynamicSkip.from_session(session, recipe(budget), params(0), pool=args.pool)
         pools[budget] = len(probe.candidates)
 
-        def skipper(probes: int) -> DynamicSkip:
-            return DynamicSkip(adapter, probe.bypasses, probe.savings, params(probes))
+        def skipper(probes: int, drop: float) -> DynamicSkip:
+            return DynamicSkip(adapter, probe.bypasses, probe.savings, params(probes, drop), cfg["sparsity_unit"])
 
         # harm estimates: one per (window, context, m), each choice made from them
         probe.calibrate(session.windows.calib[:args.calibration])
@@ -178,20 +189,24 @@ def main() -> None:
                     for m in args.probes:
                         probed[m][name, w, c] = probe.probed(window[None, :c], probes=m)
 
-        for m in ["exact", *args.probes]:
-            dyn = skipper(0 if m == "exact" else int(m))
+        runs = [(m, t) for m in args.probes for t in args.tokens] if args.tokens else \
+            [(m, 0.0) for m in ["exact", *args.probes]]
+        for m, drop in runs:
+            dyn = skipper(0 if m == "exact" else int(m), drop)
             dyn.prior = probe.prior
             estimates = exact if m == "exact" else probed[m]
-            nll, agree, saved = {}, [], []
+            nll, agree, saved, dropped = {}, [], [], []
             for name, ids in windows.items():
                 for w, window in enumerate(ids):
                     total = 0.0
                     for s, e in blocks:
-                        chosen = dyn.choose(estimates[name, w, s])
-                        agree.append(jaccard(chosen, dyn.choose(exact[name, w, s])))
-                        saved.append(sum(dyn.savings[x] for x in chosen))
+                        n = dyn.drop_count(s)
+                        chosen = dyn.choose(estimates[name, w, s], n)
+                        agree.append(jaccard(chosen, dyn.choose(exact[name, w, s], n)))
+                        saved.append(dyn.saved(chosen, n))
                         dyn.use(chosen)
-                        total += block_nll(model, window, s, e)
+                        total += dyn.continuation_nll(window[:e], s) if drop else block_nll(model, window, s, e)
+                        dropped.append(dyn.dropped / s)
                         dyn.use(frozenset())
                     nll[name, w] = total
             speed = overhead = None
@@ -201,12 +216,11 @@ def main() -> None:
                 dense_s = fixed_s()
                 speed, overhead = dense_s / gen_s, dyn.counts["probe"] / max(1, run)
             r = ratios(nll)
-            rows.append({"method": "dynamic", "budget": budget, "probes": m, "candidates": len(probe.candidates),
-                         "achieved": statistics.mean(saved), "ppl_ratio": r,
-                         "ppl_ratio_out": geo(v for k, v in r.items() if k != main),
-                         "agreement": statistics.mean(agree), "decode_speedup": speed, "probe_overhead": overhead})
-            print(rows[-1], flush=True)
-            rows.sort(key=lambda row: row["budget"])  # stable: a budget's rows keep their order
+            add({"method": "dynamic", "budget": budget, "probes": m, "candidates": len(probe.candidates),
+                 "tokens": drop, "context_dropped": statistics.mean(dropped), "achieved": statistics.mean(saved),
+                 "ppl_ratio": r, "ppl_ratio_out": geo(v for k, v in r.items() if k != main),
+                 "agreement": statistics.mean(agree), "decode_speedup": speed, "probe_overhead": overhead})
+            rows.sort(key=lambda row: (row["budget"], row.get("tokens") or 0.0))  # stable otherwise
             table = write(rows, windows, main, args, pools, seq, prompt, timed, dense_s, cfg)
     print(table)
 
@@ -280,17 +294,22 @@ def accuracy(session, cfg: dict, args) -> None:
     print(table)
 
 
+def key(row: dict) -> tuple:
+    return row["method"], row["budget"], str(row["probes"]), row.get("tokens") or 0.0
+
+
 def write(rows: list[dict], windows: dict, main: str, args, pools: dict, seq: int, prompt: int, timed: list,
           dense_s: float, cfg: dict) -> str:
     """The table, JSON and plot of the rows so far (written after every row: a long run stopped
     early keeps what it measured)."""
     domains = list(windows)
-    head = ["method", "budget", "probes m", "achieved", *domains, "not calibrated on (geo-mean)",
+    head = ["method", "budget", "probes m", "context dropped", "achieved", *domains, "not calibrated on (geo-mean)",
             "agreement with exact choice", "decode speed-up", "probe tokens / tokens run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         m = {None: "", "exact": f"n = {r.get('candidates')}"}.get(r["probes"], str(r["probes"]))
-        cells = [r["method"], f"{r['budget']:.3f}", m, f"{r['achieved']:.3f}",
+        cells = [r["method"], f"{r['budget']:.3f}", m, f"{r['context_dropped']:.0%}" if r.get("tokens") else "",
+                 f"{r['achieved']:.3f}",
                  *(f"{r['ppl_ratio'][d]:.2f}x" + (" (c)" if d == main else "") for d in domains),
                  f"**{r['ppl_ratio_out']:.2f}x**", "" if r["agreement"] is None else f"{r['agreement']:.2f}",
                  "" if r["decode_speedup"] is None else f"{r['decode_speedup']:.2f}x",
@@ -320,7 +339,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for budget in sorted({r["budget"] for r in rows}):
         pts = sorted((r["probes"], r["agreement"]) for r in rows
-                     if r["budget"] == budget and isinstance(r["probes"], int))
+                     if r["budget"] == budget and isinstance(r["probes"], int) and not r.get("tokens"))
         n = next(r["candidates"] for r in rows if r["budget"] == budget and r["method"] == "dynamic")
         ax.plot([p for p, _ in pts], [a for _, a in pts], marker="o", label=f"budget {budget:g} (n = {n})")
     ax.set_xlabel("probes m")

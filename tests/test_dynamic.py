@@ -18,6 +18,7 @@ from test_surgery import cache_bytes  # noqa: E402
 from subfit_core.engine.bypass import LowRankBypass  # noqa: E402
 from subfit_core.engine.interfaces import Submodule  # noqa: E402
 from subfit_core.engine.models import find_adapter  # noqa: E402
+from subfit_core.errors import SubFitError  # noqa: E402
 from subfit_core.plugins import get_plugins  # noqa: E402
 from subfit_plugins.dynamic.sensing import lasso, omp, probe_design, recover  # noqa: E402
 from subfit_plugins.dynamic.skip import DynamicParams, DynamicSkip  # noqa: E402
@@ -323,3 +324,121 @@ def test_compare_refuses_a_per_prompt_recipe_before_any_work(tmp_path):
                                           r"model; subfit-compare compares compressed models"):
         compare(["strategies=[subfit,subfit-dynamic]", "sparsities=[0.25]", f"output_dir={tmp_path / 'c'}",
                  "model=/nonexistent", f"calib.dataset={folder / 'text.txt'}"])  # refused before a model loads
+
+
+# ----------------------------------------------------------------------------- prompt tokens dropped
+
+
+def masked_logits(dyn: DynamicSkip, ids: torch.Tensor, prompt: int, kept: torch.Tensor) -> torch.Tensor:
+    """Full forward in which positions after the prompt cannot see the prompt tokens not in ``kept``:
+    what decoding with those tokens dropped from the cache must give."""
+    t = ids.shape[-1]
+    mask = torch.tril(torch.ones(t, t, dtype=torch.bool))
+    gone = torch.ones(prompt, dtype=torch.bool)
+    gone[kept] = False
+    mask[prompt:, :prompt] &= ~gone
+    with torch.inference_mode():
+        return dyn.model(input_ids=ids, attention_mask=mask[None, None], use_cache=False).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "olmo2"])
+def test_dropped_prompt_tokens_are_the_least_attended_and_decoding_never_sees_them(arch):
+    """A prefill with ``tokens`` = 0.3 drops 30% of the prompt from every kept attention's cache (skipped
+    ones hold none): the tokens the last ``window`` queries attend least, never the first or the window.
+    The continuation then scores as a full forward in which later positions are masked off exactly
+    those tokens, and generation continues with the true positions."""
+    from subfit_plugins.dynamic.skip import kept_positions, usage
+
+    dyn = skipper(arch, tokens=0.3, window=3)
+    skip = frozenset([Submodule(1, "attn"), Submodule(0, "ffn")])
+    window = torch.randint(0, 100, (20,))
+    split = 12
+    dyn.use(skip)
+    with torch.inference_mode():
+        dyn.model.set_attn_implementation("eager")
+        att = dyn.model(input_ids=window[None, :split], output_attentions=True).attentions
+        dyn.model.set_attn_implementation("sdpa")
+    use = usage(att, 3)
+    kept = kept_positions(use, 4, 3)
+    assert kept.numel() == split - 4 and {0, 9, 10, 11} <= set(kept.tolist())
+    gone = sorted(set(range(split)) - set(kept.tolist()))
+    assert max(use[gone]) <= min(use[[i for i in range(1, 9) if i not in gone]])
+
+    nll = dyn.continuation_nll(window, split)
+    assert dyn.dropped == 4 == dyn.drop_count(split)
+    logits = masked_logits(dyn, window[None], split, kept)[0, split - 1:-1].float()
+    assert nll == pytest.approx(float(torch.nn.functional.cross_entropy(logits, window[split:], reduction="sum")),
+                                rel=1e-5)
+
+    ids = dyn.generate(window[None, :split], 5, estimate=lambda ids: skip)
+    filled = [layer for layer in dyn.cache.layers if layer.is_initialized]
+    assert len(filled) == 3  # 4 layers, one attention skipped: its slot holds nothing
+    assert all(layer.keys.shape[-2] == split - 4 + 4 for layer in filled)  # 8 prompt tokens + 4 generated
+    dyn.use(skip)
+    step = masked_logits(dyn, ids, split, kept)
+    dyn.use(frozenset())
+    assert torch.equal(ids[0, split:], step[0, split - 1:-1].argmax(-1))
+
+
+def test_dropped_tokens_spend_the_same_budget_as_skipped_submodules():
+    """Dropping context tokens saves each kept attention 2 x heads x head_dim multiply-adds per token and
+    decoded token: that much of the budget is spent first, and an attention skipped gives up its share."""
+    dyn = skipper(budget=0.25, tokens=0.5, window=2)
+    cost = dyn.token_cost
+    cfg = dyn.model.config
+    head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert cost[0] == pytest.approx(2 * cfg.num_attention_heads * head / dyn.adapter.layer_param_count(0) / 4)
+    harm = torch.tensor([5.0, 0.1, 3.0, 0.2, 4.0, 6.0, 7.0, 8.0], dtype=torch.float64)
+    dyn.savings = {s: 0.1 for s in dyn.candidates}
+    dyn.token_cost = [0.005] * 4  # 5 tokens dropped in 4 attentions: 0.1 of 0.25 spent first
+    chosen = dyn.choose(harm, dropped=5)
+    assert chosen == frozenset([dyn.candidates[1], dyn.candidates[3]])  # two FFNs complete it
+    assert dyn.choose(harm, dropped=0) == chosen | {dyn.candidates[2]}  # without: a third is needed
+    dyn.token_cost = [0.02] * 4  # the dropped tokens alone meet the budget
+    assert dyn.choose(harm, dropped=5) == frozenset()
+    dyn.token_cost = [0.01] * 4
+    dyn.savings = {s: 0.04 if s.kind == "attn" else 0.1 for s in dyn.candidates}
+    # an attention saves 0.04 - 5 x 0.01 < 0: skipping it costs budget; one FFN completes the 0.05 left
+    assert dyn.choose(harm, dropped=5) == frozenset([dyn.candidates[1]])
+    assert dyn.drop_count(10) == 5 and dyn.drop_count(4) == 1  # the first token and the window stay
+
+
+def test_a_sliding_window_cache_refuses_to_drop_tokens():
+    dyn = skipper("gemma3", tokens=0.5, window=2)
+    with pytest.raises(SubFitError, match="runner.tokens: a sliding-window"):
+        dyn.prefill(torch.randint(0, 100, (1, 12)))
+
+
+def test_subfit_run_drops_prompt_tokens_within_the_budget_and_the_folder_keeps_doing_so(tmp_path, capsys):
+    """``runner.tokens``: every held-out prompt drops its share from the cache, the reported sparsity counts
+    what that saves, the KV cache shrinks beyond the skipped attentions, and the saved folder generates
+    the same way. A model with sliding-window attentions is refused in one line, and nothing is written."""
+    from conftest import write_local_model_and_text
+
+    from subfit_core.apps.cli import run_main
+    from subfit_plugins.dynamic.runner import load_dynamic
+
+    folder = write_local_model_and_text(tmp_path, seed=3, lines=600, layers=4)
+    runs = {}
+    for tokens in (0.0, 0.25):
+        out = tmp_path / f"out{tokens}"
+        assert run_main(dynamic_args(folder, "sparsity=0.25", f"runner.tokens={tokens}", "runner.window=4",
+                                     f"output_dir={out}")) == 0
+        runs[tokens] = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    with_drop, without = runs[0.25], runs[0.0]
+    assert with_drop["dynamic"]["prompt_tokens_dropped"] == 4 == round(0.25 * 16)  # half of 32 tokens is the prompt
+    assert without["dynamic"]["prompt_tokens_dropped"] == 0
+    assert with_drop["sparsity"]["achieved_layers"] >= 0.25 - 1e-9
+    per_token = with_drop["kv_cache_bytes_per_token"]
+    assert per_token["after"] < per_token["before"]
+    dyn = load_dynamic(tmp_path / "out0.25")
+    assert dyn.p.tokens == 0.25 and dyn.p.window == 4
+    ids = dyn.generate(torch.randint(0, 100, (1, 16)), 5)
+    assert ids.shape == (1, 21) and dyn.counts["dropped"] >= 4
+
+    gemma = write_local_model_and_text(tmp_path / "g", seed=3, lines=300, layers=4, arch="gemma3")
+    assert run_main(dynamic_args(gemma, "runner.tokens=0.25", f"output_dir={tmp_path / 'g' / 'out'}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("subfit-run: error: runner.tokens: 0.25; this model has sliding-window attentions")
+    assert not (tmp_path / "g" / "out").exists()

@@ -32,7 +32,7 @@ from torch import nn
 from subfit_core.engine.interfaces import Runner, Submodule
 from subfit_core.errors import ConfigError, SubFitError, first_line
 
-from .skip import DynamicParams, DynamicSkip
+from .skip import DynamicParams, DynamicSkip, token_costs
 
 FORMAT = 1
 SPEC, WEIGHTS = "dynamic.json", "dynamic.safetensors"
@@ -49,6 +49,8 @@ class Params:
     deviations: int = 4  # omp: at most this many candidates whose harm differs from the prior
     calibration: int = 4  # calibration windows the prior is averaged over
     prompt: float = 0.5  # held-out evaluation: share of each window that is the prompt; the rest is scored
+    tokens: float = 0.0  # share of each prefilled context dropped from the KV cache, within the same budget
+    window: int = 16  # the context's last positions, whose attention decides which tokens are dropped
 
     def __post_init__(self):
         if not 1.0 <= self.pool <= 10.0:
@@ -63,7 +65,7 @@ class Params:
 
     def skip_params(self, budget: float, seed: int) -> DynamicParams:
         return DynamicParams(budget=budget, probes=self.probes, share=self.share, every=self.every, solver=self.solver,
-                             lam=self.lam, sparsity=self.deviations, seed=seed)
+                             lam=self.lam, sparsity=self.deviations, tokens=self.tokens, window=self.window, seed=seed)
 
 
 class DynamicRunner(Runner):
@@ -86,8 +88,7 @@ class DynamicRunner(Runner):
             save_dynamic(dyn, session.tokenizer, out_dir, cfg, results)
         return results
 
-    @staticmethod
-    def check(session, cfg: dict) -> None:
+    def check(self, session, cfg: dict) -> None:
         if cfg["sparsity"] <= 0:
             raise ConfigError(f"sparsity: {cfg['sparsity']}; the dynamic runner skips this share per prompt, so it must "
                               "be above 0")
@@ -98,6 +99,13 @@ class DynamicRunner(Runner):
             key = "eval.tasks" if cfg["eval"]["tasks"] else "eval.speed"
             raise ConfigError(f"{key}: not measured for a per-prompt model yet (lm-eval and the speed benchmark run one "
                               f"fixed model); set {key}={'[]' if key == 'eval.tasks' else 'false'}")
+        if self.params.tokens > 0:
+            with torch.inference_mode():
+                cache = session.model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=session.device),
+                                      use_cache=True).cache
+            if any(layer.is_sliding for layer in cache.layers):
+                raise ConfigError(f"runner.tokens: {self.params.tokens}; this model has sliding-window attentions, whose "
+                                  "cache cannot drop tokens (a window counts positions); set runner.tokens=0")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -115,7 +123,7 @@ def evaluate(dyn: DynamicSkip, session, cfg: dict, prompt: float) -> dict:
     window, the choice made from probes of its prompt; and the savings and KV cache of the choices."""
     adapter, model = dyn.adapter, dyn.model
     layers = list(range(adapter.num_layers))
-    domains, choices, kv = {}, [], []
+    domains, choices, dropped, kv = {}, [], [], []
     for name, ids in session.domains.items():
         split = max(1, int(ids.shape[1] * prompt))
         dense = compressed = 0.0
@@ -123,15 +131,18 @@ def evaluate(dyn: DynamicSkip, session, cfg: dict, prompt: float) -> dict:
             dense += continuation_nll(model, window, split)
             chosen = dyn.estimate(window[None, :split])
             dyn.use(chosen)
-            compressed += continuation_nll(model, window, split)
+            compressed += dyn.continuation_nll(window, split) if dyn.p.tokens else continuation_nll(model, window, split)
             dyn.use(frozenset())
             choices.append(chosen)
-            kv.append(adapter.kv_bytes_per_token([i for i in layers if Submodule(i, "attn") not in chosen]))
+            dropped.append(dyn.dropped)
+            # per token of the window's context at its end: the dropped prompt tokens hold nothing
+            kept = adapter.kv_bytes_per_token([i for i in layers if Submodule(i, "attn") not in chosen])
+            kv.append(kept * (window.numel() - dyn.dropped) / window.numel())
         tokens = ids.shape[0] * (ids.shape[1] - split)
         domains[name] = {"dense": math.exp(dense / tokens), "compressed": math.exp(compressed / tokens),
                          "ratio": math.exp((compressed - dense) / tokens),
                          "calibrated": name == cfg["calib"]["dataset"]}
-    return {"domains": domains, "choices": choices, "kv": kv, "scored_share": 1 - prompt}
+    return {"domains": domains, "choices": choices, "dropped": dropped, "kv": kv, "scored_share": 1 - prompt}
 
 
 def report(dyn: DynamicSkip, session, cfg: dict, ev: dict, build_s: float) -> dict:
@@ -143,11 +154,15 @@ def report(dyn: DynamicSkip, session, cfg: dict, ev: dict, build_s: float) -> di
     main = domains.get(main_domain(cfg)) or next(iter(domains.values()))
     other = [d["ratio"] for d in domains.values() if not d["calibrated"]]
     unit = cfg["sparsity_unit"]
-    # what each prompt's choice skips, in both units
+    # what each prompt's choice skips, in both units: its submodules, and its dropped tokens in every
+    # attention it keeps
     achieved = {}
     for u in ("layers", "params"):
         saving = {s: Budget(cfg["sparsity"], u, adapter).saving(s, dyn.charges.get(s, 0)) for s in dyn.candidates}
-        achieved[u] = sum(sum(saving[s] for s in chosen) for chosen in ev["choices"]) / len(ev["choices"])
+        cost = token_costs(adapter, u)
+        achieved[u] = sum(sum(saving[s] for s in chosen) + n * sum(cost[l] for l in range(adapter.num_layers)
+                                                                    if Submodule(l, "attn") not in chosen)
+                          for chosen, n in zip(ev["choices"], ev["dropped"])) / len(ev["choices"])
     before = Budget(cfg["sparsity"], unit, adapter).decoder_params
     stored = sum(p.numel() for p in {id(p): p for b in dyn.bypasses.values() for p in b.parameters()}.values())
     return {
@@ -164,7 +179,8 @@ def report(dyn: DynamicSkip, session, cfg: dict, ev: dict, build_s: float) -> di
                        "note": "continuation perplexity: each held-out window's prompt chooses, the rest is scored"},
         "sparsity": {"requested": cfg["sparsity"], "unit": unit,
                      "achieved_layers": achieved["layers"], "achieved_params": achieved["params"],
-                     "note": "mean over the held-out prompts of what each prompt's choice skips"},
+                     "note": "mean over the held-out prompts of what each prompt's choice skips (submodules, and "
+                             "the compute per decoded token of the context tokens it drops from the cache)"},
         "decoder_params": {"before": before, "after": before + stored, "bypass_params": stored,
                            "note": "stored: every original is kept next to its candidate's bypass"},
         "kv_cache_bytes_per_token": {"before": adapter.kv_bytes_per_token(list(range(adapter.num_layers))),
@@ -172,9 +188,12 @@ def report(dyn: DynamicSkip, session, cfg: dict, ev: dict, build_s: float) -> di
         "replaced": [],
         "dynamic": {"candidates": [s.name for s in dyn.candidates], "prior": [float(h) for h in dyn.prior],
                     "savings": {s.name: dyn.savings[s] for s in dyn.candidates},
-                    "params": dataclasses.asdict(dyn.p), "probe_tokens": dyn.counts["probe"]},
+                    "params": dataclasses.asdict(dyn.p), "probe_tokens": dyn.counts["probe"],
+                    "prompt_tokens_dropped": sum(ev["dropped"]) / len(ev["dropped"])},
         "summary": [("candidates", ", ".join(s.name for s in dyn.candidates)),
-                    ("probes per choice", str(dyn.p.probes))],
+                    ("probes per choice", str(dyn.p.probes)),
+                    *((("prompt tokens dropped from the cache", f"{sum(ev['dropped']) / len(ev['dropped']):.1f} "
+                        f"per prompt ({dyn.p.tokens:.0%})"),) if dyn.p.tokens else ())],
         "timings": {"compression_s": build_s, "statistics_s": session.stats_s, "sampling_s": session.sampling_s,
                     "statistics_from_cache": session.stats_cached, "dense_calibration_forward_s": session.dense_forward_s,
                     "compression_over_dense_forward": build_s / session.dense_forward_s},
@@ -265,6 +284,7 @@ def load_dynamic(path: str | Path, device: str | torch.device = "cpu", dtype: to
         line = first_line(exc)
         raise SubFitError(f"load_dynamic: '{path}': {line}") from None
     dyn = DynamicSkip(adapter, {s: b.to(device) for s, b in bypasses.items()},
-                      {s: float(e["saving"]) for s, e in zip(subs, entries)}, DynamicParams(**spec["params"]))
+                      {s: float(e["saving"]) for s, e in zip(subs, entries)}, DynamicParams(**spec["params"]),
+                      spec["unit"])
     dyn.prior = torch.tensor([float(entries[subs.index(s)]["prior"]) for s in dyn.candidates], dtype=torch.float64)
     return dyn

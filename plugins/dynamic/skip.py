@@ -7,6 +7,14 @@ budget is met. While decoding, the choice is re-estimated every ``every`` tokens
 far; when it changes, the context is prefilled again under the new choice, which rebuilds every
 kept attention's KV cache (an attention skipped so far has no entries for the tokens it missed;
 recomputing them is the only exact way) and is counted in ``counts["reprefill"]``.
+
+With ``tokens`` > 0, each prefill also drops that share of its context from every kept attention's
+KV cache: the tokens the kept attentions of the context's last ``window`` positions attend to least
+(the first token, where attention that has nowhere else to go lands, and the window itself stay).
+Later tokens keep their true positions. Both reductions spend one budget, in compute per decoded
+token: a cached token costs each kept attention 2 x heads x head_dim multiply-adds (scores and
+weighted values), counted in the unit the submodules' parameters are (a linear's parameters are its
+multiply-adds per token); skipping an attention forgoes the tokens dropped from it.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import torch
 from torch import nn
 
 from subfit_core.engine.adapter import Adapter
+from subfit_core.engine.budget import Budget
 from subfit_core.engine.interfaces import Submodule
 from subfit_core.errors import SubFitError
 
@@ -43,6 +52,8 @@ class DynamicParams:
     solver: str = "lasso"  # lasso | omp
     lam: float = 0.05  # lasso penalty, relative to the largest correlation
     sparsity: int = 4  # omp: at most this many deviations from the prior
+    tokens: float = 0.0  # share of each prefilled context dropped from the KV cache (0: none)
+    window: int = 16  # the context's last positions, whose attention decides which tokens are dropped
     seed: int = 0
 
     def __post_init__(self):
@@ -55,6 +66,48 @@ class DynamicParams:
             raise ValueError(f"share: {self.share} must be in (0, 1]")
         if self.solver not in ("lasso", "omp"):
             raise ValueError(f"solver: {self.solver!r} is not one of lasso, omp")
+        if not 0.0 <= self.tokens < 1.0:
+            raise ValueError(f"tokens: {self.tokens} must be in [0, 1) (share of the context dropped from the KV cache)")
+        if self.window < 1:
+            raise ValueError(f"window: {self.window} must be at least 1")
+
+
+def token_costs(adapter: Adapter, unit: str) -> list[float]:
+    """Per layer: the share of the budget one cached token costs that layer's attention per decoded
+    token (2 x heads x head_dim multiply-adds, in ``unit``, like a bypass's parameters)."""
+    cfg = adapter.model.config.get_text_config()
+    width = 2 * cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    layers = range(adapter.num_layers)
+    if unit == "params":
+        return [width / Budget(0.0, unit, adapter).decoder_params for _ in layers]
+    return [width / adapter.layer_param_count(l) / adapter.num_layers for l in layers]
+
+
+def usage(attentions, window: int) -> torch.Tensor:
+    """(T,) attention each context token receives from the last ``window`` queries, averaged over the
+    heads and the attentions that ran (a skipped one records nothing)."""
+    return torch.stack([a[0, :, -window:].float().mean((0, 1)) for a in attentions if a is not None]).mean(0)
+
+
+def kept_positions(use: torch.Tensor, drop: int, window: int) -> torch.Tensor:
+    """Context positions left after dropping the ``drop`` least used; the first token and the last
+    ``window`` are never dropped."""
+    free = torch.arange(1, max(1, use.numel() - window))
+    gone = free[use[free].argsort()[:drop]]
+    keep = torch.ones(use.numel(), dtype=torch.bool)
+    keep[gone] = False
+    return keep.nonzero().flatten()
+
+
+def drop_tokens(cache, keep: torch.Tensor) -> None:
+    """Keep only positions ``keep`` in every filled KV-cache slot."""
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", False):  # a skipped attention's slot stays empty
+            continue
+        if layer.is_sliding:
+            raise SubFitError("runner.tokens: a sliding-window attention's cache cannot drop tokens (its window "
+                              "counts positions); set runner.tokens=0 for this model")
+        layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
 
 
 class DynamicSkip:
@@ -73,7 +126,6 @@ class DynamicSkip:
         """Candidates: the recipe ``cfg``'s static selection at ``pool`` x the budget, each with the bypass
         fitted for it; a candidate's saving is what replacing it alone saves, in ``cfg``'s unit. The
         session's model is left dense (the originals run until a prompt chooses)."""
-        from subfit_core.engine.budget import Budget
         from subfit_core.engine.pipeline import compress
         from subfit_core.plugins import build_component, get_plugins
 
@@ -83,12 +135,13 @@ class DynamicSkip:
         fitter.attach(session.adapter)
         budget = Budget(params.budget, cfg["sparsity_unit"], session.adapter)
         charges = {s: fitter.estimate_params(s, session.adapter.hidden_size) for s in bypasses}
-        dyn = cls(session.adapter, bypasses, {s: budget.saving(s, charges[s]) for s in bypasses}, params)
+        dyn = cls(session.adapter, bypasses, {s: budget.saving(s, charges[s]) for s in bypasses}, params,
+                  cfg["sparsity_unit"])
         dyn.charges = charges
         return dyn
 
     def __init__(self, adapter: Adapter, bypasses: dict[Submodule, nn.Module], savings: dict[Submodule, float],
-                 params: DynamicParams):
+                 params: DynamicParams, unit: str = "layers"):
         self.adapter, self.model, self.p = adapter, adapter.model, params
         self.candidates = sorted(bypasses)
         self.bypasses, self.savings = bypasses, savings
@@ -100,6 +153,8 @@ class DynamicSkip:
         self.last_choice: frozenset[Submodule] = frozenset()  # what the last ``generate`` ended with
         # tokens run: probe (a partial probe counts the share of the depth it re-runs), prefill, decode, reprefill
         self.counts: Counter = Counter()
+        self.token_cost = token_costs(adapter, unit)
+        self.dropped = 0  # context tokens the last prefill dropped from the cache
         self.generator = torch.Generator().manual_seed(params.seed)
 
     # --- the model under a choice
@@ -161,18 +216,27 @@ class DynamicSkip:
         y = [self.measure(run, frozenset(s for s, on in zip(self.candidates, row) if on)) for row in a]
         return recover(a, torch.tensor(y, dtype=torch.float64), self.prior, self.p.solver, self.p.lam, self.p.sparsity)
 
-    def choose(self, harm: torch.Tensor) -> frozenset[Submodule]:
+    def drop_count(self, length: int) -> int:
+        """Context tokens a prefill of ``length`` drops from the cache."""
+        return min(round(self.p.tokens * length), max(0, length - 1 - self.p.window))
+
+    def choose(self, harm: torch.Tensor, dropped: int = 0) -> frozenset[Submodule]:
         """The candidates with the least harm per unit of budget saved, until the budget is met. Near
         the end only candidates that do not overshoot are taken, and when none is left, the least
         harmful one that completes it (as the static selectors do). A candidate the model's layout
-        cannot drop together with those chosen (the adapter refuses the set) is passed over."""
-        rank = sorted(range(len(self.candidates)), key=lambda i: float(harm[i]) / self.savings[self.candidates[i]])
+        cannot drop together with those chosen (the adapter refuses the set) is passed over.
+        ``dropped`` context tokens leave the cache of every attention kept: that much of the budget is
+        spent before any candidate, and skipping an attention saves its parameters less those tokens."""
+        saving = {s: self.savings[s] - (dropped * self.token_cost[s.layer] if s.kind == "attn" else 0.0)
+                  for s in self.candidates}
+        useful = [i for i, s in enumerate(self.candidates) if saving[s] > 0]
+        rank = sorted(useful, key=lambda i: float(harm[i]) / saving[self.candidates[i]])
         left = [self.candidates[i] for i in rank]
         chosen: list[Submodule] = []
-        saved = 0.0
+        saved = dropped * sum(self.token_cost[l] for l in range(self.adapter.num_layers))
         while left and saved < self.p.budget - 1e-9:
             need = self.p.budget - saved
-            fitting = [s for s in left if self.savings[s] <= need + 1e-12]
+            fitting = [s for s in left if saving[s] <= need + 1e-12]
             s = fitting[0] if fitting else min(left, key=lambda c: float(harm[self.candidates.index(c)]))
             left.remove(s)
             try:
@@ -180,12 +244,52 @@ class DynamicSkip:
             except SubFitError:
                 continue
             chosen.append(s)
-            saved += self.savings[s]
+            saved += saving[s]
         self.use(frozenset())
         return frozenset(chosen)
 
+    def saved(self, chosen: frozenset[Submodule], dropped: int = 0) -> float:
+        """The share of the budget ``chosen`` skipped with ``dropped`` context tokens saves."""
+        kept = [l for l in range(self.adapter.num_layers) if Submodule(l, "attn") not in chosen]
+        return sum(self.savings[s] for s in chosen) + dropped * sum(self.token_cost[l] for l in kept)
+
     def estimate(self, ids: torch.Tensor) -> frozenset[Submodule]:
-        return self.choose(self.probed(ids))
+        return self.choose(self.probed(ids), self.drop_count(ids.shape[-1]))
+
+    # --- prefill, with context tokens dropped from the cache
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor):
+        """``ids`` (1, T) through the model as it is now, with the KV cache; then ``drop_count(T)`` context
+        tokens leave the cache (see the module docstring). Later tokens must pass their true positions
+        (``position``), since the cache is shorter than the context."""
+        drop = self.drop_count(ids.shape[-1])
+        self.dropped = 0
+        if drop == 0:
+            return self.model(input_ids=ids, use_cache=True)
+        eager, impl = "eager", self.model.config._attn_implementation
+        self.model.set_attn_implementation(eager)  # the attention weights: fused kernels do not return them
+        try:
+            out = self.model(input_ids=ids, use_cache=True, output_attentions=True)
+        finally:
+            self.model.set_attn_implementation(impl)
+        drop_tokens(out.cache, kept_positions(usage(out.attentions, self.p.window), drop, self.p.window))
+        self.dropped = drop
+        self.counts["dropped"] += drop
+        return out
+
+    def position(self, start: int, length: int) -> dict:
+        """The positions of ``length`` tokens from context position ``start``, when the cache is shorter."""
+        return {"position_ids": torch.arange(start, start + length)[None]} if self.dropped else {}
+
+    @torch.inference_mode()
+    def continuation_nll(self, window: torch.Tensor, split: int) -> float:
+        """Summed negative log-likelihood of ``window[split:]`` after a prefill of ``window[:split]`` (its
+        tokens dropped from the cache as when generating), the model as it is now."""
+        out = self.prefill(window[None, :split])
+        rest = self.model(input_ids=window[None, split:-1], cache=out.cache, use_cache=True,
+                          **self.position(split, window.numel() - 1 - split)).logits[0]
+        logits = torch.cat([out.logits[0, -1:], rest]).float()
+        return float(torch.nn.functional.cross_entropy(logits, window[split:], reduction="sum"))
 
     # --- decoding
     @torch.inference_mode()
@@ -203,7 +307,7 @@ class DynamicSkip:
     def _generate(self, prompt: torch.Tensor, new_tokens: int, estimate) -> torch.Tensor:
         ids = prompt
         self.use(estimate(ids))
-        out = self.model(input_ids=ids, use_cache=True)
+        out = self.prefill(ids)
         self.counts["prefill"] += ids.shape[-1]
         for step in range(1, new_tokens + 1):
             ids = torch.cat([ids, out.logits[:, -1:].argmax(-1)], dim=-1)
@@ -213,11 +317,12 @@ class DynamicSkip:
                 new = estimate(ids)
                 if new != self.skipped:
                     self.use(new)
-                    out = self.model(input_ids=ids, use_cache=True)  # every kept attention's cache rebuilt
+                    out = self.prefill(ids)  # every kept attention's cache rebuilt
                     self.counts["reprefill"] += ids.shape[-1]
                     continue
                 self.use(new)  # the same set: the cache stays valid
-            out = self.model(input_ids=ids[:, -1:], cache=out.cache, use_cache=True)
+            out = self.model(input_ids=ids[:, -1:], cache=out.cache, use_cache=True,
+                             **self.position(ids.shape[-1] - 1, 1))
             self.counts["decode"] += 1
         self.cache = out.cache
         return ids
