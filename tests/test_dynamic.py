@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -442,3 +445,66 @@ def test_subfit_run_drops_prompt_tokens_within_the_budget_and_the_folder_keeps_d
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("subfit-run: error: runner.tokens: 0.25; this model has sliding-window attentions")
     assert not (tmp_path / "g" / "out").exists()
+
+
+# Runs in a fresh interpreter that cannot import SubFit: transformers loads the folder's own code.
+STANDARD = textwrap.dedent('''
+    import importlib.abc, json, sys, warnings
+    class NoSubFit(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("subfit_core", "subfit_plugins", "subfit_strategies"):
+                raise ImportError(f"{name} must not be needed")
+    sys.meta_path.insert(0, NoSubFit())
+    import torch
+    from transformers import AutoModelForCausalLM
+    folder, ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    plain = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        dense = bool(torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits))
+    out = model.generate(ids, max_new_tokens=7, do_sample=False)
+    with torch.no_grad():
+        after = bool(torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits))
+    try:
+        model.generate(ids.repeat(2, 1), max_new_tokens=2)
+        batch = "accepted"
+    except ValueError as exc:
+        batch = str(exc)
+    assert not [m for m in sys.modules if m.startswith("subfit")], "SubFit was imported"
+    print(json.dumps({"class": type(model).__name__, "plain": type(plain).__name__, "tokens": out.tolist(),
+                      "skipped": [list(s) for s in model.subfit_last], "dense": dense, "after": after,
+                      "batch": batch}))
+''')
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_standard_tools_generate_with_the_same_per_prompt_choice(arch, tmp_path, capsys):
+    """``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``, in an interpreter without
+    SubFit, chooses from the same seeded probes as ``load_dynamic`` (choosing once), skips that set
+    inside transformers' own ``generate`` and gives the same tokens; its plain forward is the dense
+    model before and after, its weights load without a warning, and a batch is refused in one line.
+    Without remote code the folder loads as the plain dense model."""
+    from conftest import write_local_model_and_text
+
+    from subfit_core.apps.cli import run_main
+    from subfit_plugins.dynamic.runner import load_dynamic
+
+    folder = write_local_model_and_text(tmp_path, seed=3, lines=600, layers=4, arch=arch)
+    out = tmp_path / "out"
+    assert run_main(dynamic_args(folder, "sparsity=0.25", "runner.every=0", f"output_dir={out}")) == 0
+    capsys.readouterr()
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(5))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-I", "-c", STANDARD, str(out), json.dumps(ids.tolist())],
+                          capture_output=True, text=True, cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "not initialized" not in done.stderr and "newly initialized" not in done.stderr, done.stderr[-2000:]
+    assert got["class"] == "SubFitDynamicForCausalLM" and got["plain"] != got["class"]
+    assert got["dense"] and got["after"]  # forward alone is the dense model; generate restores it
+    assert got["batch"].startswith("SubFitDynamicForCausalLM.generate: per-prompt skipping chooses for one prompt")
+
+    dyn = load_dynamic(out)
+    tokens = dyn.generate(ids, 7)
+    assert got["skipped"] and {tuple(s) for s in got["skipped"]} == {(s.layer, s.kind) for s in dyn.last_choice}
+    assert got["tokens"] == tokens.tolist()

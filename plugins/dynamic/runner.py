@@ -9,7 +9,9 @@ probes of its first part (the prompt) and scored on the rest, and writes a folde
   tokenizer): standard tools load it as the dense model, which is right, only without skipping;
 * ``dynamic.safetensors``: the candidates' bypasses; ``dynamic.json``: the candidates, their
   bypass specs, savings and prior, and the skipping parameters;
-* ``recipe.yaml``, ``results.json`` and a ``README.md`` saying how to load it.
+* ``recipe.yaml``, ``results.json`` and a ``README.md`` saying how to load it;
+* ``modeling_subfit_dynamic.py``, with ``auto_map`` and the spec in ``config.json``: transformers
+  with ``trust_remote_code=True`` builds a model whose own ``generate`` skips per prompt (``standard``).
 
 ``load_dynamic(folder)`` returns the ``DynamicSkip`` that generates with per-prompt selection.
 """
@@ -32,6 +34,7 @@ from torch import nn
 from subfit_core.engine.interfaces import Runner, Submodule
 from subfit_core.errors import ConfigError, SubFitError, first_line
 
+from . import standard
 from .skip import DynamicParams, DynamicSkip, token_costs
 
 FORMAT = 1
@@ -212,6 +215,7 @@ def save_dynamic(dyn: DynamicSkip, tokenizer, out_dir: Path, recipe: dict, resul
     """Write the folder atomically (see the module docstring); the model must be dense (nothing skipped)."""
     from safetensors.torch import save_model
 
+    from subfit_core import __version__
     from subfit_core.artifact.outputs import atomic_dir
 
     dyn.use(frozenset())
@@ -219,8 +223,14 @@ def save_dynamic(dyn: DynamicSkip, tokenizer, out_dir: Path, recipe: dict, resul
             "candidates": [{"layer": s.layer, "kind": s.kind, "bypass": dyn.bypasses[s].spec(),
                             "saving": dyn.savings[s], "prior": float(h)} for s, h in zip(dyn.candidates, dyn.prior)]}
 
+    code = standard.modeling_source(dyn.model, getattr(dyn.adapter, "layout", None), sorted({type(b) for b in dyn.bypasses.values()},
+                                                                           key=lambda c: c.__name__), __version__, WEIGHTS)
+
     def write(tmp: Path) -> None:
         dyn.model.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        (tmp / "config.json").write_text(json.dumps({**config, **standard.config_entries(spec)}, indent=2) + "\n")
+        (tmp / standard.MODELING_FILE).write_text(code)
         tokenizer.save_pretrained(tmp)
         save_model(bypass_dict(dyn), str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / SPEC).write_text(json.dumps(spec, indent=1) + "\n")
@@ -241,8 +251,10 @@ def card(results: dict) -> str:
             f"({p['ratio']:.2f}x).\n\n"
             "```python\nfrom subfit_plugins.dynamic.runner import load_dynamic\n\n"
             "dyn = load_dynamic(\"path/to/this/folder\")\nids = dyn.generate(prompt_ids, 64)   # greedy, per-prompt choice\n"
-            "```\n\nThe folder is also a standard transformers checkpoint of the dense model: "
-            "`AutoModelForCausalLM.from_pretrained` loads it whole, correct but without skipping.\n")
+            "```\n\nWith transformers alone, `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` "
+            "runs `modeling_subfit_dynamic.py` (read it first) and its `generate` skips per prompt, choosing once per "
+            "call; without `trust_remote_code` the folder is a standard checkpoint of the dense model, loaded whole, "
+            "correct but without skipping.\n")
 
 
 def load_dynamic(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> DynamicSkip:

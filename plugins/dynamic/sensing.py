@@ -15,6 +15,9 @@ m probes are recovered as
 which needs m of the order of k log(n / k) probes for k deviations, not n (one probe each); the
 deviations the L1 penalty keeps are then refitted by least squares (the penalty shrinks them).
 With no probes the estimate is the prior: a static choice.
+
+Portable on purpose (it imports torch only): a saved per-prompt model's modeling file carries a
+verbatim copy, so standard tools choose as SubFit does.
 """
 
 from __future__ import annotations
@@ -93,3 +96,23 @@ def recover(a: torch.Tensor, y: torch.Tensor, prior: torch.Tensor, solver: str, 
     else:
         raise ValueError(f"solver: {solver!r} is not one of lasso, omp")
     return (prior.double() + d).clamp_min(0.0)
+
+
+def choose(harm: torch.Tensor, savings: list[float], budget: float, allowed) -> list[int]:
+    """Indices of the candidates to skip: the least harm per unit of budget saved first, until
+    ``budget`` is met. Near the end only candidates that do not overshoot are taken, and when none
+    is left, the least harmful one that completes it (as the static selectors do). A candidate that
+    saves nothing is never taken; one the model cannot skip together with those chosen
+    (``allowed(indices)`` is False) is passed over."""
+    left = sorted((i for i in range(len(savings)) if savings[i] > 0), key=lambda i: float(harm[i]) / savings[i])
+    chosen: list[int] = []
+    saved = 0.0
+    while left and saved < budget - 1e-9:
+        need = budget - saved
+        fitting = [i for i in left if savings[i] <= need + 1e-12]
+        i = fitting[0] if fitting else min(left, key=lambda c: float(harm[c]))
+        left.remove(i)
+        if allowed([*chosen, i]):
+            chosen.append(i)
+            saved += savings[i]
+    return chosen

@@ -30,7 +30,7 @@ from subfit_core.engine.budget import Budget
 from subfit_core.engine.interfaces import Submodule
 from subfit_core.errors import SubFitError
 
-from .sensing import probe_design, recover
+from .sensing import choose, probe_design, recover
 
 
 @dataclass
@@ -221,32 +221,24 @@ class DynamicSkip:
         return min(round(self.p.tokens * length), max(0, length - 1 - self.p.window))
 
     def choose(self, harm: torch.Tensor, dropped: int = 0) -> frozenset[Submodule]:
-        """The candidates with the least harm per unit of budget saved, until the budget is met. Near
-        the end only candidates that do not overshoot are taken, and when none is left, the least
-        harmful one that completes it (as the static selectors do). A candidate the model's layout
-        cannot drop together with those chosen (the adapter refuses the set) is passed over.
-        ``dropped`` context tokens leave the cache of every attention kept: that much of the budget is
-        spent before any candidate, and skipping an attention saves its parameters less those tokens."""
-        saving = {s: self.savings[s] - (dropped * self.token_cost[s.layer] if s.kind == "attn" else 0.0)
-                  for s in self.candidates}
-        useful = [i for i, s in enumerate(self.candidates) if saving[s] > 0]
-        rank = sorted(useful, key=lambda i: float(harm[i]) / saving[self.candidates[i]])
-        left = [self.candidates[i] for i in rank]
-        chosen: list[Submodule] = []
-        saved = dropped * sum(self.token_cost[l] for l in range(self.adapter.num_layers))
-        while left and saved < self.p.budget - 1e-9:
-            need = self.p.budget - saved
-            fitting = [s for s in left if saving[s] <= need + 1e-12]
-            s = fitting[0] if fitting else min(left, key=lambda c: float(harm[self.candidates.index(c)]))
-            left.remove(s)
+        """``sensing.choose`` over the candidates (the model's layout refusing a set passes a candidate
+        over). ``dropped`` context tokens leave the cache of every attention kept: that much of the
+        budget is spent before any candidate, and skipping an attention saves its parameters less those
+        tokens."""
+        saving = [self.savings[s] - (dropped * self.token_cost[s.layer] if s.kind == "attn" else 0.0)
+                  for s in self.candidates]
+        spent = dropped * sum(self.token_cost[l] for l in range(self.adapter.num_layers))
+
+        def allowed(indices: list[int]) -> bool:
             try:
-                self.use(frozenset([*chosen, s]))
+                self.use(frozenset(self.candidates[i] for i in indices))
             except SubFitError:
-                continue
-            chosen.append(s)
-            saved += saving[s]
+                return False
+            return True
+
+        picked = choose(harm, saving, self.p.budget - spent, allowed)
         self.use(frozenset())
-        return frozenset(chosen)
+        return frozenset(self.candidates[i] for i in picked)
 
     def saved(self, chosen: frozenset[Submodule], dropped: int = 0) -> float:
         """The share of the budget ``chosen`` skipped with ``dropped`` context tokens saves."""
