@@ -16,6 +16,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from conftest import build_tiny_model  # noqa: E402
+from test_export import NO_SUBFIT  # noqa: E402
 from test_surgery import cache_bytes  # noqa: E402
 
 from subfit_core.engine.bypass import LowRankBypass  # noqa: E402
@@ -448,13 +449,7 @@ def test_subfit_run_drops_prompt_tokens_within_the_budget_and_the_folder_keeps_d
 
 
 # Runs in a fresh interpreter that cannot import SubFit: transformers loads the folder's own code.
-STANDARD = textwrap.dedent('''
-    import importlib.abc, json, sys, warnings
-    class NoSubFit(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("subfit_core", "subfit_plugins", "subfit_strategies"):
-                raise ImportError(f"{name} must not be needed")
-    sys.meta_path.insert(0, NoSubFit())
+STANDARD = NO_SUBFIT + textwrap.dedent('''
     import torch
     from transformers import AutoModelForCausalLM
     folder, ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))

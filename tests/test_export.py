@@ -90,14 +90,17 @@ def save_every_kind(arch: str, out, bypasses: dict | None = None):
         return model(input_ids=IDS).logits
 
 
-# Runs in a fresh interpreter that cannot import SubFit: only torch, transformers and the folder's code.
-ISOLATED = textwrap.dedent('''
+# The start of a script run in a fresh interpreter that cannot import SubFit: only torch,
+# transformers and the folder's code.
+NO_SUBFIT = textwrap.dedent('''
     import importlib.abc, json, sys
     class NoSubFit(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in ("subfit_core", "subfit_plugins", "subfit_strategies"):
                 raise ImportError(f"{name} must not be needed")
     sys.meta_path.insert(0, NoSubFit())
+''')
+ISOLATED = NO_SUBFIT + textwrap.dedent('''
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
