@@ -100,6 +100,13 @@ SETS: dict[str, list[tuple[str, list[str]]]] = {
         ("shortgpt, KJV calibration", ["strategy=shortgpt", *ENGINE, KJV]),
         ("sleb, KJV calibration", ["strategy=sleb", *ENGINE, KJV]),
     ],
+    # every other removal strategy on the targets' baselines' calibration (engine windows, half sampled),
+    # cheapest first: with "targets" it makes a model's table of every strategy at each level
+    "others": [
+        (f"{name}, same calibration", [f"strategy={name}", *ENGINE, "calib.generated=0.5"])
+        for name in ("subfit-contiguous", "uidl", "laco", "subfit-delete", "llm-streamline", "replaceme-cosine",
+                     "shortgpt-patch", "sleb-patch", "linear-patch", "blockpruner", "finercut")
+    ],
     # the baselines on their papers' calibration protocols (their recipes' own), the user's corpus alone
     "protocols": [
         ("sleb, its paper's protocol, KJV calibration", ["strategy=sleb", KJV]),

@@ -258,8 +258,8 @@ class DynamicSkip:
         self.dropped = 0
         if drop == 0:
             return self.model(input_ids=ids, use_cache=True)
-        eager, impl = "eager", self.model.config._attn_implementation
-        self.model.set_attn_implementation(eager)  # the attention weights: fused kernels do not return them
+        impl = self.model.config._attn_implementation
+        self.model.set_attn_implementation("eager")  # the attention weights: fused kernels do not return them
         try:
             out = self.model(input_ids=ids, use_cache=True, output_attentions=True)
         finally:
@@ -312,7 +312,7 @@ class DynamicSkip:
                     out = self.prefill(ids)  # every kept attention's cache rebuilt
                     self.counts["reprefill"] += ids.shape[-1]
                     continue
-                self.use(new)  # the same set: the cache stays valid
+                self.use(new)  # the same set: the cache stays valid (with the tokens its prefill dropped)
             out = self.model(input_ids=ids[:, -1:], cache=out.cache, use_cache=True,
                              **self.position(ids.shape[-1] - 1, 1))
             self.counts["decode"] += 1
