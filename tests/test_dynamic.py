@@ -478,9 +478,11 @@ def test_standard_tools_generate_with_the_same_per_prompt_choice(arch, tmp_path,
     SubFit, chooses from the same seeded probes as ``load_dynamic`` (choosing once), skips that set
     inside transformers' own ``generate`` and gives the same tokens; its plain forward is the dense
     model before and after, its weights load without a warning, and a batch is refused in one line.
-    Without remote code the folder loads as the plain dense model."""
+    Without remote code the folder loads as the plain dense model; ``load_compressed`` gives the same
+    model without running the folder's file, and refuses a tampered spec or an unknown runner in one line."""
     from conftest import write_local_model_and_text
 
+    from subfit_core import load_compressed
     from subfit_core.apps.cli import run_main
     from subfit_plugins.dynamic.runner import load_dynamic
 
@@ -503,3 +505,20 @@ def test_standard_tools_generate_with_the_same_per_prompt_choice(arch, tmp_path,
     tokens = dyn.generate(ids, 7)
     assert got["skipped"] and {tuple(s) for s in got["skipped"]} == {(s.layer, s.kind) for s in dyn.last_choice}
     assert got["tokens"] == tokens.tolist()
+
+    # load_compressed hands the folder to its runner: the same model, built from SubFit's own source
+    model, tokenizer = load_compressed(out)
+    assert type(model).__name__ == "SubFitDynamicForCausalLM" and tokenizer is not None
+    assert model.generate(ids, max_new_tokens=7, do_sample=False).tolist() == tokens.tolist()
+    assert [list(s) for s in model.subfit_last] == got["skipped"]
+    config = json.loads((out / "config.json").read_text())
+    config["subfit_dynamic"]["candidates"][0]["layer"] = 99
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SubFitError, match=r"load_compressed: .*config.json': subfit_dynamic: candidate L99\.\w+ is not a "
+                                          r"submodule of this model"):
+        load_compressed(out)
+    config["subfit_runner"] = "dynamc"
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SubFitError, match=r"load_compressed: .*config.json': subfit_runner: unknown runner 'dynamc'.*"
+                                          r"dynamic"):
+        load_compressed(out)

@@ -91,6 +91,31 @@ class DynamicRunner(Runner):
             save_dynamic(dyn, session.tokenizer, out_dir, cfg, results)
         return results
 
+    @classmethod
+    def load(cls, path, device="cpu", dtype=None) -> tuple:
+        """The folder as (model, tokenizer) for ``load_compressed``: a transformers model whose own
+        ``generate`` skips per prompt (``standard``), its class built from this installation's source,
+        not the folder's file; weights from safetensors only."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from subfit_core import __version__
+        from subfit_core.engine.bypass import bypass_classes
+        from subfit_core.engine.models import find_adapter
+        from subfit_core.plugins import get_plugins
+
+        path = Path(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+        with torch.device("meta"):  # the architecture and its adapter, no memory
+            skeleton = AutoModelForCausalLM.from_config(config)
+        adapter = find_adapter(get_plugins(), skeleton)
+        spec = getattr(config, standard.ENTRY, None)
+        check_spec(spec, adapter.num_layers, f"load_compressed: '{path}/config.json': {standard.ENTRY}")
+        kinds = bypass_classes(sorted({e["bypass"]["kind"] for e in spec["candidates"]}))
+        source = standard.modeling_source(skeleton, adapter.layout, list(kinds.values()), __version__, WEIGHTS)
+        model = standard.model_class(source).from_pretrained(path, dtype=dtype or "auto", use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return model.to(device).eval(), tokenizer
+
     def check(self, session, cfg: dict) -> None:
         if cfg["sparsity"] <= 0:
             raise ConfigError(f"sparsity: {cfg['sparsity']}; the dynamic runner skips this share per prompt, so it must "
@@ -229,7 +254,8 @@ def save_dynamic(dyn: DynamicSkip, tokenizer, out_dir: Path, recipe: dict, resul
     def write(tmp: Path) -> None:
         dyn.model.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text())
-        (tmp / "config.json").write_text(json.dumps({**config, **standard.config_entries(spec)}, indent=2) + "\n")
+        entries = standard.config_entries(spec, recipe["runner"]["name"])
+        (tmp / "config.json").write_text(json.dumps({**config, **entries}, indent=2) + "\n")
         (tmp / standard.MODELING_FILE).write_text(code)
         tokenizer.save_pretrained(tmp)
         save_model(bypass_dict(dyn), str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -257,6 +283,35 @@ def card(results: dict) -> str:
             "correct but without skipping.\n")
 
 
+def check_spec(spec, layers: int, where: str) -> list[Submodule]:
+    """The candidates of a saved per-prompt spec, every field that selects code or shapes checked:
+    candidates against the model's layers and attn/ffn, bypass kinds against the installed registry,
+    widths and ranks as positive integers, the skipping parameters as ``DynamicParams`` checks them."""
+    from subfit_core.engine.bypass import bypass_classes
+
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        found = spec.get("format") if isinstance(spec, dict) else spec
+        raise SubFitError(f"{where} is format {found!r}; this version reads {FORMAT}")
+    try:
+        entries = spec["candidates"]
+        subs = [Submodule(int(e["layer"]), str(e["kind"])) for e in entries]
+        for s in subs:
+            if not (0 <= s.layer < layers and s.kind in ("attn", "ffn")):
+                raise ValueError(f"candidate {s.name} is not a submodule of this model")
+        shapes = [v for e in entries for k, v in e["bypass"].items() if k in ("dim", "rank", "hidden")]
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in shapes):
+            raise ValueError("a bypass width or rank is not a positive integer")
+        bypass_classes([e["bypass"]["kind"] for e in entries])
+        DynamicParams(**spec["params"])
+        if spec["unit"] not in ("layers", "params"):
+            raise ValueError(f"unit {spec['unit']!r} is not layers or params")
+    except SubFitError as exc:
+        raise SubFitError(f"{where}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SubFitError(f"{where}: {first_line(exc)}") from None
+    return subs
+
+
 def load_dynamic(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> DynamicSkip:
     """The per-prompt model saved in ``path``: the dense model with every candidate's bypass beside it."""
     from safetensors.torch import load_model
@@ -273,28 +328,19 @@ def load_dynamic(path: str | Path, device: str | torch.device = "cpu", dtype: to
         raise SubFitError(f"load_dynamic: '{path}' holds no {SPEC} (not a per-prompt SubFit model)") from None
     except json.JSONDecodeError as exc:
         raise SubFitError(f"load_dynamic: '{path / SPEC}' is not JSON ({exc})") from None
-    if spec.get("format") != FORMAT:
-        raise SubFitError(f"load_dynamic: '{path / SPEC}' is format {spec.get('format')!r}; this version reads {FORMAT}")
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:  # before the model loads
+        check_spec(spec, 0, f"load_dynamic: '{path / SPEC}'")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", trust_remote_code=False,
                                                  use_safetensors=True).to(device).eval()
     adapter = find_adapter(get_plugins(), model)
-    entries = spec.get("candidates")
+    subs = check_spec(spec, adapter.num_layers, f"load_dynamic: '{path}'")
+    entries = spec["candidates"]
     try:
-        subs = [Submodule(int(e["layer"]), str(e["kind"])) for e in entries]
-        for s in subs:
-            if not (0 <= s.layer < adapter.num_layers and s.kind in ("attn", "ffn")):
-                raise ValueError(f"candidate {s.name} is not a submodule of this model")
-        shapes = [v for e in entries for k, v in e["bypass"].items() if k in ("dim", "rank", "hidden")]
-        if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in shapes):
-            raise ValueError("a bypass width or rank is not a positive integer")
         bypasses = dict(zip(subs, build_bypasses([e["bypass"] for e in entries], model.dtype)))
         load_model(nn.ModuleDict({f"{s.layer}_{s.kind}": b for s, b in bypasses.items()}), str(path / WEIGHTS),
                    device=str(device))
-    except SubFitError:
-        raise
     except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:  # a file that does not match the model
-        line = first_line(exc)
-        raise SubFitError(f"load_dynamic: '{path}': {line}") from None
+        raise SubFitError(f"load_dynamic: '{path}': {first_line(exc)}") from None
     dyn = DynamicSkip(adapter, {s: b.to(device) for s, b in bypasses.items()},
                       {s: float(e["saving"]) for s, e in zip(subs, entries)}, DynamicParams(**spec["params"]),
                       spec["unit"])

@@ -179,6 +179,16 @@ def modeling_source(model, layout, kinds: list[type[Bypass]], version: str, weig
     return source
 
 
-def config_entries(spec: dict) -> dict:
-    """What config.json gains: the remote class for ``AutoModelForCausalLM`` and the skipping spec."""
-    return {"auto_map": {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{CLASS}"}, ENTRY: spec}
+def model_class(source: str) -> type:
+    """``SubFitDynamicForCausalLM`` from ``source`` (this installation's own ``modeling_source``)."""
+    namespace: dict = {"__name__": "subfit_dynamic_modeling"}
+    exec(compile(source, MODELING_FILE, "exec"), namespace)  # noqa: S102 - our own generated code, not the folder's
+    return namespace[CLASS]
+
+
+def config_entries(spec: dict, runner: str) -> dict:
+    """What config.json gains: the remote class for ``AutoModelForCausalLM``, the skipping spec, and the
+    runner that ``load_compressed`` hands the folder to."""
+    from subfit_core.artifact.folder import RUNNER_KEY
+
+    return {"auto_map": {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{CLASS}"}, ENTRY: spec, RUNNER_KEY: runner}

@@ -161,15 +161,25 @@ def _tied_to_loaded(model: torch.nn.Module, name: str, loaded: set[str]) -> bool
     return any(state[other] is state[name] for other in loaded if other in state)
 
 
-def read_config(path: Path) -> dict:
-    """config.json of a saved model, checked to be a SubFit model of the current format."""
+RUNNER_KEY = "subfit_runner"  # config.json of a folder a runner saved: the runner that loads it
+
+
+def read_json_config(path: Path) -> dict:
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SubFitError(f"load_compressed: '{path}' holds no config.json") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise SubFitError(f"load_compressed: '{path}/config.json' is not JSON ({exc})") from None
-    info = config.get("subfit") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise SubFitError(f"load_compressed: '{path}/config.json' is not a JSON object")
+    return config
+
+
+def read_config(path: Path) -> dict:
+    """config.json of a saved model, checked to be a SubFit model of the current format."""
+    config = read_json_config(path)
+    info = config.get("subfit")
     if not isinstance(info, dict):
         raise SubFitError(f"load_compressed: '{path}/config.json' has no 'subfit' entry (not a SubFit model)")
     if info.get("format") != FORMAT:
@@ -239,7 +249,9 @@ def check_records(info: dict, layers: int, path: Path) -> None:
 def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
                     plugins=None):
     """Rebuild a SubFit model from ``path``: returns (model, tokenizer). ``plugins`` (default: the
-    installed ones) supply the model adapter and the classes of the saved bypass kinds."""
+    installed ones) supply the model adapter and the classes of the saved bypass kinds. A folder a
+    runner saved (its config.json names it under ``subfit_runner``) is loaded by that runner's
+    ``load``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from subfit_core.engine.bypass import bypass_classes
@@ -249,6 +261,15 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype:
     path = Path(path)
     if not (path / WEIGHTS).exists() and not (path / INDEX).exists():
         raise SubFitError(f"load_compressed: '{path}' holds no model.safetensors")
+    raw = read_json_config(path)
+    runner = raw.get(RUNNER_KEY)
+    if runner is not None and "subfit" not in raw:
+        plugins = plugins or get_plugins()
+        try:
+            cls = plugins.registries["runner"].get(runner, RUNNER_KEY)
+        except SubFitError as exc:  # a runner from a plugin that is not installed here
+            raise SubFitError(f"load_compressed: '{path}/config.json': {exc}") from None
+        return cls.load(path, device, dtype)
     config = read_config(path)
     info = config["subfit"]
     if isinstance(dtype, str):  # load_compressed(path, dtype="bfloat16")

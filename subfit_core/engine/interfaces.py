@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import nn
 
 from subfit_core.engine.bypass import Bypass
+from subfit_core.errors import SubFitError
 from subfit_core.progress import progress
 
 if TYPE_CHECKING:
@@ -246,3 +247,10 @@ class Runner(Component):
 
     def run(self, session: Any, cfg: dict, out_dir: Any) -> dict:
         raise NotImplementedError
+
+    @classmethod
+    def load(cls, path: Any, device: Any = "cpu", dtype: Any = None) -> tuple:
+        """The folder ``run`` saved, as (model, tokenizer). ``load_compressed`` calls it for a folder
+        whose config.json names the runner under ``subfit_runner``; like it, it must run no code from
+        the folder and read weights from safetensors only."""
+        raise SubFitError(f"load_compressed: '{path}': runner {cls.__name__} saves no folder that load_compressed loads")
