@@ -144,6 +144,39 @@ def test_reestimation_is_exact(arch):
     assert same.counts["reprefill"] == 0 and same.counts["decode"] == once.counts["decode"]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_reestimation_compares_with_the_set_in_use_not_what_probing_left(arch):
+    """Estimating runs probes on the whole model and leaves it dense (as ``choose`` does): a set that
+    stays keeps its cache, and a change to the empty set rebuilds the cache instead of reading slots
+    laid out for the old set."""
+    a = frozenset([Submodule(1, "attn"), Submodule(2, "ffn")])
+    dyn = skipper(arch, every=3)
+    prompt = torch.randint(0, 100, (1, 7))
+
+    def probing(chosen):
+        def estimate(ids):
+            dyn.use(frozenset())  # what probing and choosing leave installed
+            return chosen(ids)
+        return estimate
+
+    out = dyn.generate(prompt, 10, estimate=probing(lambda ids: a))
+    assert dyn.counts["reprefill"] == 0
+    assert torch.equal(out, greedy_by_full_forwards(dyn, prompt, 10, lambda step: a))
+    dyn = skipper(arch, every=3)
+    out = dyn.generate(prompt, 10, estimate=probing(lambda ids: a if ids.shape[-1] < 10 else frozenset()))
+    assert torch.equal(out, greedy_by_full_forwards(dyn, prompt, 10, lambda step: a if step < 3 else frozenset()))
+    assert dyn.counts["reprefill"] > 0
+
+
+def test_the_default_estimate_keeps_a_stable_choice_without_prefilling_again():
+    dyn = skipper("llama", every=3, probes=0, budget=0.2)
+    dyn.prior = torch.linspace(0.0, 1.0, len(dyn.candidates), dtype=torch.float64)
+    prompt = torch.randint(0, 100, (1, 7))
+    out = dyn.generate(prompt, 10)
+    assert dyn.last_choice and dyn.counts["reprefill"] == 0
+    assert torch.equal(out, greedy_by_full_forwards(dyn, prompt, 10, lambda step: dyn.last_choice))
+
+
 def test_choice_meets_the_budget_by_least_harm_per_saving():
     dyn = skipper(budget=0.25)  # 4 layers x 2 = 8 candidates of 1/8 each: two are skipped
     harm = torch.tensor([5.0, 0.1, 3.0, 0.2, 4.0, 6.0, 7.0, 8.0], dtype=torch.float64)
@@ -282,7 +315,10 @@ def test_subfit_run_dynamic_saves_a_folder_that_generates_per_prompt_and_loads_d
     spec = json.loads((out / "dynamic.json").read_text())
     for change, message in [(lambda d: d["candidates"][0].update(layer=99), "candidate L99"),
                             (lambda d: d["candidates"][0]["bypass"].update(dim=-3), "not a positive integer"),
-                            (lambda d: d.update(format=7), "format 7")]:
+                            (lambda d: d.update(format=7), "format 7"),
+                            (lambda d: d["candidates"][0].update(bypass=5), "bypass 5 is not an object"),
+                            (lambda d: d["candidates"][0].update(saving="x"), "saving 'x' is not a finite number"),
+                            (lambda d: d["params"].update(probes=2.5), "params.probes 2.5 is not an integer")]:
         bad = tmp_path / "bad"
         shutil.rmtree(bad, ignore_errors=True)
         shutil.copytree(out, bad)
@@ -384,6 +420,18 @@ def test_dropped_prompt_tokens_are_the_least_attended_and_decoding_never_sees_th
     assert torch.equal(ids[0, split:], step[0, split - 1:-1].argmax(-1))
 
 
+def test_reestimating_with_dropped_tokens_rebuilds_the_cache_the_choice_was_budgeted_for():
+    """A choice is budgeted for a prefill of the whole context (its share of tokens dropped); a kept
+    cache dropped only the prompt's share, so re-estimation rebuilds it even for the same set."""
+    skip = frozenset([Submodule(1, "attn")])
+    dyn = skipper("llama", tokens=0.5, window=2, every=4)
+    prompt = torch.randint(0, 100, (1, 10))
+    dyn.generate(prompt, 6, estimate=lambda ids: skip)
+    assert dyn.counts["reprefill"] == 14 and dyn.dropped == dyn.drop_count(14) == 7
+    filled = [layer for layer in dyn.cache.layers if layer.is_initialized]
+    assert all(layer.keys.shape[-2] == 14 - 7 + 1 for layer in filled)  # one token decoded after the rebuild
+
+
 def test_dropped_tokens_spend_the_same_budget_as_skipped_submodules():
     """Dropping context tokens saves each kept attention 2 x heads x head_dim multiply-adds per token and
     decoded token: that much of the budget is spent first, and an attention skipped gives up its share."""
@@ -415,7 +463,7 @@ def test_a_sliding_window_cache_refuses_to_drop_tokens():
 
 def test_subfit_run_drops_prompt_tokens_within_the_budget_and_the_folder_keeps_doing_so(tmp_path, capsys):
     """``runner.tokens``: every held-out prompt drops its share from the cache, the reported sparsity counts
-    what that saves, the KV cache shrinks beyond the skipped attentions, and the saved folder generates
+    what that saves, the KV cache per token is at most the dense one less the dropped share, and the saved folder generates
     the same way. A model with sliding-window attentions is refused in one line, and nothing is written."""
     from conftest import write_local_model_and_text
 
@@ -435,7 +483,7 @@ def test_subfit_run_drops_prompt_tokens_within_the_budget_and_the_folder_keeps_d
     assert without["dynamic"]["prompt_tokens_dropped"] == 0
     assert with_drop["sparsity"]["achieved_layers"] >= 0.25 - 1e-9
     per_token = with_drop["kv_cache_bytes_per_token"]
-    assert per_token["after"] < per_token["before"]
+    assert per_token["after"] <= per_token["before"] * (32 - 4) / 32 + 1  # 4 of each window's 32 positions hold nothing
     dyn = load_dynamic(tmp_path / "out0.25")
     assert dyn.p.tokens == 0.25 and dyn.p.window == 4
     ids = dyn.generate(torch.randint(0, 100, (1, 16)), 5)

@@ -78,6 +78,10 @@ class DynamicRunner(Runner):
     def run(self, session, cfg: dict, out_dir: Path | None) -> dict:
         p: Params = self.params
         self.check(session, cfg)
+        if out_dir is not None:  # a folder standard tools could not load fails now, not after the work
+            from subfit_core import __version__
+
+            standard.modeling_source(session.model, getattr(session.adapter, "layout", None), [], __version__, WEIGHTS)
         t0 = time.perf_counter()
         static = {**cfg, "runner": {"name": "none"}, "save": False}
         dyn = DynamicSkip.from_session(session, static, p.skip_params(cfg["sparsity"], cfg["seed"]), pool=p.pool)
@@ -92,7 +96,7 @@ class DynamicRunner(Runner):
         return results
 
     @classmethod
-    def load(cls, path, device="cpu", dtype=None) -> tuple:
+    def load(cls, path, device="cpu", dtype=None, plugins=None) -> tuple:
         """The folder as (model, tokenizer) for ``load_compressed``: a transformers model whose own
         ``generate`` skips per prompt (``standard``), its class built from this installation's source,
         not the folder's file; weights from safetensors only."""
@@ -106,14 +110,15 @@ class DynamicRunner(Runner):
         path = Path(path)
         config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
         with torch.device("meta"):  # the architecture and its adapter, no memory
-            skeleton = AutoModelForCausalLM.from_config(config)
-        adapter = find_adapter(get_plugins(), skeleton)
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        plugins = plugins or get_plugins()
+        adapter = find_adapter(plugins, skeleton)
         spec = getattr(config, standard.ENTRY, None)
         check_spec(spec, adapter.num_layers, f"load_compressed: '{path}/config.json': {standard.ENTRY}")
-        kinds = bypass_classes(sorted({e["bypass"]["kind"] for e in spec["candidates"]}))
+        kinds = bypass_classes(sorted({e["bypass"]["kind"] for e in spec["candidates"]}), plugins)
         source = standard.modeling_source(skeleton, adapter.layout, list(kinds.values()), __version__, WEIGHTS)
         model = standard.model_class(source).from_pretrained(path, dtype=dtype or "auto", use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         return model.to(device).eval(), tokenizer
 
     def check(self, session, cfg: dict) -> None:
@@ -298,16 +303,27 @@ def check_spec(spec, layers: int, where: str) -> list[Submodule]:
         for s in subs:
             if not (0 <= s.layer < layers and s.kind in ("attn", "ffn")):
                 raise ValueError(f"candidate {s.name} is not a submodule of this model")
+        for e in entries:
+            if not isinstance(e["bypass"], dict):
+                raise ValueError(f"candidate {e['layer']}.{e['kind']}: bypass {e['bypass']!r} is not an object")
         shapes = [v for e in entries for k, v in e["bypass"].items() if k in ("dim", "rank", "hidden")]
         if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in shapes):
             raise ValueError("a bypass width or rank is not a positive integer")
         bypass_classes([e["bypass"]["kind"] for e in entries])
-        DynamicParams(**spec["params"])
+        for e in entries:
+            for key in ("saving", "prior"):
+                if isinstance(e[key], bool) or not isinstance(e[key], (int, float)) or not math.isfinite(e[key]):
+                    raise ValueError(f"candidate {e['layer']}.{e['kind']}: {key} {e[key]!r} is not a finite number")
+        params = spec["params"]
+        for key in ("probes", "every", "window", "sparsity", "seed"):
+            if key in params and (isinstance(params[key], bool) or not isinstance(params[key], int)):
+                raise ValueError(f"params.{key} {params[key]!r} is not an integer")
+        DynamicParams(**params)
         if spec["unit"] not in ("layers", "params"):
             raise ValueError(f"unit {spec['unit']!r} is not layers or params")
     except SubFitError as exc:
         raise SubFitError(f"{where}: {exc}") from None
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SubFitError(f"{where}: {first_line(exc)}") from None
     return subs
 

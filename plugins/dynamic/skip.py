@@ -92,9 +92,9 @@ def usage(attentions, window: int) -> torch.Tensor:
 def kept_positions(use: torch.Tensor, drop: int, window: int) -> torch.Tensor:
     """Context positions left after dropping the ``drop`` least used; the first token and the last
     ``window`` are never dropped."""
-    free = torch.arange(1, max(1, use.numel() - window))
+    free = torch.arange(1, max(1, use.numel() - window), device=use.device)
     gone = free[use[free].argsort()[:drop]]
-    keep = torch.ones(use.numel(), dtype=torch.bool)
+    keep = torch.ones(use.numel(), dtype=torch.bool, device=use.device)
     keep[gone] = False
     return keep.nonzero().flatten()
 
@@ -271,7 +271,7 @@ class DynamicSkip:
 
     def position(self, start: int, length: int) -> dict:
         """The positions of ``length`` tokens from context position ``start``, when the cache is shorter."""
-        return {"position_ids": torch.arange(start, start + length)[None]} if self.dropped else {}
+        return {"position_ids": torch.arange(start, start + length, device=self.model.device)[None]} if self.dropped else {}
 
     @torch.inference_mode()
     def continuation_nll(self, window: torch.Tensor, split: int) -> float:
@@ -306,13 +306,15 @@ class DynamicSkip:
             if step == new_tokens:
                 break
             if self.p.every and step % self.p.every == 0:
+                current = self.skipped  # estimating runs probes on the whole model: the set in use is put back after
                 new = estimate(ids)
-                if new != self.skipped:
-                    self.use(new)
+                self.use(new)
+                # the cache holds what the set in use and the last prefill's dropped tokens allow; the new choice
+                # was budgeted for a prefill of the whole context: rebuild unless both are what the cache holds
+                if new != current or self.drop_count(ids.shape[-1]) != self.dropped:
                     out = self.prefill(ids)  # every kept attention's cache rebuilt
                     self.counts["reprefill"] += ids.shape[-1]
                     continue
-                self.use(new)  # the same set: the cache stays valid (with the tokens its prefill dropped)
             out = self.model(input_ids=ids[:, -1:], cache=out.cache, use_cache=True,
                              **self.position(ids.shape[-1] - 1, 1))
             self.counts["decode"] += 1

@@ -261,6 +261,10 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype:
     path = Path(path)
     if not (path / WEIGHTS).exists() and not (path / INDEX).exists():
         raise SubFitError(f"load_compressed: '{path}' holds no model.safetensors")
+    if isinstance(dtype, str):  # load_compressed(path, dtype="bfloat16")
+        if dtype not in DTYPES:
+            raise SubFitError(f"load_compressed: dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     raw = read_json_config(path)
     runner = raw.get(RUNNER_KEY)
     if runner is not None and "subfit" not in raw:
@@ -269,13 +273,9 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype:
             cls = plugins.registries["runner"].get(runner, RUNNER_KEY)
         except SubFitError as exc:  # a runner from a plugin that is not installed here
             raise SubFitError(f"load_compressed: '{path}/config.json': {exc}") from None
-        return cls.load(path, device, dtype)
+        return cls.load(path, device, dtype, plugins)
     config = read_config(path)
     info = config["subfit"]
-    if isinstance(dtype, str):  # load_compressed(path, dtype="bfloat16")
-        if dtype not in DTYPES:
-            raise SubFitError(f"load_compressed: dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
     saved_dtype = config.get("dtype") or "float32"
     if dtype is None and (not isinstance(saved_dtype, str) or saved_dtype not in DTYPES):
         raise SubFitError(f"load_compressed: '{path}/config.json': dtype {saved_dtype!r}; allowed: {', '.join(DTYPES)}")

@@ -249,8 +249,9 @@ class Runner(Component):
         raise NotImplementedError
 
     @classmethod
-    def load(cls, path: Any, device: Any = "cpu", dtype: Any = None) -> tuple:
+    def load(cls, path: Any, device: Any = "cpu", dtype: Any = None, plugins: Any = None) -> tuple:
         """The folder ``run`` saved, as (model, tokenizer). ``load_compressed`` calls it for a folder
-        whose config.json names the runner under ``subfit_runner``; like it, it must run no code from
-        the folder and read weights from safetensors only."""
+        whose config.json names the runner under ``subfit_runner`` (``dtype``: a torch dtype or None for
+        the saved one; ``plugins``: where adapters and bypass kinds come from, None for the installed
+        ones); like it, it must run no code from the folder and read weights from safetensors only."""
         raise SubFitError(f"load_compressed: '{path}': runner {cls.__name__} saves no folder that load_compressed loads")
