@@ -38,8 +38,13 @@ def gram_of(stats: SubStats, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def top_eigvecs(m: torch.Tensor, r: int) -> torch.Tensor:
     """Columns: the r leading eigenvectors of a symmetric matrix."""
-    _, vecs = torch.linalg.eigh((m + m.T) / 2)
+    _, vecs = torch.linalg.eigh(symmetrized(m))
     return vecs[:, -r:].flip(-1)
+
+
+def symmetrized(m: torch.Tensor) -> torch.Tensor:
+    """(M + M^T) / 2 with one d x d temporary (the halving in place)."""
+    return (m + m.T).div_(2)
 
 
 def top_eigvecs_randomized(apply: Callable[[torch.Tensor], torch.Tensor], d: int, r: int, dtype: torch.dtype,
@@ -62,7 +67,7 @@ def centered_gram(gram: torch.Tensor) -> torch.Tensor:
     d = gram.shape[0] - 1
     n = gram[d, d].clamp_min(1.0)
     mu = gram[d, :d] / n
-    return gram[:d, :d] - n * torch.outer(mu, mu)
+    return torch.addr(gram[:d, :d], mu, mu, alpha=-float(n))  # one d x d result, no outer product kept
 
 
 def reduced_rank(gram: torch.Tensor, cross: torch.Tensor, w: torch.Tensor, r: int, bias: bool,

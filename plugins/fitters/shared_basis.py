@@ -25,7 +25,7 @@ from subfit_core.engine.bypass import Bypass
 from subfit_core.engine.interfaces import Fitter, Submodule
 from subfit_core.engine.stats import SubStats, ridge_solve
 
-from .linear import centered_gram, gram_of, top_eigvecs
+from .linear import centered_gram, gram_of, symmetrized, top_eigvecs
 
 
 class SharedBasisBypass(Bypass):
@@ -90,7 +90,7 @@ class SharedBasisParams:
 
 
 def _sqrt_and_inv_sqrt(m: torch.Tensor, floor: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
-    vals, vecs = torch.linalg.eigh((m + m.T) / 2)
+    vals, vecs = torch.linalg.eigh(symmetrized(m))
     vals = vals.clamp_min(floor * float(vals.max().clamp_min(1e-30)))
     return (vecs * vals.sqrt()) @ vecs.T, (vecs / vals.sqrt()) @ vecs.T
 
@@ -111,10 +111,11 @@ class SharedBasisFitter(Fitter):
         d = stats[subs[0]].dim
         r = min(self.params.rank, d)
         # mean input covariance (centred when there is an intercept: the mean is the bias's job)
+        # d^2 float64 matrices dominate memory at real widths: accumulate in place, free each one when done
         mean_moment = torch.zeros(d, d, dtype=torch.float64)
         for sub in subs:
             s = stats[sub]
-            mean_moment += (centered_gram(s.gram) if self.params.bias else s.gram[:d, :d]) / max(s.tokens, 1)
+            mean_moment.add_(centered_gram(s.gram) if self.params.bias else s.gram[:d, :d], alpha=1 / max(s.tokens, 1))
         mean_moment /= len(subs)
         if self.params.basis == "inputs":
             return top_eigvecs(mean_moment, r)
@@ -125,8 +126,12 @@ class SharedBasisFitter(Fitter):
             s = stats[sub]
             gram, cross = gram_of(s, self.params.bias)
             w = ridge_solve(gram, cross, self.params.ridge, s.name)[:d] / max(s.tokens, 1) ** 0.5
+            del gram, cross, s
             b = root @ w
-            m += b @ b.T
+            del w
+            m.addmm_(b, b.T)
+            del b
+        del root
         return inv_root @ top_eigvecs(m, r)
 
     def prepare(self, subs: list[Submodule], stats: Mapping[Submodule, SubStats]) -> None:

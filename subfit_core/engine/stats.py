@@ -70,11 +70,12 @@ class SubStats:
 def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, name: str = "?") -> torch.Tensor:
     """W = (G + lam tr(G)/d I)^-1 H for a Gram whose last row/column is the constant input."""
     d = gram.shape[0] - 1
-    reg = torch.full((d + 1,), ridge * float(torch.trace(gram[:d, :d])) / max(d, 1), dtype=gram.dtype)
-    reg[d] = 0.0
-    a = gram + torch.diag(reg)
+    # d^2 float64 matrices dominate memory at real widths: one copy of G, regularised in place
+    a = gram.clone()
+    a.diagonal()[:d].add_(ridge * float(torch.trace(gram[:d, :d])) / max(d, 1))
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
+        del a
         w = torch.cholesky_solve(cross, chol)
     else:  # singular even after the ridge (e.g. a dead input): least squares still gives the minimum-norm fit
         w = torch.linalg.lstsq(a, cross, driver="gelsd").solution  # gelsd: SVD-based, right on rank-deficient input

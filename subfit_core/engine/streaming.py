@@ -51,6 +51,20 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 MALLOC_TRIM = _malloc_trim()
+MMAP_THRESHOLD = 4 * 1024**2  # a streamed run's allocations from this size are mapped, and unmapped when freed
+
+
+def map_large_allocations() -> None:
+    """Have glibc map every allocation of ``MMAP_THRESHOLD`` bytes or more (and return it when freed).
+    By default glibc raises its threshold to the largest block freed so far (up to 32 MB), after
+    which the activations and products a streamed run frees land in the heap, fragment it and stay
+    resident: at 8B shapes the peak crept up by ~0.15 GB over a run while live tensors stayed flat.
+    A fixed threshold stops the creep; the cost is a page fault per fresh page of such blocks."""
+    if MALLOC_TRIM is None:
+        return
+    mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixed: no longer raised by frees)
+    mallopt(-1, 2 * MMAP_THRESHOLD)  # M_TRIM_THRESHOLD: hand the heap's free top back sooner
 HEADROOM = 2.5  # auto keeps a model in memory when available memory exceeds its weights by this factor
 
 
@@ -254,6 +268,7 @@ class WeightStream:
         self.bytes_read = 0
         self._trimmed_at = 0  # bytes_read when freed memory was last handed back
         self.owners = [m for m in model.modules() if any(p.is_meta for p in m.parameters(recurse=False))]
+        map_large_allocations()
         for m in self.owners:
             m.register_forward_pre_hook(lambda module, args: self.load(module))
             m.register_forward_hook(lambda module, args, out: self.drop(module))
