@@ -245,25 +245,40 @@ def accuracy(session, cfg: dict, args) -> None:
                 choose.use(frozenset())
         return out
 
-    dense = {task: statistics.mean(correct(task)) for task in encoded}
-    rows = []
+    # a run writes after every row and a rerun skips the rows (and the dense pass) already stored
+    path = OUT / "dynamic-accuracy.json"
+    stored = {} if args.fresh or not path.exists() else json.loads(path.read_text())
+    if stored.get("items") != args.accuracy:
+        stored = {}
+    dense = stored.get("dense") or {task: statistics.mean(correct(task)) for task in encoded}
+    rows: list[dict] = stored.get("rows", [])
+
+    def has(method: str, budget: float, probes) -> bool:
+        return any(r["method"] == method and r["budget"] == budget and r["probes"] == probes for r in rows)
 
     def add(method: str, budget: float, probes, acc: dict, achieved: float) -> None:
         kept = statistics.mean(acc[t] / dense[t] for t in acc if dense[t] > 0)
         rows.append({"method": method, "budget": budget, "probes": probes, "achieved": achieved, "accuracy": acc,
                      "acc_retained": kept})
+        rows.sort(key=lambda r: (r["budget"], r["method"] != "static", -1 if r["probes"] is None else r["probes"]))
+        write_accuracy(cfg, args, dense, rows)
         print(rows[-1], flush=True)
 
     for budget in args.budgets:
         static = resolve_recipe(["strategy=subfit", "save=false", *args.overrides, f"sparsity={budget}"])
-        outcome = compress(session, static)
-        add("static", budget, None, {t: statistics.mean(correct(t)) for t in encoded},
-            outcome.results["sparsity"]["achieved_layers"])
-        session.bench.restore()
+        if not has("static", budget, None):
+            outcome = compress(session, static)
+            add("static", budget, None, {t: statistics.mean(correct(t)) for t in encoded},
+                outcome.results["sparsity"]["achieved_layers"])
+            session.bench.restore()
+        if all(has("dynamic", budget, m) for m in args.probes):
+            continue
         params = DynamicParams(budget=budget, probes=0, share=args.share, every=0, seed=cfg["seed"])
         probe = DynamicSkip.from_session(session, static, params, pool=args.pool)
         probe.calibrate(session.windows.calib[:args.calibration])
         for m in args.probes:
+            if has("dynamic", budget, m):
+                continue
             dyn = DynamicSkip(session.adapter, probe.bypasses, probe.savings,
                               DynamicParams(budget=budget, probes=m, share=args.share, every=0, seed=cfg["seed"]))
             dyn.prior = probe.prior
@@ -277,6 +292,11 @@ def accuracy(session, cfg: dict, args) -> None:
 
             dyn.estimate = counted  # type: ignore[method-assign]
             add("dynamic", budget, m, {t: statistics.mean(correct(t, dyn)) for t in encoded}, statistics.mean(picked))
+    print((OUT / "dynamic-accuracy.md").read_text())
+
+
+def write_accuracy(cfg: dict, args, dense: dict, rows: list[dict]) -> None:
+    encoded = list(dense)
     lines = ["| method | budget | probes m | achieved | " + " | ".join(encoded) + " | accuracy kept (mean) |",
              "|" + "---|" * (5 + len(encoded))]
     lines.append("| dense | | | | " + " | ".join(f"{dense[t]:.3f}" for t in encoded) + " | 1.000 |")
@@ -286,12 +306,13 @@ def accuracy(session, cfg: dict, args) -> None:
                      + f" | **{r['acc_retained']:.3f}** |")
     meta = (f"Model {cfg['model']}; {args.accuracy} items per task (zero-shot, the summed log-likelihood of each "
             f"choice as lm-eval's acc); per item, the choice is made from probes of its context; candidates: the "
-            f"static selection at {args.pool} x the budget; prior from {args.calibration} calibration windows.")
+            f"static selection at {args.pool} x the budget; prior from {args.calibration} calibration windows"
+            + (f"; recipe overrides: {' '.join(args.overrides)}." if args.overrides else "."))
     table = "\n".join(lines) + "\n\n" + meta + "\n"
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "dynamic-accuracy.json").write_text(json.dumps({"meta": meta, "dense": dense, "rows": rows}, indent=1))
+    (OUT / "dynamic-accuracy.json").write_text(json.dumps({"meta": meta, "items": args.accuracy, "dense": dense,
+                                                           "rows": rows}, indent=1))
     (OUT / "dynamic-accuracy.md").write_text(table)
-    print(table)
 
 
 def key(row: dict) -> tuple:

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from subfit_core.apps.cli import resolve_recipe  # noqa: E402
 from subfit_core.engine.pipeline import SESSION_KEYS, compress, open_session  # noqa: E402
+from subfit_core.errors import SubFitError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,6 +158,9 @@ def markdown(rows: list[dict], meta: str) -> str:
             *(["accuracy kept"] if acc else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        if "refused" in r:
+            lines.append(f"| {r['variant']} | {r['sparsity']:.3f} | refused: {r['refused']} |")
+            continue
         cells = [r["variant"], f"{r['sparsity']:.3f}", f"{r['achieved_layers']:.4f}", r["removed"]]
         for name in domains:
             v = r["domains"].get(name)
@@ -197,9 +201,14 @@ def main() -> None:
         if session is None or not session.compatible(cfg):
             session = open_session(cfg)
         t0 = time.perf_counter()
-        res = compress(session, cfg).results
+        try:
+            res = compress(session, cfg).results
+        except SubFitError as err:
+            # a strategy that cannot apply to this model says why; the table keeps that as its row
+            row = {"variant": label, "sparsity": sparsity, "refused": str(err), "domains": {}}
+        else:
+            row = row_of(label, sparsity, res, time.perf_counter() - t0)
         session.bench.restore()
-        row = row_of(label, sparsity, res, time.perf_counter() - t0)
         rows = [r for r in rows if not (r["variant"] == label and r["sparsity"] == sparsity)] + [row]
         order = {label: i for i, (label, _) in enumerate(SETS[args.set])}
         rows.sort(key=lambda r: (r["sparsity"], order.get(r["variant"], len(order))))
