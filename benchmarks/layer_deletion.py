@@ -83,13 +83,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 6], help="ShortGPT plans: delete the k lowest")
     args = parser.parse_args()
-    plugins = get_plugins()
-    model, tokenizer, source = load_model(plugins, args.model, torch.device("cpu"), torch.float32, False)
-    model.eval()
-    corpus = plugins.dataset.get(args.dataset)()
-    prefix = prefix_token(tokenizer)
-    calib = cut(tokenize(tokenizer, corpus.train, args.windows * args.seq_len), args.seq_len, prefix)[: args.windows]
-    held = heldout_windows(corpus, tokenizer, args.heldout, args.seq_len)
+    model, source, calib, held = plain_setup(args)
     layers = model.model.layers
     everything = list(range(len(layers)))
     dense = perplexity(model, layers, everything, held, args.batch)
@@ -105,12 +99,29 @@ def main() -> None:
     lines += [f"| {i} | {influence[i]:.3f} | {order.index(i) + 1} | {single[i]:.2f}x |" for i in everything]
     lines += ["", "| ShortGPT plan | layers deleted | perplexity ratio |", "|---|---|---|"]
     lines += [f"| {p['k']} lowest | {p['deleted']} | {p['ratio']:.2f}x |" for p in plans]
+    publish(f"layer-deletion-{args.model}", lines, {
+        "model": args.model, "source": source, "dataset": args.dataset, "dense_ppl": dense, "block_influence": influence,
+        "single_deletion_ratio": single, "plans": plans, "args": vars(args)})
+
+
+def plain_setup(args) -> tuple:
+    """(model, source, calibration windows, held-out windows) for ``args.model`` / ``args.dataset``: the
+    model in float32 on the CPU, each window beginning with the tokenizer's prefix token."""
+    plugins = get_plugins()
+    model, tokenizer, source = load_model(plugins, args.model, torch.device("cpu"), torch.float32, False)
+    model.eval()
+    corpus = plugins.dataset.get(args.dataset)()
+    prefix = prefix_token(tokenizer)
+    calib = cut(tokenize(tokenizer, corpus.train, args.windows * args.seq_len), args.seq_len, prefix)[: args.windows]
+    return model, source, calib, heldout_windows(corpus, tokenizer, args.heldout, args.seq_len)
+
+
+def publish(stem: str, lines: list[str], data: dict) -> None:
+    """Print the table and write benchmarks/results/STEM.{md,json}."""
     text = "\n".join(lines) + "\n"
     print(text)
-    out = ROOT / "benchmarks" / "results" / f"layer-deletion-{args.model}"
-    out.with_suffix(".json").write_text(json.dumps({
-        "model": args.model, "source": source, "dataset": args.dataset, "dense_ppl": dense, "block_influence": influence,
-        "single_deletion_ratio": single, "plans": plans, "args": vars(args)}, indent=1))
+    out = ROOT / "benchmarks" / "results" / stem
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
     out.with_suffix(".md").write_text(text)
 
 

@@ -17,24 +17,16 @@ benchmarks/results/linear-patch-MODEL.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import platform
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from layer_deletion import perplexity, plain_setup, publish  # noqa: E402  (benchmarks/, the script's folder)
 
-from subfit_core.engine.corpus import cut, heldout_windows, prefix_token, tokenize  # noqa: E402
-from subfit_core.engine.models import load_model  # noqa: E402
-from subfit_core.plugins import get_plugins  # noqa: E402
 from subfit_plugins.fitters.hadamard import hadamard  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def windows_of(deleted: list[int]) -> list[tuple[int, int]]:
@@ -56,11 +48,10 @@ def scales(streams, first: int, last: int, rot: torch.Tensor, skip_first: bool) 
     return (y / x.clamp_min(torch.finfo(torch.float64).tiny)).mean(0)
 
 
-@torch.inference_mode()
-def perplexity(model, layers, deleted: list[int], patches: dict[int, torch.Tensor], windows: torch.Tensor,
-               batch: int) -> float:
+def patched_perplexity(model, layers, deleted: list[int], patches: dict[int, torch.Tensor], windows: torch.Tensor,
+                       batch: int) -> float:
     """Held-out perplexity with ``deleted`` layers gone and the stream entering layer i multiplied by
-    ``patches[i]`` (the prefix token is never predicted)."""
+    ``patches[i]`` (the patch as a forward pre-hook on that kept layer)."""
     def patch(p):
         def hook(module, args, kwargs):
             if "hidden_states" in kwargs:
@@ -69,18 +60,11 @@ def perplexity(model, layers, deleted: list[int], patches: dict[int, torch.Tenso
         return hook
 
     hooks = [layers[i].register_forward_pre_hook(patch(p.float()), with_kwargs=True) for i, p in patches.items()]
-    model.model.layers = torch.nn.ModuleList([layer for i, layer in enumerate(layers) if i not in deleted])
     try:
-        nll, n = 0.0, 0
-        for b in windows.split(batch):
-            logits = model(b, use_cache=False).logits[:, :-1].float()
-            nll += float(F.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(), reduction="sum"))
-            n += b[:, 1:].numel()
+        return perplexity(model, layers, [i for i in range(len(layers)) if i not in deleted], windows, batch)
     finally:
-        model.model.layers = layers
         for h in hooks:
             h.remove()
-    return math.exp(nll / n)
 
 
 def main() -> None:
@@ -95,13 +79,7 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.9, 1.05, 1.2],
                         help="uniform scales of the stream at every cut")
     args = parser.parse_args()
-    plugins = get_plugins()
-    model, tokenizer, source = load_model(plugins, args.model, torch.device("cpu"), torch.float32, False)
-    model.eval()
-    corpus = plugins.dataset.get(args.dataset)()
-    prefix = prefix_token(tokenizer)
-    calib = cut(tokenize(tokenizer, corpus.train, args.windows * args.seq_len), args.seq_len, prefix)[: args.windows]
-    held = heldout_windows(corpus, tokenizer, args.heldout, args.seq_len)
+    model, source, calib, held = plain_setup(args)
     layers = model.model.layers
     d = model.config.hidden_size
     rot = hadamard(d)
@@ -121,7 +99,7 @@ def main() -> None:
             out[last + 1] = (rotation * dvec) @ rotation.T
         return out
 
-    dense = perplexity(model, layers, [], {}, held, args.batch)
+    dense = patched_perplexity(model, layers, [], {}, held, args.batch)
     norms = {i: (float(streams[i][:, 0].norm(dim=-1).mean()), float(streams[i][:, 1:].norm(dim=-1).mean()))
              for i in sorted({f for f, _ in cuts} | {last + 1 for _, last in cuts})}
     eye = torch.eye(d, dtype=torch.float64)
@@ -130,7 +108,7 @@ def main() -> None:
                 ("LinearPatch, means without the first token", patched(rot, True)),
                 ("channel scales without the rotation", patched(eye, False)),
                 *((f"uniform scale {s:g} at every cut", {last + 1: eye * s for _, last in cuts}) for s in args.scales)]
-    rows = [{"variant": name, "ratio": perplexity(model, layers, args.delete, p, held, args.batch) / dense}
+    rows = [{"variant": name, "ratio": patched_perplexity(model, layers, args.delete, p, held, args.batch) / dense}
             for name, p in variants]
     lines = [f"{args.model}: layers {sorted(args.delete)} deleted (cuts {cuts}); dense held-out perplexity {dense:.2f} on "
              f"{args.heldout} x {args.seq_len} tokens of {args.dataset}; scales from {args.windows} windows; "
@@ -139,13 +117,9 @@ def main() -> None:
     lines += [f"| {r['variant']} | {r['ratio']:,.2f}x |" for r in rows]
     lines += ["", "| layer input | stream norm, first token | stream norm, others (mean) |", "|---|---|---|"]
     lines += [f"| L{i} | {a:,.0f} | {b:,.0f} |" for i, (a, b) in norms.items()]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = ROOT / "benchmarks" / "results" / f"linear-patch-{args.model}"
-    out.with_suffix(".json").write_text(json.dumps({
+    publish(f"linear-patch-{args.model}", lines, {
         "model": args.model, "source": source, "dataset": args.dataset, "dense_ppl": dense, "cuts": cuts,
-        "rows": rows, "stream_norms": norms, "args": vars(args)}, indent=1))
-    out.with_suffix(".md").write_text(text)
+        "rows": rows, "stream_norms": norms, "args": vars(args)})
 
 
 if __name__ == "__main__":
