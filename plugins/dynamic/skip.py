@@ -306,7 +306,7 @@ class DynamicSkip:
             if step == new_tokens:
                 break
             if self.p.every and step % self.p.every == 0:
-                current = self.skipped  # estimating runs probes on the whole model: the set in use is put back after
+                current = self.skipped  # the set the cache was built with (estimating leaves the model dense)
                 new = estimate(ids)
                 self.use(new)
                 # the cache holds what the set in use and the last prefill's dropped tokens allow; the new choice
