@@ -306,14 +306,13 @@ def check_spec(spec, layers: int, where: str) -> list[Submodule]:
         for e in entries:
             if not isinstance(e["bypass"], dict):
                 raise ValueError(f"candidate {e['layer']}.{e['kind']}: bypass {e['bypass']!r} is not an object")
+            for key in ("saving", "prior"):
+                if isinstance(e[key], bool) or not isinstance(e[key], (int, float)) or not math.isfinite(e[key]):
+                    raise ValueError(f"candidate {e['layer']}.{e['kind']}: {key} {e[key]!r} is not a finite number")
         shapes = [v for e in entries for k, v in e["bypass"].items() if k in ("dim", "rank", "hidden")]
         if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in shapes):
             raise ValueError("a bypass width or rank is not a positive integer")
         bypass_classes([e["bypass"]["kind"] for e in entries])
-        for e in entries:
-            for key in ("saving", "prior"):
-                if isinstance(e[key], bool) or not isinstance(e[key], (int, float)) or not math.isfinite(e[key]):
-                    raise ValueError(f"candidate {e['layer']}.{e['kind']}: {key} {e[key]!r} is not a finite number")
         params = spec["params"]
         for key in ("probes", "every", "window", "sparsity", "seed"):
             if key in params and (isinstance(params[key], bool) or not isinstance(params[key], int)):

@@ -38,19 +38,21 @@ MODES = ("auto", "none", "cpu", "disk")
 TRIM_BYTES = 256 * 1024**2  # hand freed memory back to the system after this much was read since the last time
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim`` (None elsewhere). glibc keeps freed heap memory resident: the weights,
-    activations and float32 products a streamed pass frees left the peak growing by ~20 MB per layer
-    (8B shapes), while live tensors stayed flat; trimming after each streamed module keeps it flat."""
+def _glibc(name: str) -> Callable[..., int] | None:
+    """glibc's function ``name`` (None elsewhere)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):  # not glibc (e.g. musl)
         return None
 
 
-MALLOC_TRIM = _malloc_trim()
+# glibc keeps freed heap memory resident: the weights, activations and float32 products a streamed
+# pass frees left the peak growing by ~20 MB per layer (8B shapes), while live tensors stayed flat;
+# trimming after each streamed module keeps it flat.
+MALLOC_TRIM = _glibc("malloc_trim")
+MALLOPT = _glibc("mallopt")
 MMAP_THRESHOLD = 4 * 1024**2  # a streamed run's allocations from this size are mapped, and unmapped when freed
 
 
@@ -60,11 +62,10 @@ def map_large_allocations() -> None:
     which the activations and products a streamed run frees land in the heap, fragment it and stay
     resident: at 8B shapes the peak crept up by ~0.15 GB over a run while live tensors stayed flat.
     A fixed threshold stops the creep; the cost is a page fault per fresh page of such blocks."""
-    if MALLOC_TRIM is None:
+    if MALLOPT is None:
         return
-    mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixed: no longer raised by frees)
-    mallopt(-1, 2 * MMAP_THRESHOLD)  # M_TRIM_THRESHOLD: hand the heap's free top back sooner
+    MALLOPT(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixed: no longer raised by frees)
+    MALLOPT(-1, 2 * MMAP_THRESHOLD)  # M_TRIM_THRESHOLD: hand the heap's free top back sooner
 HEADROOM = 2.5  # auto keeps a model in memory when available memory exceeds its weights by this factor
 
 
