@@ -4,6 +4,7 @@ compressed on this CPU with layer-streamed weights (offload=disk) and, for refer
 
     python benchmarks/memory.py                      # 4, 8, 12, 16 layers, strategy shortgpt
     python benchmarks/memory.py --layers 4 --modes none disk --strategy subfit
+    python benchmarks/memory.py --layers 4 --strategy subfit --profile   # where the peak goes
 
 Each run is a fresh process (``--child``) reporting its own peak resident memory (VmHWM), so the
 numbers do not mix. Writes benchmarks/results/memory.{json,md}. The checkpoint (one shard per
@@ -105,10 +106,62 @@ def weights_bytes(folder: Path) -> int:
         json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
 
 
+def resident() -> int:
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+
+
+def live_tensors(top: int = 12) -> tuple[int, list[str]]:
+    """Bytes of every CPU tensor reachable from Python (each storage once) and the ``top`` largest."""
+    import gc
+
+    import torch
+
+    storages: dict[int, tuple[int, str]] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = (storage.nbytes(), f"{tuple(obj.shape)} {obj.dtype}")
+    largest = sorted(storages.values(), reverse=True)
+    return sum(n for n, _ in largest), [f"{n / GB:.3f} GB {what}" for n, what in largest[:top]]
+
+
+def profile(path: Path, every: float = 0.05, step: int = 20 * 1024**2) -> None:
+    """Sample RSS every ``every`` s from a thread; at each new high (by ``step`` bytes) record the main
+    thread's stack and the live tensors. Written to ``path`` at exit."""
+    import atexit
+    import threading
+    import traceback
+
+    main, t0, highs = threading.get_ident(), time.perf_counter(), []
+
+    def sample() -> None:
+        best = 0
+        while True:
+            rss = resident()
+            if rss > best + step:
+                best = rss
+                frame = sys._current_frames().get(main)
+                frames = traceback.extract_stack(frame)
+                # the project's own frames say where (transformers' and torch's say little), then the innermost
+                stack = [f"{Path(f.filename).relative_to(ROOT)}:{f.lineno} {f.name}" for f in frames
+                         if f.filename.startswith(str(ROOT))][-6:] + [f"{Path(frames[-1].filename).name}:{frames[-1].lineno}"]
+                del frame  # a held frame would keep its locals (tensors) alive
+                total, largest = live_tensors()
+                highs.append({"t": round(time.perf_counter() - t0, 1), "rss_gb": rss / GB, "live_gb": total / GB,
+                              "stack": stack, "largest": largest})
+            time.sleep(every)
+
+    threading.Thread(target=sample, daemon=True).start()
+    atexit.register(lambda: path.write_text(json.dumps(highs, indent=1)))
+
+
 def child(argv: list[str]) -> None:
     """Run subfit-run with ``argv`` in this process; print its peak resident memory and time as JSON."""
     from subfit_core.apps.cli import run_main
 
+    if os.environ.get("MEMORY_PROFILE"):
+        profile(Path(os.environ["MEMORY_PROFILE"]))
     t0 = time.perf_counter()
     code = run_main(argv)
     wall = time.perf_counter() - t0
@@ -120,12 +173,14 @@ def child(argv: list[str]) -> None:
     print("MEMORY-RESULT " + json.dumps({"exit": code, "peak_rss": peak, "peak_device": device_peak, "wall_s": wall}))
 
 
-def run_one(folder: Path, text: Path, mode: str, strategy: str, out: Path, extra: list[str]) -> dict:
+def run_one(folder: Path, text: Path, mode: str, strategy: str, out: Path, extra: list[str],
+            profile_to: Path | None = None) -> dict:
     argv = [f"model={folder}", f"calib.dataset={text}", f"strategy={strategy}", f"offload={mode}", "dtype=bfloat16",
             "calib.samples=4", "calib.seq_len=128", "calib.batch_size=4", "calib.generated=0", "scoring.samples=2",
             "scoring.stride=4", "eval.windows=2", "eval.seq_len=128", "eval.batch_size=2", "eval.domains=[]",
             "eval.tasks=[]", "cache_stats=false", "sparsity=0.25", f"output_dir={out}", "overwrite=true", *extra]
-    env = {**os.environ, "SUBFIT_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "SUBFIT_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           **({"MEMORY_PROFILE": str(profile_to)} if profile_to else {})}
     done = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True, env=env)
     line = next((l for l in done.stdout.splitlines() if l.startswith("MEMORY-RESULT ")), None)
     if line is None:
@@ -147,6 +202,8 @@ def main() -> None:
     ap.add_argument("--width-divisor", type=int, default=1, help="divide every width by this (quick checks)")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "subfit" / "memory-bench")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "memory")
+    ap.add_argument("--profile", action="store_true", help="record each run's stack and live tensors at every new high "
+                    "of resident memory (<out>-<layers>L-<mode>.json; the sampling slows the run a little)")
     ap.add_argument("overrides", nargs="*", help="extra key=value for every run")
     args = ap.parse_args()
     shapes = scaled(args.width_divisor)
@@ -155,11 +212,13 @@ def main() -> None:
     write_shards(args.work, max(args.layers), args.vocab, shapes)
     text = text_file(args.work, args.vocab)
     rows: list[dict] = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for layers in args.layers:
         folder = model_folder(args.work, layers, args.vocab, shapes)
         size = weights_bytes(folder)
         for mode in args.modes:
-            r = run_one(folder, text, mode, args.strategy, args.work / "runs" / f"{layers}L-{mode}", args.overrides)
+            trace = args.out.parent / f"{args.out.name}-{layers}L-{mode}.json" if args.profile else None
+            r = run_one(folder, text, mode, args.strategy, args.work / "runs" / f"{layers}L-{mode}", args.overrides, trace)
             row = {"layers": layers, "offload": mode, "strategy": args.strategy, "weights_gb": size / GB,
                    "peak_rss_gb": r["peak_rss"] / GB, "rss_over_weights": r["peak_rss"] / size, "wall_s": r["wall_s"],
                    "peak_device_gb": r["peak_device"] / GB if r.get("peak_device") is not None else None,
