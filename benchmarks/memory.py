@@ -106,9 +106,10 @@ def weights_bytes(folder: Path) -> int:
         json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
 
 
-def resident() -> int:
+def status_bytes(field: str) -> int:
+    """This process's ``field`` of /proc/self/status in bytes (VmRSS: resident now; VmHWM: its peak)."""
     status = Path("/proc/self/status").read_text()
-    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith(f"{field}:"))
 
 
 def live_tensors(top: int = 12) -> tuple[int, list[str]]:
@@ -138,7 +139,7 @@ def profile(path: Path, every: float = 0.05, step: int = 20 * 1024**2) -> None:
     def sample() -> None:
         best = 0
         while True:
-            rss = resident()
+            rss = status_bytes("VmRSS")
             if rss > best + step:
                 best = rss
                 frame = sys._current_frames().get(main)
@@ -165,8 +166,7 @@ def child(argv: list[str]) -> None:
     t0 = time.perf_counter()
     code = run_main(argv)
     wall = time.perf_counter() - t0
-    status = Path("/proc/self/status").read_text()
-    peak = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
+    peak = status_bytes("VmHWM")
     import torch
 
     device_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
@@ -240,7 +240,6 @@ def write_table(rows: list[dict], args, shapes: dict) -> None:
         lines.append(f"\nStreamed: peak RSS at {streamed[-1]['layers']} layers = {flat:.2f}x that at {streamed[0]['layers']} "
                      "layers (target <= 1.3x); target RSS / weights < 0.5.")
     table = "\n".join(lines)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "depth_ratio": flat, "shapes": shapes,
                                                          "vocab": args.vocab}, indent=2))
     args.out.with_suffix(".md").write_text(f"# Peak memory against depth ({args.strategy}, Llama-3-8B layer shapes)\n\n"
