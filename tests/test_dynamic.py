@@ -496,6 +496,46 @@ def test_subfit_run_drops_prompt_tokens_within_the_budget_and_the_folder_keeps_d
     assert not (tmp_path / "g" / "out").exists()
 
 
+def test_a_shared_basis_whose_members_sort_apart_as_names_loads_back_in_every_loader(tmp_path):
+    """FFN candidates share one basis; the folder stores it once, under the name every loader rebuilds
+    it with (the group's first member in layer order, L2 here), not the alphabetically first ("10_ffn")
+    that safetensors would pick: ``load_dynamic``, ``load_compressed`` and transformers' remote code load
+    the same weights, with no key missing or unexpected."""
+    from conftest import write_local_model_and_text
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from subfit_core import load_compressed
+    from subfit_plugins.dynamic.runner import load_dynamic, save_dynamic
+    from subfit_plugins.fitters.shared_basis import SharedBasisBypass
+
+    folder = write_local_model_and_text(tmp_path, seed=3, lines=10, layers=12)
+    model = AutoModelForCausalLM.from_pretrained(folder / "model").eval()
+    d, r = model.config.hidden_size, 4
+    g = torch.Generator().manual_seed(0)
+    basis = torch.nn.Parameter(torch.randn(r, d, generator=g), requires_grad=False)  # one Parameter, as fitted
+    bypasses = {Submodule(layer, "ffn"): SharedBasisBypass(basis, torch.randn(d, r, generator=g), torch.randn(d, generator=g),
+                                                           "shared-ffn") for layer in (10, 7, 2)}
+    dyn = DynamicSkip(find_adapter(get_plugins(), model), bypasses, {s: 1 / 24 for s in bypasses},
+                      DynamicParams(budget=0.05, probes=2, every=0))
+    results = {"model": {"name": "tiny"}, "strategy": "subfit-dynamic", "sparsity": {"requested": 0.05, "unit": "layers"},
+               "dynamic": {"candidates": [s.name for s in dyn.candidates], "params": {"probes": 2, "every": 0}},
+               "perplexity": {"dense": 1.0, "compressed": 1.0, "ratio": 1.0}}
+    save_dynamic(dyn, AutoTokenizer.from_pretrained(folder / "model"), tmp_path / "out",
+                 {"sparsity_unit": "layers", "runner": {"name": "dynamic"}}, results)
+
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "dynamic.safetensors"), "pt") as f:
+        assert sorted(k for k in f.keys() if k.endswith("basis")) == ["2_ffn.basis"]  # once, at the group's first
+    expected = {s: (b.basis_matrix(), b.coef) for s, b in bypasses.items()}
+    loaded = load_dynamic(tmp_path / "out")
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    packed, _ = load_compressed(tmp_path / "out")
+    for s, (u, c) in expected.items():
+        for got in (loaded.bypasses[s], remote.subfit_bypasses[f"{s.layer}_ffn"], packed.subfit_bypasses[f"{s.layer}_ffn"]):
+            assert torch.equal(got.basis_matrix(), u) and torch.equal(got.coef, c)
+
+
 # Runs in a fresh interpreter that cannot import SubFit: transformers loads the folder's own code.
 STANDARD = NO_SUBFIT + textwrap.dedent('''
     import torch

@@ -241,10 +241,20 @@ def bypass_dict(dyn: DynamicSkip) -> nn.ModuleDict:
     return nn.ModuleDict({f"{s.layer}_{s.kind}": dyn.bypasses[s] for s in dyn.candidates})
 
 
+def write_bypasses(bypasses: nn.ModuleDict, file: Path) -> None:
+    """The bypasses' weights, a tensor shared by a group (one basis) stored once under its first
+    member's name: the name ``build_bypasses`` gives it when the loaders rebuild the group in the
+    same order (safetensors' own ``save_model`` keeps the alphabetically first: "10_ffn" before "7_ffn")."""
+    from safetensors.torch import save_file
+
+    from subfit_core.artifact.folder import unique_tensors
+
+    state = {name: t.detach().contiguous() for name, t in unique_tensors(bypasses)}
+    save_file(state, str(file), metadata={"format": "pt"})
+
+
 def save_dynamic(dyn: DynamicSkip, tokenizer, out_dir: Path, recipe: dict, results: dict) -> None:
     """Write the folder atomically (see the module docstring); the model must be dense (nothing skipped)."""
-    from safetensors.torch import save_model
-
     from subfit_core import __version__
     from subfit_core.artifact.outputs import atomic_dir
 
@@ -263,7 +273,7 @@ def save_dynamic(dyn: DynamicSkip, tokenizer, out_dir: Path, recipe: dict, resul
         (tmp / "config.json").write_text(json.dumps({**config, **entries}, indent=2) + "\n")
         (tmp / standard.MODELING_FILE).write_text(code)
         tokenizer.save_pretrained(tmp)
-        save_model(bypass_dict(dyn), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_bypasses(bypass_dict(dyn), tmp / WEIGHTS)
         (tmp / SPEC).write_text(json.dumps(spec, indent=1) + "\n")
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         (tmp / "results.json").write_text(json.dumps(results, indent=2))
