@@ -379,6 +379,32 @@ def test_a_trial_left_running_without_a_heartbeat_is_failed_and_rerun(tmp_path):
     assert [(t.params, t.system_attrs["failed_trial"]) for t in waiting] == [(orphan.params, orphan.number)]
 
 
+def test_a_queued_re_run_goes_ahead_of_a_new_trial_and_is_dropped_if_the_study_is_full(tmp_path, capsys):
+    """A failed trial's re-run, queued, counts ahead of any new trial numbered after it (which is then
+    the surplus one). A re-run still queued once the study holds its trials is failed with the reason,
+    so that no trial is left queued in a finished study."""
+    import optuna
+
+    from subfit_core.apps.sweep import drop_waiting, is_surplus
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    dist = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    study.add_trial(optuna.trial.create_trial(params={"x": 0.5}, distributions=dist, value=1.0))
+    study.add_trial(optuna.trial.create_trial(params={"x": 0.2}, distributions=dist, state=optuna.trial.TrialState.WAITING,
+                                              system_attrs={"failed_trial": 7}))  # trial 1: a queued re-run
+    new = optuna.Trial(study, study._storage.create_new_trial(study._study_id))  # trial 2, started beside it
+    assert new.number == 2 and is_surplus(new, 2) and not is_surplus(new, 3)
+    study.tell(new.number, state=optuna.trial.TrialState.FAIL)
+
+    drop_waiting(study, 1)
+    rerun = study.get_trials(deepcopy=False)[1]
+    assert rerun.state.name == "FAIL" and rerun.system_attrs["dropped"] == "the study already has its sweep.trials=1 finished"
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "trial 1 (a re-run of trial 7) dropped: the study already has its sweep.trials=1 finished"
+    drop_waiting(study, 1)  # nothing queued: nothing to do
+    assert "dropped" not in capsys.readouterr().err
+
+
 def test_a_trial_started_by_a_machine_in_another_time_zone_is_not_overdue(tmp_path):
     """A trial's stored start time is the local clock of the machine that started it: one of a
     machine an hour ahead (another time zone) must not look an hour old to this worker."""

@@ -466,9 +466,11 @@ class Worker:
 
 
 def is_surplus(trial: optuna.Trial, total: int) -> bool:
-    """Whether ``total`` trials numbered before this one are finished or running: two workers asked
-    for the last trial at once, and this is the later one."""
-    return sum(t.number < trial.number for t in trial.study.get_trials(deepcopy=False, states=TAKEN)) >= total
+    """Whether ``total`` trials numbered before this one are finished, running or queued: two
+    workers asked for the last trial at once, and this is the later one (a queued trial, the re-run
+    of a failed one, is taken before any new one)."""
+    ahead = (*TAKEN, TrialState.WAITING)
+    return sum(t.number < trial.number for t in trial.study.get_trials(deepcopy=False, states=ahead)) >= total
 
 
 def record(trial: optuna.Trial, results: dict, measured: dict[str, float]) -> None:
@@ -525,6 +527,23 @@ def run_trials(study: optuna.Study, worker: Worker, on_trial=None) -> None:
                     raise
         else:
             wait_for_other_workers(study, sweep["heartbeat_s"], seen, has_heartbeat(sweep))
+    drop_waiting(study, total)
+
+
+def drop_waiting(study: optuna.Study, total: int) -> None:
+    """Fail the trials still queued once the study holds ``total`` finished ones. Such a trial is
+    the re-run of a failed trial, queued after a new trial had already taken the last place (two
+    workers at once): the study ends with the trials asked for, and none is left queued in it."""
+    storage = study._storage  # a queued trial is claimed as Optuna's ask() claims it, atomically
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if not storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+            continue  # another worker claimed it first
+        why = f"the study already has its sweep.trials={total} finished"
+        storage.set_trial_system_attr(t._trial_id, "dropped", why)
+        study.tell(t.number, state=TrialState.FAIL)
+        rerun = t.system_attrs.get("failed_trial")
+        what = f"a re-run of trial {rerun}" if rerun is not None else "queued"
+        print(f"trial {t.number} ({what}) dropped: {why}", file=sys.stderr, flush=True)
 
 
 def failed_elsewhere(study: optuna.Study, number: int | None) -> bool:
