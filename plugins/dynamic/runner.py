@@ -33,6 +33,7 @@ from torch import nn
 
 from subfit_core.engine.interfaces import Runner, Submodule
 from subfit_core.errors import ConfigError, SubFitError, first_line
+from subfit_core.progress import progress
 
 from . import standard
 from .skip import DynamicParams, DynamicSkip, token_costs
@@ -160,7 +161,7 @@ def evaluate(dyn: DynamicSkip, session, cfg: dict, prompt: float) -> dict:
     for name, ids in session.domains.items():
         split = max(1, int(ids.shape[1] * prompt))
         dense = compressed = 0.0
-        for window in ids.to(session.device):
+        for window in progress(ids.to(session.device), desc=f"per-prompt perplexity ({name})"):
             dense += continuation_nll(model, window, split)
             chosen = dyn.estimate(window[None, :split])
             dyn.use(chosen)

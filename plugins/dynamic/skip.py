@@ -29,6 +29,7 @@ from subfit_core.engine.adapter import Adapter
 from subfit_core.engine.budget import Budget
 from subfit_core.engine.interfaces import Submodule
 from subfit_core.errors import SubFitError
+from subfit_core.progress import progress
 
 from .sensing import choose, probe_design, recover
 
@@ -204,7 +205,7 @@ class DynamicSkip:
 
     def calibrate(self, windows: torch.Tensor) -> None:
         """The prior: each candidate's harm alone, averaged over calibration windows."""
-        self.prior = torch.stack([self.exact(w[None]) for w in windows]).mean(0)
+        self.prior = torch.stack([self.exact(w[None]) for w in progress(windows, desc="per-prompt prior")]).mean(0)
 
     def probed(self, ids: torch.Tensor, probes: int | None = None) -> torch.Tensor:
         """Each candidate's harm on ``ids``, recovered from ``probes`` random subsets around the prior."""
