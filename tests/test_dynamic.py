@@ -284,6 +284,7 @@ def test_subfit_run_dynamic_saves_a_folder_that_generates_per_prompt_and_loads_d
     assert run_main(dynamic_args(folder, "sparsity=0.25", f"output_dir={out}")) == 0
     printed = capsys.readouterr().out
     assert "candidates" in printed and "probes per choice" in printed
+    assert [line.split("|")[2].strip() for line in printed.splitlines() if line.startswith("| replaced ")] == ["none"]
     results = json.loads((out / "results.json").read_text())
     assert results["runner"] == "dynamic" and len(results["dynamic"]["candidates"]) >= 2
     assert results["sparsity"]["achieved_layers"] >= 0.25 - 1e-9  # every prompt's choice meets the budget

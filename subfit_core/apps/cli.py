@@ -148,7 +148,7 @@ def summary(results: dict) -> str:
         ("sparsity achieved", f"{s['achieved_layers']:.4f} layers, {s['achieved_params']:.4f} params"),
         ("decoder params", f"{results['decoder_params']['before']:,} -> {results['decoder_params']['after']:,}"),
         ("KV cache bytes/token", f"{kv['before']:,} -> {kv['after']:,}"),
-        ("replaced", ", ".join(f"L{r['layer']}.{r['type']}" for r in results["replaced"])),
+        ("replaced", ", ".join(f"L{r['layer']}.{r['type']}" for r in results["replaced"]) or "none"),
         ("compression time", f"{t['compression_s']:.1f} s = {t['compression_over_dense_forward']:.2f}x a dense calibration forward"
                              + (" (statistics read from the cache)" if t.get("statistics_from_cache") else "")
                              + (f" ({t['scoring_evaluations_replayed']} scoring evaluations replayed from the journal)"
