@@ -238,8 +238,10 @@ def report(dyn: DynamicSkip, session, cfg: dict, ev: dict, build_s: float) -> di
 # ----------------------------------------------------------------------------- the folder
 
 
-def bypass_dict(dyn: DynamicSkip) -> nn.ModuleDict:
-    return nn.ModuleDict({f"{s.layer}_{s.kind}": dyn.bypasses[s] for s in dyn.candidates})
+def bypass_dict(bypasses: dict[Submodule, nn.Module]) -> nn.ModuleDict:
+    """The bypasses under the file's names ("7_ffn"), in the order given: candidate order, the one
+    the loaders build them in (a group's shared tensor is stored under its first member)."""
+    return nn.ModuleDict({f"{s.layer}_{s.kind}": b for s, b in bypasses.items()})
 
 
 def write_bypasses(bypasses: nn.ModuleDict, file: Path) -> None:
@@ -274,7 +276,7 @@ def save_dynamic(dyn: DynamicSkip, tokenizer, out_dir: Path, recipe: dict, resul
         (tmp / "config.json").write_text(json.dumps({**config, **entries}, indent=2) + "\n")
         (tmp / standard.MODELING_FILE).write_text(code)
         tokenizer.save_pretrained(tmp)
-        write_bypasses(bypass_dict(dyn), tmp / WEIGHTS)
+        write_bypasses(bypass_dict({s: dyn.bypasses[s] for s in dyn.candidates}), tmp / WEIGHTS)
         (tmp / SPEC).write_text(json.dumps(spec, indent=1) + "\n")
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         (tmp / "results.json").write_text(json.dumps(results, indent=2))
@@ -363,8 +365,7 @@ def load_dynamic(path: str | Path, device: str | torch.device = "cpu", dtype: to
     entries = spec["candidates"]
     try:
         bypasses = dict(zip(subs, build_bypasses([e["bypass"] for e in entries], model.dtype)))
-        load_model(nn.ModuleDict({f"{s.layer}_{s.kind}": b for s, b in bypasses.items()}), str(path / WEIGHTS),
-                   device=str(device))
+        load_model(bypass_dict(bypasses), str(path / WEIGHTS), device=str(device))
     except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:  # a file that does not match the model
         raise SubFitError(f"load_dynamic: '{path}': {first_line(exc)}") from None
     dyn = DynamicSkip(adapter, {s: b.to(device) for s, b in bypasses.items()},
