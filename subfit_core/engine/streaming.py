@@ -119,14 +119,14 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` (on the CPU) as a safetensors file straight from their memory: no serialized
-    copy of the whole file is built first (as ``safetensors.torch.save_file`` does), so writing a
-    1 GB Gram matrix costs no extra 1 GB."""
+    """Write ``tensors`` as a safetensors file straight from their memory: no serialized copy of the
+    whole file is built first (as ``safetensors.torch.save_file`` does), so writing a 1 GB Gram
+    matrix costs no extra 1 GB. Tensors on a GPU are copied to host memory one file at a time."""
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     parts = []
     for name, tensor in tensors.items():
-        tensor = tensor.detach().contiguous()
+        tensor = tensor.detach().to("cpu").contiguous()  # numpy, below, reads host memory only
         nbytes = tensor.numel() * tensor.element_size()
         header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
         parts.append(tensor)
