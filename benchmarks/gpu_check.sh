@@ -12,6 +12,8 @@
 #   2. a comparison of two strategies on the device (one dense pass shared)
 #   3. the streamed 8B-shaped model (benchmarks/memory.py): 32 layers on a GPU, 4 on the CPU
 #   4. the same small run on the CPU and on the device: the same selection
+#   5. with two GPUs or more: the 8B-shaped model, 8 layers, with its weights spread over the GPUs
+#      (offload=gpus) against held on one (offload=none): the same selection (skipped otherwise)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -54,7 +56,19 @@ for d in cpu $DEVICE; do
 done
 SAME_S=$(took)
 
-$PY - "$OUT" "$DEVICE" "$RUN_S" "$COMPARE_S" "$MEMORY_S" "$SAME_S" <<'EOF'
+GPUS=$($PY -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+rm -f "$OUT/gpus.json"
+if [[ $DEVICE == cuda && $GPUS -ge 2 ]]; then
+    step "5. weights spread over $GPUS GPUs (offload=gpus) against held on one"
+    $PY benchmarks/memory.py --layers 8 --modes none gpus --width-divisor $DIVISOR --work "$OUT/memory-work" \
+        --out "$OUT/gpus" device=$DEVICE > "$OUT/gpus.log"
+    GPUS_S=$(took)
+else
+    echo "== 5. offload=gpus: skipped ($GPUS GPU(s) here; it needs two)"
+    GPUS_S=0
+fi
+
+$PY - "$OUT" "$DEVICE" "$RUN_S" "$COMPARE_S" "$MEMORY_S" "$SAME_S" "$GPUS_S" <<'EOF'
 import json, sys
 from pathlib import Path
 out, device, *seconds = sys.argv[1:]
@@ -64,11 +78,15 @@ def replaced(log):  # the "replaced" row of a run's summary table
     return next(l.split("|")[2].strip() for l in (out / log).read_text().splitlines() if l.startswith("| replaced"))
 
 memory = json.loads((out / "memory.json").read_text())
-result = {"device": device, "seconds": dict(zip(["run", "compare", "streamed", "same_selection"], map(int, seconds))),
+result = {"device": device, "seconds": dict(zip(["run", "compare", "streamed", "same_selection", "gpus"], map(int, seconds))),
           "run_ppl": json.loads((out / "run" / "results.json").read_text())["perplexity"],
           "streamed": memory["rows"], "selection_cpu": replaced("same-cpu.log"),
           "selection_device": replaced(f"same-{device}.log")}
 result["same_selection"] = result["selection_cpu"] == result["selection_device"]
+if (out / "gpus.json").is_file():  # step 5 ran: one selection whether the weights lie on one GPU or several
+    spread = json.loads((out / "gpus.json").read_text())["rows"]
+    result["gpus"] = spread
+    result["same_selection"] &= len({str(row["replaced"]) for row in spread}) == 1
 (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
 print(json.dumps({k: result[k] for k in ("device", "seconds", "same_selection")}, indent=2))
 for row in memory["rows"]:

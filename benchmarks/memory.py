@@ -196,7 +196,7 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 8, 12, 16])
-    ap.add_argument("--modes", nargs="+", default=["disk"], choices=["none", "cpu", "disk"])
+    ap.add_argument("--modes", nargs="+", default=["disk"], choices=["none", "gpus", "cpu", "disk"])
     ap.add_argument("--strategy", default="shortgpt")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--width-divisor", type=int, default=1, help="divide every width by this (quick checks)")

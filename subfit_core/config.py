@@ -45,10 +45,11 @@ SCHEMA: dict[str, Any] = {
     "trust_remote_code": Field(bool, False, "allow a hub model's own code to run (off: safer)"),
     "device": Field(str, "auto", "auto, cpu, cuda or cuda:N"),
     "dtype": Field(str, "float32", "model weights dtype", choices=("float32", "bfloat16", "float16")),
-    "offload": Field(str, "auto", "where weights wait while another layer runs: none (all in memory), cpu (host memory, "
+    "offload": Field(str, "auto", "where weights wait while another layer runs: none (all in memory), gpus (spread over "
+                                  "the GPUs' memory, copied to the compute device per module), cpu (host memory, "
                                   "streamed to the device per module), disk (read from the safetensors shards per module), "
-                                  "auto (none when the model fits with room, else cpu or disk)",
-                     choices=("auto", "none", "cpu", "disk")),
+                                  "auto (none when the model fits with room, else gpus, cpu or disk)",
+                     choices=("auto", "none", "gpus", "cpu", "disk")),
     "seed": Field(int, 0, "seed for window sampling"),
     "output_dir": Field(str, "runs/subfit", "where the compressed model is written (atomically)"),
     "overwrite": Field(bool, False, "replace an existing output_dir"),

@@ -1,4 +1,4 @@
-"""Layer-streamed execution (offload=cpu|disk): a model built without its weights computes exactly
+"""Layer-streamed execution (offload=gpus|cpu|disk): a model built without its weights computes exactly
 what the in-memory model computes, holds no weights between modules, and a run in every mode
 selects, fits and saves the same compressed model."""
 
@@ -17,7 +17,8 @@ from safetensors.torch import load_file  # noqa: E402
 from subfit_core import load_compressed  # noqa: E402
 from subfit_core.apps.cli import run_main  # noqa: E402
 from subfit_core.artifact.folder import write_weights  # noqa: E402
-from subfit_core.engine.streaming import build_streamed, resolve_offload  # noqa: E402
+from subfit_core.engine import streaming  # noqa: E402
+from subfit_core.engine.streaming import build_streamed, checkpoint_sizes, place, resolve_offload  # noqa: E402
 from subfit_core.errors import SubFitError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,6 +58,53 @@ def test_auto_keeps_a_model_that_fits_and_streams_one_that_does_not():
     assert resolve_offload("cpu", 1_000, cpu) == "cpu"
 
 
+def test_gpus_fills_the_storing_devices_first_in_checkpoint_order_and_refuses_what_does_not_fit():
+    a, b, c = (torch.device("cuda", i) for i in (1, 2, 0))
+    sizes = {"l0.q": 40, "l0.k": 40, "l1.q": 40, "l1.k": 40, "head": 30}
+    placement = place(sizes, {a: 100, b: 60, c: 70})
+    assert placement == {"l0.q": a, "l0.k": a, "l1.q": b, "l1.k": c, "head": c}
+    assert place(sizes, {a: 100, b: 60, c: 69}) is None  # 229 bytes of room for 190, but no tensor is split
+    assert place({}, {}) == {}
+
+
+def test_auto_spreads_over_the_gpus_a_model_that_fits_across_them_but_not_on_one(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    free = {0: 80, 1: 100, 2: 100}  # bytes free per GPU; the compute device keeps 1 - 1 / 2.5 of its own
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(streaming, "available_memory", lambda d: free[d.index] if d.type == "cuda" else 10**4)
+    budgets = streaming.gpu_budgets(cuda)
+    assert list(budgets) == [torch.device("cuda", 1), torch.device("cuda", 2), cuda]  # the compute device last
+    assert list(budgets.values()) == [90, 90, 32]
+    assert resolve_offload("auto", 30, cuda) == "none"  # fits on the compute device with room
+    assert resolve_offload("auto", 200, cuda, {"a": 90, "b": 90, "c": 20}) == "gpus"
+    assert resolve_offload("auto", 200, cuda, {"a": 100, "b": 100}) == "cpu"  # no GPU holds 100: host memory
+    assert resolve_offload("auto", 10**6, cuda) == "disk"
+
+
+def test_gpus_is_refused_without_several_gpus():
+    with pytest.raises(SubFitError, match="offload: gpus spreads the weights over several GPUs; here device=cpu"):
+        resolve_offload("gpus", 1_000, torch.device("cpu"))
+
+
+def test_weights_spread_over_devices_compute_what_the_loaded_model_does(sharded):
+    """``gpus`` on this CPU: the store's devices are all the CPU, but the placement, the store and the
+    per-module copies are those a run over several GPUs makes."""
+    model, folder = sharded
+    sizes = checkpoint_sizes(folder, torch.float32)
+    assert sum(sizes.values()) == sum(t.numel() * 4 for t in model.state_dict().values()) - model.lm_head.weight.numel() * 4
+    cpu = torch.device("cpu")
+    streamed, stream = build_streamed(folder, torch.float32, cpu, "gpus", budgets={cpu: sum(sizes.values())})
+    assert stream.state is not None and set(stream.state) == set(sizes)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, model(ids).logits)
+    assert stream.resident_bytes() == 0 and all(p.is_meta for p in streamed.parameters())
+    with pytest.raises(SubFitError, match=r"offload: gpus: the weights \(.* GB as float32\) do not fit .* use offload=cpu"):
+        build_streamed(folder, torch.float32, cpu, "gpus", budgets={cpu: sum(sizes.values()) - 1})
+    half = build_streamed(folder, torch.bfloat16, cpu, "gpus", budgets={cpu: sum(sizes.values()) // 2})[1]
+    assert all(t.dtype == torch.bfloat16 for t in half.state.values())  # cast once, where they are stored
+
+
 def test_weights_are_written_shard_by_shard_and_read_back(sharded, tmp_path):
     model, folder = sharded
     streamed, stream = build_streamed(folder, torch.float32, torch.device("cpu"), "disk")
@@ -75,20 +123,22 @@ def test_weights_are_written_shard_by_shard_and_read_back(sharded, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "mixtral"])  # mixtral: experts stored apart, stacked per module
-def test_a_run_gives_the_same_model_in_every_offload_mode(tmp_path, arch):
+def test_a_run_gives_the_same_model_in_every_offload_mode(tmp_path, arch, monkeypatch):
+    # gpus on this CPU: the store's one device is the CPU (the run's path is that of several GPUs)
+    monkeypatch.setattr(streaming, "gpu_budgets", lambda device: {device: 10**9})
     folder = write_local_model_and_text(tmp_path, seed=2, lines=600, layers=4, arch=arch)
     common = [f"model={folder / 'model'}", f"calib.dataset={folder / 'text.txt'}", "calib.samples=6", "calib.seq_len=16",
               "calib.generated=0", "scoring.samples=3", "eval.windows=3", "eval.seq_len=16", "eval.domains=[]",
               "cache_stats=false", "sparsity=0.25", "strategy=subfit"]
     results, logits = {}, {}
     ids = torch.arange(2, 26).reshape(2, 12)
-    for mode in ("none", "disk", "cpu"):
+    for mode in ("none", "disk", "cpu", "gpus"):
         assert run_main([*common, f"offload={mode}", f"output_dir={tmp_path / mode}"]) == 0
         results[mode] = json.loads((tmp_path / mode / "results.json").read_text())
         loaded, _ = load_compressed(tmp_path / mode)
         with torch.no_grad():
             logits[mode] = loaded(ids).logits
-    for mode in ("disk", "cpu"):
+    for mode in ("disk", "cpu", "gpus"):
         assert results[mode]["replaced"] == results["none"]["replaced"]
         for key in ("dense", "compressed"):
             assert results[mode]["perplexity"][key] == pytest.approx(results["none"]["perplexity"][key], rel=1e-6)
@@ -241,6 +291,7 @@ def test_offload_errors_name_the_key(tmp_path):
             "cache_stats=false", "save=false"]
     assert run_main([*base, "model=smollm2-135m", "offload=disk"]) == 2  # a plugin's in-memory model
     assert run_main([*base, f"model={folder / 'model'}", "offload=floppy"]) == 2
+    assert run_main([*base, f"model={folder / 'model'}", "offload=gpus", "device=cpu"]) == 2  # no GPUs here
     assert run_main([*base, f"model={folder / 'model'}", "offload=disk", "strategy=svd-llm"]) == 2
     with pytest.raises(SubFitError, match="offload: .* has no model.safetensors"):
         build_streamed(tmp_path, torch.float32, torch.device("cpu"), "disk")

@@ -166,12 +166,13 @@ def model_folder(spec: str) -> Path | None:
         raise SubFitError(f"model: cannot fetch '{spec}' from the hub: {type(exc).__name__}") from None
 
 
-def offload_mode(plugins: Plugins, spec: str, mode: str, device: torch.device) -> str:
-    """What ``offload=mode`` means for ``model=spec`` here (``auto`` resolved from the checkpoint's size)."""
-    from subfit_core.engine.streaming import checkpoint_bytes, resolve_offload
+def offload_mode(plugins: Plugins, spec: str, mode: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """What ``offload=mode`` means for ``model=spec`` here (``auto`` resolved from the checkpoint's size;
+    ``dtype``: the weights' type once loaded, which decides whether they fit across the GPUs)."""
+    from subfit_core.engine.streaming import checkpoint_bytes, checkpoint_sizes, resolve_offload
 
     if spec in plugins.model:
-        if mode in ("cpu", "disk"):
+        if mode in ("gpus", "cpu", "disk"):
             raise SubFitError(f"offload: {mode} streams a model folder of safetensors, but model '{spec}' is built in "
                               "memory by its plugin; use offload=none or a model folder")
         return "none"
@@ -195,7 +196,7 @@ def offload_mode(plugins: Plugins, spec: str, mode: str, device: torch.device) -
         if mode == "auto":  # not a safetensors folder: loading it in memory says what is wrong
             return "none"
         raise
-    return resolve_offload(mode, size, device)
+    return resolve_offload(mode, size, device, checkpoint_sizes(folder, dtype) if dtype is not None else None)
 
 
 def load_streamed(spec: str, device: torch.device, dtype: torch.dtype, mode: str, trust_remote_code: bool,

@@ -237,7 +237,7 @@ def open_session(cfg: dict, validation_windows: int = 0, loaded: tuple | None = 
     if loaded is not None:
         model, tokenizer, source = loaded
     else:
-        mode = offload_mode(plugins, cfg["model"], cfg["offload"], device)
+        mode = offload_mode(plugins, cfg["model"], cfg["offload"], device, dtype)
         if mode == "none":
             model, tokenizer, source = load_model(plugins, cfg["model"], device, dtype, cfg["trust_remote_code"])
         else:

@@ -4,12 +4,19 @@ device when it runs and dropped afterwards, so memory holds one submodule's weig
 
 ``offload``:
   none  the whole model in memory on the compute device (today's path)
+  gpus  every tensor in the memory of the visible GPUs (the others filled first, the compute device
+        last with room kept for the run), copied to the compute device per module: a model that
+        fits across several GPUs but not on one
   cpu   every tensor in host memory, copied to the compute device per module (for a GPU smaller
         than the model; on a CPU it is the same as none)
   disk  tensors read from the checkpoint's safetensors shards per module (memory-mapped, never
         unpickled); host memory holds no weights beyond the module in use
-  auto  none when the weights fit in available memory with room for the run, else disk (cpu on a
-        GPU when they fit in host memory)
+  auto  none when the weights fit in available memory with room for the run, else disk (on a GPU:
+        gpus when they fit across the GPUs, else cpu when they fit in host memory)
+
+The engine computes on one device (its float64 statistics and every candidate's states live there),
+so with ``gpus`` the other GPUs serve as fast memory rather than running layers where they lie: a
+device-to-device copy of a module's weights costs far less than the pass that runs it.
 
 Two ways in: every module owning parameters gets a forward pre-hook that loads its tensors and a
 forward hook that drops them again, so any code path (perplexity, generation, lm-eval) is correct;
@@ -34,7 +41,7 @@ from torch import nn
 
 from subfit_core.errors import SubFitError
 
-MODES = ("auto", "none", "cpu", "disk")
+MODES = ("auto", "none", "gpus", "cpu", "disk")
 TRIM_BYTES = 256 * 1024**2  # hand freed memory back to the system after this much was read since the last time
 
 
@@ -67,6 +74,7 @@ def map_large_allocations() -> None:
     MALLOPT(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixed: no longer raised by frees)
     MALLOPT(-1, 2 * MMAP_THRESHOLD)  # M_TRIM_THRESHOLD: hand the heap's free top back sooner
 HEADROOM = 2.5  # auto keeps a model in memory when available memory exceeds its weights by this factor
+STORE_FILL = 0.9  # with gpus, a GPU that only stores weights may fill this share of its free memory
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:
@@ -86,6 +94,24 @@ def checkpoint_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in set(checkpoint_files(folder).values()))
 
 
+def checkpoint_sizes(folder: Path, dtype: torch.dtype) -> dict[str, int]:
+    """Tensor name -> bytes once loaded (floating tensors cast to ``dtype``), from the shards' headers
+    alone, in the checkpoint's order."""
+    sizes: dict[str, int] = {}
+    readers: dict[Path, ShardReader] = {}
+    for name, path in checkpoint_files(folder).items():
+        entry = readers.setdefault(path, ShardReader(path)).header[name]
+        stored = DTYPES.get(entry["dtype"])
+        if stored is None:
+            raise SubFitError(f"offload: tensor {name} in '{path}' has dtype {entry['dtype']}, which is not supported")
+        element = torch.empty(0, dtype=dtype if stored.is_floating_point else stored).element_size()
+        numel = 1
+        for n in entry["shape"]:
+            numel *= n
+        sizes[name] = numel * element
+    return sizes
+
+
 def available_memory(device: torch.device) -> int:
     """Bytes the run may use for weights: free device memory on a GPU, available host memory on a CPU."""
     if device.type == "cuda":
@@ -100,12 +126,49 @@ def available_memory(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
-def resolve_offload(mode: str, weights_bytes: int, device: torch.device) -> str:
-    """The mode ``auto`` stands for here; other modes as given."""
+def gpu_budgets(device: torch.device) -> dict[torch.device, int]:
+    """Bytes of weights each visible GPU may hold with ``gpus``, in the order they are filled: the
+    other GPUs first, nearly full (they only store); the compute device last, keeping the share of
+    its memory that ``none`` keeps for the run. Empty unless there are at least two GPUs."""
+    if device.type != "cuda" or torch.cuda.device_count() < 2:
+        return {}
+    compute = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    budgets = {torch.device("cuda", i): int(available_memory(torch.device("cuda", i)) * STORE_FILL)
+               for i in range(torch.cuda.device_count()) if i != compute.index}
+    budgets[compute] = int(available_memory(compute) / HEADROOM)
+    return budgets
+
+
+def place(sizes: dict[str, int], budgets: dict[torch.device, int]) -> dict[str, torch.device] | None:
+    """Each tensor's device: ``budgets`` filled in order with the tensors in checkpoint order (a
+    layer's tensors stay together); None when they do not all fit."""
+    placement: dict[str, torch.device] = {}
+    devices = iter(budgets.items())
+    device, room = next(devices, (None, 0))
+    for name, size in sizes.items():
+        while device is not None and size > room:
+            device, room = next(devices, (None, 0))
+        if device is None:
+            return None
+        placement[name] = device
+        room -= size
+    return placement
+
+
+def resolve_offload(mode: str, weights_bytes: int, device: torch.device, sizes: dict[str, int] | None = None) -> str:
+    """The mode ``auto`` stands for here; other modes as given (``gpus`` only where there are GPUs).
+    ``sizes``: each tensor's bytes once loaded (``checkpoint_sizes``), to place them exactly."""
+    budgets = gpu_budgets(device) if mode in ("gpus", "auto") else {}
+    if mode == "gpus" and not budgets:
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise SubFitError(f"offload: gpus spreads the weights over several GPUs; here device={device} and {found} GPU(s) "
+                          "are visible; use offload=cpu or offload=disk")
     if mode != "auto":
         return mode
     if weights_bytes * HEADROOM <= available_memory(device):
         return "none"
+    if budgets and place(sizes or {"weights": weights_bytes}, budgets) is not None:
+        return "gpus"
     if device.type == "cuda" and weights_bytes * HEADROOM <= available_memory(torch.device("cpu")):
         return "cpu"
     return "disk"
@@ -376,14 +439,35 @@ class WeightStream:
         return sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.is_meta)
 
     def read(self, param: torch.Tensor) -> torch.Tensor:
-        """The host-memory value of a meta parameter, cast like a loaded one (for saving)."""
+        """The stored value of a meta parameter (host memory, or a GPU's with ``gpus``), cast like a
+        loaded one (for saving and factorizing)."""
         tensor = self._read(self.keys[id(param)])
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
 
+def spread(folder: Path, dtype: torch.dtype, budgets: dict[torch.device, int]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (floating ones cast to ``dtype``) placed across ``budgets``' devices
+    (``gpus``), read one at a time: host memory never holds more than one tensor."""
+    sizes = checkpoint_sizes(folder, dtype)
+    placement = place(sizes, budgets)
+    if placement is None:
+        gb = 1024**3
+        raise SubFitError(f"offload: gpus: the weights ({sum(sizes.values()) / gb:.1f} GB as {str(dtype).split('.')[-1]}) "
+                          f"do not fit in the {sum(budgets.values()) / gb:.1f} GB the GPUs have for them "
+                          f"({len(budgets)} GPU(s), the compute device keeping room for the run); use offload=cpu or offload=disk")
+    readers: dict[Path, ShardReader] = {}
+    state: dict[str, torch.Tensor] = {}
+    for name, path in checkpoint_files(folder).items():
+        tensor = readers.setdefault(path, ShardReader(path)).get_tensor(name)
+        state[name] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).to(placement[name])
+    return state
+
+
 def build_streamed(folder: Path, dtype: torch.dtype, device: torch.device, mode: str,
-                   trust_remote_code: bool = False) -> tuple[nn.Module, WeightStream]:
-    """A model of ``folder``'s config with no weights in memory, and the stream that supplies them."""
+                   trust_remote_code: bool = False,
+                   budgets: dict[torch.device, int] | None = None) -> tuple[nn.Module, WeightStream]:
+    """A model of ``folder``'s config with no weights in memory, and the stream that supplies them.
+    ``budgets`` (``gpus``): bytes of weights per device, filled in order (default: ``gpu_budgets``)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -397,6 +481,9 @@ def build_streamed(folder: Path, dtype: torch.dtype, device: torch.device, mode:
             if b is not None:
                 buffer_owner._buffers[name] = b.to(device)
     model.eval()
+    if mode == "gpus":
+        spread_state = spread(folder, dtype, gpu_budgets(device) if budgets is None else budgets)
+        return model, WeightStream(model, device, dtype, folder=folder, state=spread_state)
     if mode == "cpu":
         from safetensors.torch import load_file
 
