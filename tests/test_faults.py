@@ -375,6 +375,8 @@ def test_a_run_killed_during_selection_resumes_there_with_the_same_result(local,
     resumed = run(tmp_path / "cache-b", tmp_path / "resumed")
     assert resumed["timings"]["statistics_from_cache"] is True
     assert resumed["timings"]["scoring_evaluations_replayed"] >= 10
+    assert 0 < resumed["timings"]["replayed_s"] < resumed["timings"]["compression_s"]  # counted, and said apart
+    assert whole["timings"]["replayed_s"] == 0
     assert resumed["timings"]["scoring_evaluations"] == total - 10  # only what the killed run had not done
     assert resumed["replaced"] == whole["replaced"]
     assert resumed["perplexity"]["compressed"] == whole["perplexity"]["compressed"]

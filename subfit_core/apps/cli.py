@@ -151,7 +151,9 @@ def summary(results: dict) -> str:
         ("replaced", ", ".join(f"L{r['layer']}.{r['type']}" for r in results["replaced"]) or "none"),
         ("compression time", f"{t['compression_s']:.1f} s = {t['compression_over_dense_forward']:.2f}x a dense calibration forward"
                              + (" (statistics read from the cache)" if t.get("statistics_from_cache") else "")
-                             + (f" ({t['scoring_evaluations_replayed']} scoring evaluations replayed from the journal)"
+                             + (f" ({t['scoring_evaluations_replayed']} scoring evaluations replayed from the journal"
+                                + (f"; {t['replayed_s']:.1f} s of the time, this run paid {t['compression_s'] - t['replayed_s']:.1f} s"
+                                   if t.get("replayed_s") else "") + ")"
                                 if t.get("scoring_evaluations_replayed") else "")),
         *((str(k), str(v)) for k, v in results.get("summary", [])),  # a runner's own rows
         ("output_dir", results.get("output_dir", "(not saved)")),

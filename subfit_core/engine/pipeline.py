@@ -348,14 +348,14 @@ def compress(session: Session, cfg: dict, before_eval: Callable[[], None] | None
     factored = factorize_rest(bench, fz, budget, fitted.bypasses) if fz is not None else None
     # Work replayed from earlier runs (a selector's own memo, the evaluation journal) counts at what
     # it took when it ran, so the time is what a standalone run would take.
-    compression_s = session.sampling_s + session.stats_s + time.perf_counter() - t0 + plan.reused_seconds
-    compression_s += bench.replayed_seconds - replayed_s_before  # evaluations answered from the journal
+    replayed_s = plan.reused_seconds + bench.replayed_seconds - replayed_s_before  # the journal's answers too
+    compression_s = session.sampling_s + session.stats_s + time.perf_counter() - t0 + replayed_s
 
     if before_eval is not None:
         before_eval()
     ppl = perplexity(session.model, session.windows.heldout, session.batch_sizes["eval"], device, "compressed perplexity")
     results = report(session, cfg, budget, plan, fitted.bypasses, ppl, compression_s, t_select,
-                     bench.evaluations - evaluations_before, factored, bench.replayed - replayed_before)
+                     bench.evaluations - evaluations_before, factored, bench.replayed - replayed_before, replayed_s)
     results["perplexity"].update(cross_domain(session, cfg, ppl))
     results["edited"] = [s.name for s in sorted(edits)]
     results["notes"].update(fitted.notes)
@@ -386,7 +386,7 @@ def active_params(adapter: Adapter, selected: list[Submodule], own: dict[Submodu
 
 def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: dict, ppl: float,
            compression_s: float, select_s: float, evaluations: int, factored: FactorizeResult | None = None,
-           replayed: int = 0) -> dict:
+           replayed: int = 0, replayed_s: float = 0.0) -> dict:
     adapter, selected = session.adapter, plan.subs
     own, shared = split_bypass_params(bypasses)
     n_layers = adapter.num_layers
@@ -420,7 +420,8 @@ def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: di
                     "dense_calibration_forward_s": session.dense_forward_s,
                     "compression_over_dense_forward": compression_s / session.dense_forward_s,
                     "scoring_evaluations": evaluations,
-                    "scoring_evaluations_replayed": replayed},
+                    "scoring_evaluations_replayed": replayed,
+                    "replayed_s": replayed_s},  # of compression_s: work replayed, counted at what it took when it ran
         "notes": plan.notes,
         **({"factorization": {"factorizer": cfg["factorizer"]["name"], **factored.summary()}} if factored is not None else {}),
     }
