@@ -158,8 +158,7 @@ def place(sizes: dict[str, int], budgets: dict[torch.device, int]) -> dict[str, 
 def resolve_offload(mode: str, weights_bytes: int, device: torch.device, sizes: dict[str, int] | None = None) -> str:
     """The mode ``auto`` stands for here; other modes as given (``gpus`` only where there are GPUs).
     ``sizes``: each tensor's bytes once loaded (``checkpoint_sizes``), to place them exactly."""
-    budgets = gpu_budgets(device) if mode in ("gpus", "auto") else {}
-    if mode == "gpus" and not budgets:
+    if mode == "gpus" and not gpu_budgets(device):
         found = torch.cuda.device_count() if torch.cuda.is_available() else 0
         raise SubFitError(f"offload: gpus spreads the weights over several GPUs; here device={device} and {found} GPU(s) "
                           "are visible; use offload=cpu or offload=disk")
@@ -167,6 +166,7 @@ def resolve_offload(mode: str, weights_bytes: int, device: torch.device, sizes: 
         return mode
     if weights_bytes * HEADROOM <= available_memory(device):
         return "none"
+    budgets = gpu_budgets(device)  # only now: asking a GPU for its free memory starts a context on it
     if budgets and place(sizes or {"weights": weights_bytes}, budgets) is not None:
         return "gpus"
     if device.type == "cuda" and weights_bytes * HEADROOM <= available_memory(torch.device("cpu")):
