@@ -14,9 +14,9 @@ device when it runs and dropped afterwards, so memory holds one submodule's weig
   auto  none when the weights fit in available memory with room for the run, else disk (on a GPU:
         gpus when they fit across the GPUs, else cpu when they fit in host memory)
 
-The engine computes on one device (its float64 statistics and every candidate's states live there),
-so with ``gpus`` the other GPUs serve as fast memory rather than running layers where they lie: a
-device-to-device copy of a module's weights costs far less than the pass that runs it.
+The engine computes on one device (every candidate's scoring states and each batch's statistics
+products live there), so with ``gpus`` the other GPUs serve as fast memory rather than running layers
+where they lie: a device-to-device copy of a module's weights costs far less than the pass that runs it.
 
 Two ways in: every module owning parameters gets a forward pre-hook that loads its tensors and a
 forward hook that drops them again, so any code path (perplexity, generation, lm-eval) is correct;
