@@ -92,8 +92,10 @@ def test_weights_spread_over_devices_compute_what_the_loaded_model_does(sharded)
     model, folder = sharded
     sizes = checkpoint_sizes(folder, torch.float32)
     assert sum(sizes.values()) == sum(t.numel() * 4 for t in model.state_dict().values()) - model.lm_head.weight.numel() * 4
-    cpu = torch.device("cpu")
-    streamed, stream = build_streamed(folder, torch.float32, cpu, "gpus", budgets={cpu: sum(sizes.values())})
+    cpu, store = torch.device("cpu"), torch.device("cpu", 0)  # two keys, as two GPUs would be
+    budgets = {store: sum(sizes.values()) // 2, cpu: sum(sizes.values())}
+    assert set(place(sizes, budgets).values()) == {store, cpu}  # the weights split over both
+    streamed, stream = build_streamed(folder, torch.float32, cpu, "gpus", budgets=budgets)
     assert stream.state is not None and set(stream.state) == set(sizes)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
