@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -100,15 +101,9 @@ def checkpoint_sizes(folder: Path, dtype: torch.dtype) -> dict[str, int]:
     sizes: dict[str, int] = {}
     readers: dict[Path, ShardReader] = {}
     for name, path in checkpoint_files(folder).items():
-        entry = readers.setdefault(path, ShardReader(path)).header[name]
-        stored = DTYPES.get(entry["dtype"])
-        if stored is None:
-            raise SubFitError(f"offload: tensor {name} in '{path}' has dtype {entry['dtype']}, which is not supported")
-        element = torch.empty(0, dtype=dtype if stored.is_floating_point else stored).element_size()
-        numel = 1
-        for n in entry["shape"]:
-            numel *= n
-        sizes[name] = numel * element
+        reader = readers.setdefault(path, ShardReader(path))
+        stored = reader.dtype(name)
+        sizes[name] = math.prod(reader.header[name]["shape"]) * (dtype if stored.is_floating_point else stored).itemsize
     return sizes
 
 
@@ -229,10 +224,16 @@ class ShardReader:
                 if not got:
                     raise SubFitError(f"offload: '{self.path}' ends inside tensor {name} (truncated file)")
                 done += got
-        if entry["dtype"] not in DTYPES:
-            raise SubFitError(f"offload: tensor {name} in '{self.path}' has dtype {entry['dtype']}, which is not supported")
-        tensor = torch.frombuffer(buffer, dtype=DTYPES[entry["dtype"]]) if buffer else torch.empty(0, dtype=DTYPES[entry["dtype"]])
+        dtype = self.dtype(name)
+        tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
         return tensor.reshape(entry["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored type of tensor ``name`` (refused if safetensors' name for it is not one torch reads)."""
+        stored = self.header[name]["dtype"]
+        if stored not in DTYPES:
+            raise SubFitError(f"offload: tensor {name} in '{self.path}' has dtype {stored}, which is not supported")
+        return DTYPES[stored]
 
 
 class Conversion:
