@@ -134,6 +134,18 @@ def run_main(argv: list[str]) -> int:
     return 0
 
 
+def compression_time(t: dict) -> str:
+    """The summary's compression-time cell: seconds, the ratio to a dense pass, and what came from caches."""
+    text = f"{t['compression_s']:.1f} s = {t['compression_over_dense_forward']:.2f}x a dense calibration forward"
+    if t.get("statistics_from_cache"):
+        text += " (statistics read from the cache)"
+    if t.get("scoring_evaluations_replayed"):
+        paid = (f"; {t['replayed_s']:.1f} s of the time, this run paid {t['compression_s'] - t['replayed_s']:.1f} s"
+                if t.get("replayed_s") else "")
+        text += f" ({t['scoring_evaluations_replayed']} scoring evaluations replayed from the journal{paid})"
+    return text
+
+
 def summary(results: dict) -> str:
     p, s, kv = results["perplexity"], results["sparsity"], results["kv_cache_bytes_per_token"]
     t = results["timings"]
@@ -149,12 +161,7 @@ def summary(results: dict) -> str:
         ("decoder params", f"{results['decoder_params']['before']:,} -> {results['decoder_params']['after']:,}"),
         ("KV cache bytes/token", f"{kv['before']:,} -> {kv['after']:,}"),
         ("replaced", ", ".join(f"L{r['layer']}.{r['type']}" for r in results["replaced"]) or "none"),
-        ("compression time", f"{t['compression_s']:.1f} s = {t['compression_over_dense_forward']:.2f}x a dense calibration forward"
-                             + (" (statistics read from the cache)" if t.get("statistics_from_cache") else "")
-                             + (f" ({t['scoring_evaluations_replayed']} scoring evaluations replayed from the journal"
-                                + (f"; {t['replayed_s']:.1f} s of the time, this run paid {t['compression_s'] - t['replayed_s']:.1f} s"
-                                   if t.get("replayed_s") else "") + ")"
-                                if t.get("scoring_evaluations_replayed") else "")),
+        ("compression time", compression_time(t)),
         *((str(k), str(v)) for k, v in results.get("summary", [])),  # a runner's own rows
         ("output_dir", results.get("output_dir", "(not saved)")),
     ]
