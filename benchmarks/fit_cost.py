@@ -1,9 +1,10 @@
-"""The cost of fitting one candidate bypass at real widths (float64 on this CPU): the ridge solve
-every fitter does, and the top-r eigenvectors of the low-rank fitter, exact (eigh of the d x d
-matrix) against randomized subspace iteration (never forming it).
+"""The cost of fitting one candidate bypass at real widths (float64): the ridge solve every fitter
+does, and the top-r eigenvectors of the low-rank fitter, exact (eigh of the d x d matrix) against
+randomized subspace iteration (never forming it), on the CPU or where ``fit_device`` puts fits.
 
-    python benchmarks/fit_cost.py                 # d = 1024, 2048, 4096; rank 64
+    python benchmarks/fit_cost.py                 # d = 1024, 2048, 4096; rank 64; on the CPU
     python benchmarks/fit_cost.py --dims 4096 --rank 256
+    python benchmarks/fit_cost.py --dims 4096 --device cuda   # fits on the GPU (writes fit_cost-cuda.json)
 
 Statistics are synthetic (a Gram of 4d random tokens with a decaying spectrum, a planted map plus
 noise): the cost depends on d and r only. Prints a table and writes benchmarks/results/fit_cost.json.
@@ -37,11 +38,13 @@ def synthetic_stats(d: int, seed: int = 0) -> SubStats:
     return st
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int, device: torch.device) -> float:
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        if device.type == "cuda":  # kernels run asynchronously: the time is when they are done
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -51,16 +54,20 @@ def main() -> None:
     ap.add_argument("--dims", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fit_cost.json")
+    ap.add_argument("--device", default="cpu", help="where the fits run (cpu, cuda, cuda:N)")
+    ap.add_argument("--out", type=Path, help="default: benchmarks/results/fit_cost.json (fit_cost-<device>.json off the CPU)")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    suffix = "" if device.type == "cpu" else f"-{args.device.replace(':', '')}"
+    out = args.out or ROOT / "benchmarks" / "results" / f"fit_cost{suffix}.json"
     rows = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fits on {device}")
     for d in args.dims:
-        st = synthetic_stats(d)
+        st = synthetic_stats(d).to(device)  # accumulated on the host, as in a run; solved where fits run
         w = ridge_solve(st.gram, st.cross, 1e-3)
-        solve_s = timed(lambda: ridge_solve(st.gram, st.cross, 1e-3), args.repeats)
-        exact_s = timed(lambda: reduced_rank(st.gram, st.cross, w, args.rank, True, "exact"), args.repeats)
-        fast_s = timed(lambda: reduced_rank(st.gram, st.cross, w, args.rank, True, "randomized"), args.repeats)
+        solve_s = timed(lambda: ridge_solve(st.gram, st.cross, 1e-3), args.repeats, device)
+        exact_s = timed(lambda: reduced_rank(st.gram, st.cross, w, args.rank, True, "exact"), args.repeats, device)
+        fast_s = timed(lambda: reduced_rank(st.gram, st.cross, w, args.rank, True, "randomized"), args.repeats, device)
         # how much of the fitted values' variance each keeps (1.0 = the exact optimum)
         cov, wx = centered_gram(st.gram), w[:d]
         kept = {}
@@ -74,8 +81,9 @@ def main() -> None:
         print(f"d={d:5d} r={args.rank}: ridge solve {solve_s:7.2f} s | top-r exact {exact_s:7.2f} s, randomized "
               f"{fast_s:6.2f} s ({row['speedup']:.1f}x, variance kept {row['variance_kept_ratio']:.6f}) | "
               f"low-rank fit {row['fit_exact_s']:.2f} -> {row['fit_randomized_s']:.2f} s", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+                               "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@
 #   1. the default run (SubFit on the embedded SmolLM2-135M) on the device in bf16
 #   2. a comparison of two strategies on the device (one dense pass shared)
 #   3. the streamed 8B-shaped model (benchmarks/memory.py): 32 layers on a GPU, 4 on the CPU
-#   4. the same small run on the CPU and on the device: the same selection
+#   4. the same small run on the CPU and on the device: the same selection (on a GPU with fast float64,
+#      fit_device=auto fits on the device there)
 #   5. with two GPUs or more: the 8B-shaped model, 8 layers, with its weights spread over the GPUs
 #      (offload=gpus) against held on one (offload=none): the same selection (skipped otherwise)
+#   6. one candidate's fit at d = 4096 (benchmarks/fit_cost.py) on the device against the CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -23,11 +25,13 @@ DEVICE=cuda
 LAYERS=32
 DIVISOR=1       # the 8B shapes' width is divided by this (1: the real shapes)
 SAMPLES=64
+FIT_DIM=4096
 if [[ "${1:-}" == "--cpu" ]]; then
     DEVICE=cpu
     LAYERS=4
     DIVISOR=8
     SAMPLES=4
+    FIT_DIM=512
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false SUBFIT_PROGRESS=0
 mkdir -p "$OUT"
@@ -68,7 +72,13 @@ else
     GPUS_S=0
 fi
 
-$PY - "$OUT" "$DEVICE" "$RUN_S" "$COMPARE_S" "$MEMORY_S" "$SAME_S" "$GPUS_S" <<'EOF'
+step "6. one fit at d = $FIT_DIM on cpu and on $DEVICE"
+for d in cpu $DEVICE; do
+    $PY benchmarks/fit_cost.py --dims $FIT_DIM --device $d --out "$OUT/fit-$d.json" > "$OUT/fit-$d.log"
+done
+FIT_S=$(took)
+
+$PY - "$OUT" "$DEVICE" "$RUN_S" "$COMPARE_S" "$MEMORY_S" "$SAME_S" "$GPUS_S" "$FIT_S" <<'EOF'
 import json, sys
 from pathlib import Path
 out, device, *seconds = sys.argv[1:]
@@ -78,10 +88,12 @@ def replaced(log):  # the "replaced" row of a run's summary table
     return next(l.split("|")[2].strip() for l in (out / log).read_text().splitlines() if l.startswith("| replaced"))
 
 memory = json.loads((out / "memory.json").read_text())
-result = {"device": device, "seconds": dict(zip(["run", "compare", "streamed", "same_selection", "gpus"], map(int, seconds))),
+result = {"device": device,
+          "seconds": dict(zip(["run", "compare", "streamed", "same_selection", "gpus", "fits"], map(int, seconds))),
           "run_ppl": json.loads((out / "run" / "results.json").read_text())["perplexity"],
           "streamed": memory["rows"], "selection_cpu": replaced("same-cpu.log"),
-          "selection_device": replaced(f"same-{device}.log")}
+          "selection_device": replaced(f"same-{device}.log"),
+          "fit": {d: json.loads((out / f"fit-{d}.json").read_text())["rows"][0] for d in {"cpu", device}}}
 result["same_selection"] = result["selection_cpu"] == result["selection_device"]
 if (out / "gpus.json").is_file():  # step 5 ran: one selection whether the weights lie on one GPU or several
     spread = json.loads((out / "gpus.json").read_text())["rows"]
@@ -93,5 +105,7 @@ for row in memory["rows"]:
     device_gb = f", peak device memory {row['peak_device_gb']:.2f} GB" if row.get("peak_device_gb") is not None else ""
     print(f"streamed {row['layers']} layers: peak RSS {row['peak_rss_gb']:.2f} GB ({row['rss_over_weights']:.2f}x weights)"
           f"{device_gb}, {row['wall_s']:.0f} s")
+for d, row in result["fit"].items():
+    print(f"one fit at d = {row['d']} on {d}: ridge solve {row['ridge_solve_s']:.2f} s, low-rank fit {row['fit_randomized_s']:.2f} s")
 sys.exit(0 if result["same_selection"] else 1)
 EOF

@@ -207,6 +207,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="extra key=value for every run")
     args = ap.parse_args()
     shapes = scaled(args.width_divisor)
+    args.work = args.work.resolve()  # the model folders link to its shards: a relative link would point nowhere
     if args.width_divisor != 1:  # shards of another width live apart
         args.work = args.work / f"width-{args.width_divisor}"
     write_shards(args.work, max(args.layers), args.vocab, shapes)

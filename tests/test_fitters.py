@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from subfit_core.engine.bypass import LinearBypass, LowRankBypass, ZeroBypass
 from subfit_core.engine.interfaces import Submodule
@@ -414,3 +415,76 @@ def test_low_rank_fit_is_the_same_with_either_eigen_solver():
     probe = torch.randn(50, d, generator=g)
     with torch.no_grad():
         assert torch.allclose(fits["exact"](probe), fits["randomized"](probe), atol=1e-4)
+
+
+def statistics_for_every_fitter(x: torch.Tensor, y: torch.Tensor) -> dict[Submodule, SubStats]:
+    d = x.shape[1]
+    st = {s: stats_of(x + i, y * (i + 1), s.name) for i, s in enumerate([ATTN, FFN, Submodule(2, "ffn")])}
+    dead = Submodule(5, "attn")  # a singular Gram, fitted without ridge: the least-squares path
+    st[dead] = stats_of(torch.cat([x[:, :2], torch.zeros(len(x), d - 2)], 1), y, dead.name)
+    return st
+
+
+def fits_of_every_fitter(st: dict[Submodule, SubStats]) -> dict[str, nn.Module]:
+    """Each statistics-based fitter's bypass."""
+    shared = SharedBasisFitter(SharedBasisParams(rank=4))
+    shared.prepare([FFN, Submodule(2, "ffn")], st)
+    fitters = {"linear": (LinearFitter(), ATTN), "low-rank exact": (LowRankFitter(LowRankParams(rank=3, solver="exact")), ATTN),
+               "low-rank randomized": (LowRankFitter(LowRankParams(rank=3, solver="randomized")), ATTN),
+               "shared member": (shared, FFN), "shared alone": (shared, ATTN),
+               "least squares": (LinearFitter(LinearParams(ridge=0.0)), Submodule(5, "attn"))}
+    return {name: f.fit(sub, st[sub]) for name, (f, sub) in fitters.items()}
+
+
+def test_fits_follow_the_statistics_device_and_make_no_tensor_elsewhere():
+    """A fit runs where its statistics are (``fit_device``): every tensor it makes follows them. With
+    the default device set to meta, a tensor made without a device lands there and the fit fails or
+    comes out different, so this catches on the CPU what a GPU would (no cuda here)."""
+    g = gen(21)
+    x = torch.randn(400, 12, generator=g)
+    y = x @ torch.randn(12, 12, generator=g) + 0.1 * torch.randn(400, 12, generator=g)
+    st = statistics_for_every_fitter(x, y)
+    expected = {name: bypass_as_matrix(b, 12) for name, b in fits_of_every_fitter(st).items()}
+    with torch.device("meta"):
+        fitted = fits_of_every_fitter(st)
+    for name, bypass in fitted.items():
+        assert all(t.device.type == "cpu" for t in bypass.state_dict().values()), name
+        assert torch.equal(bypass_as_matrix(bypass, 12), expected[name]), name
+
+
+def test_stats_on_a_device_share_tensors_already_there_and_the_view_reads_one_at_a_time():
+    from subfit_core.engine.stats import StatsOn
+
+    st = stats_of(torch.randn(40, 6), torch.randn(40, 6))
+    st.extra["plugin-stat"] = torch.ones(2, dtype=F64)
+    moved = st.to(torch.device("cpu"))
+    assert moved is not st and moved.gram is st.gram and moved.extra["plugin-stat"] is st.extra["plugin-stat"]
+    assert (moved.name, moved.dim, moved.tokens, moved.y_sq) == (st.name, st.dim, st.tokens, st.y_sq)
+    reads = []
+
+    class Counting(dict):
+        def __getitem__(self, key):
+            reads.append(key)
+            return super().__getitem__(key)
+
+    view = StatsOn(Counting({ATTN: st, FFN: st}), torch.device("cpu"))
+    assert list(view) == [ATTN, FFN] and len(view) == 2 and reads == []
+    assert torch.equal(view[FFN].cross, st.cross) and reads == [FFN]
+
+
+@pytest.mark.parametrize("choice, capability, free_gb, expected", [
+    ("auto", (9, 0), 80, "cuda"),      # H100: float64 at half the float32 rate
+    ("auto", (8, 0), 40, "cuda"),      # A100
+    ("auto", (8, 9), 24, "cpu"),       # L4 / RTX 4090: float64 at 1/64
+    ("auto", (9, 0), 0.1, "cpu"),      # fast, but no room for a fit's matrices at d = 4096
+    ("device", (8, 9), 24, "cuda"),    # asked for
+    ("cpu", (9, 0), 80, "cpu"),
+])
+def test_fit_device_runs_fits_on_a_gpu_only_where_its_float64_is_fast(monkeypatch, choice, capability, free_gb, expected):
+    from subfit_core.engine.models import resolve_fit_device
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gb * 1e9), int(80e9)))
+    assert resolve_fit_device(choice, torch.device("cuda"), 4096).type == expected
+    for choice in ("auto", "device", "cpu"):  # a CPU run fits on the CPU whatever is asked
+        assert resolve_fit_device(choice, torch.device("cpu"), 4096).type == "cpu"

@@ -48,13 +48,15 @@ def symmetrized(m: torch.Tensor) -> torch.Tensor:
 
 
 def top_eigvecs_randomized(apply: Callable[[torch.Tensor], torch.Tensor], d: int, r: int, dtype: torch.dtype,
-                           oversample: int = 16, iterations: int = 4, seed: int = 0) -> torch.Tensor:
+                           device: torch.device | str = "cpu", oversample: int = 16, iterations: int = 4,
+                           seed: int = 0) -> torch.Tensor:
     """The r leading eigenvectors of a symmetric PSD operator ``apply`` (X -> M X) on R^d, by
     randomized subspace iteration (Halko, Martinsson & Tropp 2011, alg. 4.4) and Rayleigh-Ritz:
     O(d^2 (r + p) q) instead of eigh's O(d^3), and M itself is never formed. Seeded: the same
     operator always gives the same basis."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    q, _ = torch.linalg.qr(apply(torch.randn(d, min(d, r + oversample), generator=g, dtype=dtype)))
+    g = torch.Generator(device="cpu").manual_seed(seed)  # drawn on the CPU: the same start on every device
+    start = torch.randn(d, min(d, r + oversample), generator=g, dtype=dtype, device="cpu").to(device)
+    q, _ = torch.linalg.qr(apply(start))
     for _ in range(iterations):
         q, _ = torch.linalg.qr(apply(q))
     small = q.T @ apply(q)
@@ -84,7 +86,7 @@ def reduced_rank(gram: torch.Tensor, cross: torch.Tensor, w: torch.Tensor, r: in
     wx = w[:d]
     cov = centered_gram(gram) if bias else gram[:d, :d]
     if solver == "randomized" or (solver == "auto" and d >= RANDOMIZED_MIN_DIM and r <= d // 8):
-        v = top_eigvecs_randomized(lambda x: wx.T @ (cov @ (wx @ x)), d, r, wx.dtype)
+        v = top_eigvecs_randomized(lambda x: wx.T @ (cov @ (wx @ x)), d, r, wx.dtype, wx.device)
     else:
         v = top_eigvecs(wx.T @ cov @ wx, r)
     down = (wx @ v).T

@@ -108,11 +108,13 @@ class SharedBasisFitter(Fitter):
     def basis_for(self, subs: list[Submodule], stats: Mapping[Submodule, SubStats]) -> torch.Tensor:
         """The group's basis, reading one member's statistics at a time (a streamed run keeps them on
         disk, d^2 each): memory does not grow with the group, and so not with the model's depth."""
-        d = stats[subs[0]].dim
+        first = stats[subs[0]]
+        d, device = first.dim, first.gram.device
+        del first
         r = min(self.params.rank, d)
         # mean input covariance (centred when there is an intercept: the mean is the bias's job)
         # d^2 float64 matrices dominate memory at real widths: accumulate in place, free each one when done
-        mean_moment = torch.zeros(d, d, dtype=torch.float64)
+        mean_moment = torch.zeros(d, d, dtype=torch.float64, device=device)
         for sub in subs:
             s = stats[sub]
             mean_moment.add_(centered_gram(s.gram) if self.params.bias else s.gram[:d, :d], alpha=1 / max(s.tokens, 1))
@@ -121,7 +123,7 @@ class SharedBasisFitter(Fitter):
             return top_eigvecs(mean_moment, r)
         root, inv_root = _sqrt_and_inv_sqrt(mean_moment)
         del mean_moment
-        m = torch.zeros(d, d, dtype=torch.float64)
+        m = torch.zeros(d, d, dtype=torch.float64, device=device)
         for sub in subs:
             s = stats[sub]
             gram, cross = gram_of(s, self.params.bias)
@@ -148,7 +150,7 @@ class SharedBasisFitter(Fitter):
             shared, group = nn.Parameter(basis.T.contiguous().float(), requires_grad=False), f"own-{sub.name}"
         r = basis.shape[1]
         gram, cross = gram_of(stats, self.params.bias)
-        proj = torch.zeros(stats.dim + 1, r + 1, dtype=torch.float64)  # [x,1] -> [x U, 1]
+        proj = torch.zeros(stats.dim + 1, r + 1, dtype=torch.float64, device=basis.device)  # [x,1] -> [x U, 1]
         proj[:-1, :r] = basis
         proj[-1, r] = 1.0
         c = ridge_solve(proj.T @ gram @ proj, proj.T @ cross, self.params.ridge, sub.name)

@@ -79,10 +79,10 @@ class Fitter(Component):
         """Fit the final selection. By default each bypass is fitted on its own from the dense
         statistics (``anchored``: on the compressed model's inputs instead). Fitters that fit a
         removed window as a whole from activations (ReplaceMe, LLM-Streamline) override this."""
-        self.prepare(selected, bench.stats)
+        self.prepare(selected, bench.fit_stats)
         if anchored:
             return Fitted(bench.refit_anchored(self, selected))
-        return Fitted({s: self.fit(s, bench.stats[s]).to(bench.device, bench.dtype)
+        return Fitted({s: self.fit(s, bench.fit_stats[s]).to(bench.device, bench.dtype)
                        for s in progress(selected, desc="fitting bypasses")})
 
     def attach(self, adapter: Adapter) -> None:

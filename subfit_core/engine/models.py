@@ -32,6 +32,25 @@ def resolve_device(name: str) -> torch.device:
         raise SubFitError(f"device: '{name}' is not a device; allowed: auto, cpu, cuda, cuda:N") from None
 
 
+# Compute capabilities whose float64 runs at half the float32 rate: P100, V100, A100/A30, H100/H200, B200.
+# Other GPUs run it at 1/32 to 1/64 of float32, slower than the host for a fit's solves.
+FAST_FLOAT64 = {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
+FIT_MATRICES = 8  # (d+1) x (d+1) float64 matrices one fit holds at its peak (the shared basis: seven), with room
+
+
+def resolve_fit_device(choice: str, device: torch.device, dim: int) -> torch.device:
+    """Where fits run their float64 algebra: ``cpu``; ``device`` (the run's compute device); ``auto``:
+    the compute device when it is a GPU with fast float64 and room for a fit's matrices, else the CPU."""
+    cpu = torch.device("cpu")
+    if choice == "cpu" or device.type != "cuda":
+        return cpu
+    if choice == "device":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    fast = torch.cuda.get_device_capability(device) in FAST_FLOAT64
+    return device if fast and free > FIT_MATRICES * 8 * (dim + 1) ** 2 else cpu
+
+
 def supported_architectures(plugins: Plugins) -> list[str]:
     """Every model class name a registered adapter supports (its ``architectures``), sorted."""
     return sorted({a for e in plugins.adapter.entries() for a in e.load().architectures})

@@ -29,7 +29,7 @@ from subfit_core.engine.cache import cache_root, max_cache_bytes, stats_key
 from subfit_core.engine.corpus import CorpusText, Windows, heldout_windows, make_windows
 from subfit_core.engine.factorize import FactorizeResult, factorize_rest, parameter_counts
 from subfit_core.engine.interfaces import Factorizer, Fitted, Fitter, Plan, Scorer, Selector, Submodule
-from subfit_core.engine.models import find_adapter, load_model, load_streamed, offload_mode, resolve_device
+from subfit_core.engine.models import find_adapter, load_model, load_streamed, offload_mode, resolve_device, resolve_fit_device
 from subfit_core.engine.sampling import sample_windows, start_token
 from subfit_core.engine.surgery import records, split_bypass_params
 from subfit_core.engine.workbench import Workbench
@@ -323,6 +323,7 @@ def compress(session: Session, cfg: dict, before_eval: Callable[[], None] | None
     bench, adapter, device = session.bench, session.adapter, session.device
     fz = comps.factorizer
     bench.restore()
+    bench.fit_device = resolve_fit_device(cfg["fit_device"], device, adapter.hidden_size)
     evaluate_dense(session, cfg)
     if fz is None:
         budget = removal = Budget(cfg["sparsity"], cfg["sparsity_unit"], adapter)

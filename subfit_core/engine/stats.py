@@ -13,7 +13,7 @@ import os
 import shutil
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 
 import torch
@@ -51,6 +51,15 @@ class SubStats:
         if not all(torch.isfinite(t).all() for t in tensors):
             raise NumericalError(f"{self.name}: calibration statistics contain NaN/Inf (overflow in this submodule's activations?)")
 
+    def to(self, device: torch.device) -> SubStats:
+        """The same statistics on ``device`` (sharing the tensors already there): a fit runs its float64
+        algebra where it is fast, which may not be where the sums were accumulated."""
+        st = SubStats.__new__(SubStats)  # not __init__: its zero matrices would be allocated only to be replaced
+        st.name, st.dim, st.tokens, st.y_sq = self.name, self.dim, self.tokens, self.y_sq
+        st.gram, st.cross = self.gram.to(device), self.cross.to(device)
+        st.extra = {name: sums.to(device) for name, sums in self.extra.items()}
+        return st
+
     def state(self) -> dict[str, torch.Tensor]:
         scalars = torch.tensor([self.tokens, self.y_sq], dtype=torch.float64)
         return {"gram": self.gram, "cross": self.cross, "scalars": scalars,
@@ -78,10 +87,28 @@ def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, name: str
         del a
         w = torch.cholesky_solve(cross, chol)
     else:  # singular even after the ridge (e.g. a dead input): least squares still gives the minimum-norm fit
-        w = torch.linalg.lstsq(a, cross, driver="gelsd").solution  # gelsd: SVD-based, right on rank-deficient input
+        # gelsd (SVD-based, right on rank-deficient input) exists only on the CPU; a rare path, so the copy is cheap
+        w = torch.linalg.lstsq(a.cpu(), cross.cpu(), driver="gelsd").solution.to(a.device)
     if not torch.isfinite(w).all():
         raise NumericalError(f"{name}: ridge solve produced NaN/Inf (try a larger ridge)")
     return w
+
+
+class StatsOn(Mapping):
+    """A read-only view of per-submodule statistics that hands each one out on ``device`` (the
+    mapping behind it may read them from disk one at a time; so does this view)."""
+
+    def __init__(self, stats: Mapping, device: torch.device):
+        self.stats, self.device = stats, device
+
+    def __getitem__(self, key) -> SubStats:
+        return self.stats[key].to(self.device)
+
+    def __iter__(self) -> Iterator:
+        return iter(self.stats)
+
+    def __len__(self) -> int:
+        return len(self.stats)
 
 
 class SpilledStats(MutableMapping):

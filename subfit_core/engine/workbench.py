@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +38,7 @@ from subfit_core.engine.interfaces import Fitter, Statistic, Submodule
 from subfit_core.engine.journal import EvaluationJournal
 from subfit_core.engine.piecewise import Piecewise
 from subfit_core.engine.scoring import ScoringSet
-from subfit_core.engine.stats import SubStats
+from subfit_core.engine.stats import StatsOn, SubStats
 from subfit_core.engine.streaming import WeightStream
 from subfit_core.errors import SubFitError
 from subfit_core.progress import progress
@@ -72,6 +72,8 @@ class Workbench:
         self.memo: dict = {}
         # streamed scoring: how much scoring-set state may be in flight at once (candidates run together)
         self.in_flight_bytes = 2 * 1024**3
+        # where fits run their float64 algebra (``compress`` sets it from the recipe's ``fit_device``)
+        self.fit_device = torch.device("cpu")
 
     # ------------------------------------------------------------------ the parts, as plugins see them
     @property
@@ -82,6 +84,11 @@ class Workbench:
     def stats(self) -> MutableMapping[Submodule, SubStats]:
         """The dense calibration statistics per submodule (for streamed weights: read one at a time)."""
         return self.dense.stats
+
+    @property
+    def fit_stats(self) -> Mapping[Submodule, SubStats]:
+        """The dense statistics as fitters read them: each on ``fit_device``, one at a time."""
+        return StatsOn(self.dense.stats, self.fit_device)
 
     @property
     def statistics(self) -> dict[str, Statistic]:
@@ -285,7 +292,7 @@ class Workbench:
         """Fit from dense statistics, memoised: the same fitter and submodule always give the same bypass."""
         fits = self._fits.setdefault(fitter, {})
         if sub not in fits:
-            fits[sub] = fitter.fit(sub, self.stats[sub]).to(self.device, self.dtype)
+            fits[sub] = fitter.fit(sub, self.fit_stats[sub]).to(self.device, self.dtype)
         return fits[sub]
 
     @torch.inference_mode()
@@ -307,7 +314,7 @@ class Workbench:
                     for hc, y in zip(comp, targets):
                         st.add(self.adapter.bypass_input(sub, hc), y)
                     st.check()
-                    fits[sub] = fitter.fit(sub, st).to(self.device, self.dtype)
+                    fits[sub] = fitter.fit(sub, st.to(self.fit_device)).to(self.device, self.dtype)
                     self.adapter.replace(sub, fits[sub])
                     self.replaced[sub] = fits[sub]
                     if len(fits) == len(chosen):  # the streams past the deepest bypass feed no fit
