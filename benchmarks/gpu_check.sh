@@ -9,7 +9,7 @@
 #
 # Steps:
 #   1. the default run (SubFit on the embedded SmolLM2-135M) on the device in bf16
-#   2. a comparison of two strategies on the device (one dense pass shared)
+#   2. a comparison of three strategies on the device (one dense pass shared), the low-rank stage among them
 #   3. the streamed 8B-shaped model (benchmarks/memory.py): 32 layers on a GPU, 4 on the CPU
 #   4. the same small run on the CPU and on the device: the same selection (on a GPU with fast float64,
 #      fit_device=auto fits on the device there)
@@ -44,7 +44,7 @@ step "1. default run on $DEVICE (bf16)"
 RUN_S=$(took)
 
 step "2. compare on $DEVICE"
-"$BIN/subfit-compare" strategies=[subfit,shortgpt] sparsities=[0.25] device=$DEVICE dtype=bfloat16 $SMALL \
+"$BIN/subfit-compare" strategies=[subfit,shortgpt,aa-svd] sparsities=[0.25] device=$DEVICE dtype=bfloat16 $SMALL \
     output_dir="$OUT/compare" overwrite=true > "$OUT/compare.log"
 COMPARE_S=$(took)
 

@@ -488,3 +488,33 @@ def test_fit_device_runs_fits_on_a_gpu_only_where_its_float64_is_fast(monkeypatc
     assert resolve_fit_device(choice, torch.device("cuda"), 4096).type == expected
     for choice in ("auto", "device", "cpu"):  # a CPU run fits on the CPU whatever is asked
         assert resolve_fit_device(choice, torch.device("cpu"), 4096).type == "cpu"
+
+
+def test_every_fit_gets_its_statistics_on_fit_device(tiny_model, random_windows):
+    """The memoised fit, the final selection (prepare and fit) and the anchored refit all hand a fitter
+    its statistics on ``bench.fit_device`` (meta stands in for a GPU here: data-less, so a fit handed
+    statistics anywhere else shows)."""
+    from subfit_core.engine.workbench import Workbench
+    from subfit_plugins.adapters.llama import LlamaFamilyAdapter
+
+    model = tiny_model("llama")
+    bench = Workbench(model, LlamaFamilyAdapter(model), random_windows(), 4, torch.device("cpu"))
+    bench.collect()
+    bench.fit_device = torch.device("meta")
+    seen = []
+
+    class Recording(IdentityFitter):
+        def prepare(self, subs, stats):
+            seen.extend(("prepare", stats[s].gram.device.type) for s in subs)
+
+        def fit(self, sub, stats):
+            seen.append(("fit", stats.gram.device.type))
+            return ZeroBypass()
+
+    fitter = Recording()
+    bench.fit(fitter, ATTN)
+    fitter.fit_selection([ATTN, FFN], bench)
+    fitter.fit_selection([FFN], bench, anchored=True)
+    assert seen == [("fit", "meta"), ("prepare", "meta"), ("prepare", "meta"), ("fit", "meta"), ("fit", "meta"),
+                    ("prepare", "meta"), ("fit", "meta")]
+    bench.restore()

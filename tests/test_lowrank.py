@@ -28,6 +28,7 @@ from subfit_plugins.factorizers.closed_forms import (
     factor_anchored,
     factor_plain,
     factor_whitened,
+    spectrum_whitened,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -293,3 +294,44 @@ def test_factorize_section_is_validated():
     with pytest.raises(SubFitError, match="factorizer.name: unknown factorizer 'aasvd'.*did you mean 'aa-svd'"):
         build_components(plugins, validate({"factorizer": {"name": "aasvd"}}))
     assert build_components(plugins, validate({})).factorizer is None
+
+
+def test_the_stage_hands_the_factorizer_weights_and_statistics_on_fit_device(tiny_model, random_windows, monkeypatch):
+    """Every weight and Gram a factorizer reads comes on ``bench.fit_device`` (meta stands in for a GPU:
+    data-less, so an input left anywhere else shows), and its factors go to the model's device."""
+    from subfit_plugins.factorizers.closed_forms import factor_plain
+
+    bench = bench_for(tiny_model, random_windows)
+    bench.fit_device = torch.device("meta")
+    fz, seen = factorizer("svd-llm", ranks="adaptive"), []  # adaptive: the spectra are read too
+
+    def spectrum(name, weight, gram):
+        seen.append((weight.device.type, gram.device.type))
+        return torch.linspace(1.0, 0.1, min(weight.shape), dtype=torch.float64)
+
+    def factor(name, weight, stats, rank):
+        seen.append((weight.device.type, stats.gram.device.type))
+        return factor_plain(torch.randn(weight.shape, dtype=torch.float64), rank)
+
+    monkeypatch.setattr(fz, "spectrum", spectrum)
+    monkeypatch.setattr(fz, "factor", factor)
+    res = factorize(bench, fz, 0.5, set())
+    assert len(seen) == 2 * len(res.factored) > 0 and set(seen) == {("meta", "meta")}
+    assert all(p.device.type == "cpu" for f in res.factored.values() for p in f.parameters())
+    bench.restore()
+
+
+def test_closed_forms_make_every_tensor_on_their_inputs_device():
+    """With the default device set to meta, a tensor made without a device lands there and the
+    factorization fails or changes: every closed form follows its inputs (the GPU case, on a CPU)."""
+    W, X, X_hat = random_streams(n=6, m=5, tokens=40)
+    gram, gram_hat, cross = X.T @ X, X_hat.T @ X_hat, X.T @ X_hat
+
+    def every():
+        return [factor_plain(W, 3).up, factor_whitened(W, gram, 3).down, spectrum_whitened(W, gram),
+                factor_anchored(W, gram_hat, cross, 3, 0.5, ridge=1e-3).down]
+
+    expected = every()
+    with torch.device("meta"):
+        got = every()
+    assert all(g.device.type == "cpu" and torch.equal(g, e) for g, e in zip(got, expected))

@@ -72,6 +72,13 @@ class LinearStats:
     cross: torch.Tensor | None = None  # M = X^T X_hat
     tokens: int = 0
 
+    def to(self, device: torch.device) -> LinearStats:
+        """The same statistics on ``device``, where the factorizer's float64 work runs."""
+        def moved(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return LinearStats(moved(self.gram), moved(self.gram_hat), moved(self.cross), self.tokens)
+
 
 @dataclass
 class FactorizeResult:
@@ -191,6 +198,7 @@ class Factorization:
         self.need_stats = kind in ("dense", "anchored")  # streamed Gram statistics
         self.need_comp = kind == "anchored" or self.refine
         self.stream = bench.stream
+        self.fit_device = bench.fit_device  # where the factorizer's float64 work runs
         self.folder: Path | None = None  # where a streamed run's factors wait (deleted with the stream)
 
     # ------------------------------------------------------------------ what factorizers read
@@ -202,15 +210,15 @@ class Factorization:
         return [pair for subs in self.sites.values() for pair in subs]
 
     def read(self, param: torch.Tensor) -> torch.Tensor:
-        """A parameter's value, detached: from memory, or read from the stream when it is streamed."""
-        if param.is_meta:
-            return self.stream.read(param).to(self.piecewise.device)
-        return param.detach()
+        """A parameter's value, detached, on ``fit_device`` (where a factorizer works on it): from
+        memory, or read from the stream when it is streamed."""
+        return (self.stream.read(param) if param.is_meta else param.detach()).to(self.fit_device)
 
     @torch.no_grad()
     def dense_pass(self, visit: Callable[[Site, nn.Linear, LinearStats], None]) -> None:
         """Stream the calibration windows through the dense model and call ``visit(site, linear,
-        stats)`` with each site's dense input Gram (one submodule's statistics alive at a time)."""
+        stats)`` with each site's dense input Gram on ``fit_device`` (one submodule's statistics alive
+        at a time)."""
         b, pw = self.bench, self.piecewise
         hs = [self.adapter.embed(x) for x in pw.batches(b.windows.calib)]
         for sub in progress(pw.subs, desc="rank allocation statistics"):
@@ -226,7 +234,7 @@ class Factorization:
                         grams.add(seen, None)
                     hs[j] = h + y
             for site, lin in sites:
-                visit(site, lin, grams.of(site))
+                visit(site, lin, grams.of(site).to(self.fit_device))
 
     def layer_forward(self, layer: int, h: torch.Tensor, ctx=None) -> torch.Tensor:
         """The current model's decoder layer ``layer`` on the residual stream ``h`` (differentiable
@@ -241,7 +249,7 @@ class Factorization:
     def _install(self, site: Site, lin: nn.Linear, f: Factors) -> FactoredLinear:
         dtype = lin.weight.dtype
         device = self.piecewise.device if lin.weight.is_meta else lin.weight.device
-        bias = self.read(lin.bias).clone() if lin.bias is not None else None
+        bias = self.read(lin.bias).to(device, dtype, copy=True) if lin.bias is not None else None
         module = FactoredLinear(f.down.to(device, dtype).contiguous(), f.up.to(device, dtype).contiguous(), bias)
         set_child(self.bench.originals[site.sub], site.path, module)
         self.bench.factored[(site.sub, site.path)] = lin
@@ -256,7 +264,7 @@ class Factorization:
     def _factor_sub(self, sub: Submodule, ranks: dict, grams: GramSet | None) -> list[tuple[Site, FactoredLinear]]:
         out = []
         for site, lin in self.sites.get(sub, []):
-            st = grams.of(site) if grams is not None else None
+            st = grams.of(site).to(self.fit_device) if grams is not None else None
             f = self.fz.factor(site.name, self.read(lin.weight), st, ranks[site])
             out.append((site, self._install(site, lin, f)))
         return out
