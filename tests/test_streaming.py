@@ -129,8 +129,9 @@ def test_a_run_gives_the_same_model_in_every_offload_mode(tmp_path, arch, monkey
     # gpus on this CPU: the store's one device is the CPU (the run's path is that of several GPUs)
     monkeypatch.setattr(streaming, "gpu_budgets", lambda device: {device: 10**9})
     folder = write_local_model_and_text(tmp_path, seed=2, lines=600, layers=4, arch=arch)
+    # half the windows sampled from the model: sampling with streamed weights gives the same text
     common = [f"model={folder / 'model'}", f"calib.dataset={folder / 'text.txt'}", "calib.samples=6", "calib.seq_len=16",
-              "calib.generated=0", "scoring.samples=3", "eval.windows=3", "eval.seq_len=16", "eval.domains=[]",
+              "calib.generated=0.5", "scoring.samples=3", "eval.windows=3", "eval.seq_len=16", "eval.domains=[]",
               "cache_stats=false", "sparsity=0.25", "strategy=subfit"]
     results, logits = {}, {}
     ids = torch.arange(2, 26).reshape(2, 12)
@@ -347,3 +348,32 @@ def test_a_scoring_round_reads_each_layer_once_for_all_candidates(sharded, rando
     before = stream.bytes_read
     assert benches[1].metrics_with_each(candidates, "kl") == pytest.approx(expected, rel=1e-6, abs=1e-9)
     assert stream.bytes_read - before > 3 * weights
+
+
+def test_a_streamed_model_samples_the_windows_the_loaded_one_does_and_caches_them(sharded, tmp_path):
+    """Text sampled from the model (``calib.generated``) is cached under a key of its weights: for a
+    streamed model, whose parameters are meta, that is its files' fingerprint (reading a meta
+    parameter's values, as the in-memory key does, raises)."""
+    from subfit_core.engine.sampling import sample_windows
+
+    model, folder = sharded
+    streamed, stream = build_streamed(folder, torch.float32, torch.device("cpu"), "disk")
+    args = dict(start=1, count=3, seq_len=6, seed=5, batch_size=2, device=torch.device("cpu"))
+    loaded = sample_windows(model, **args)
+    first = sample_windows(streamed, **args, cache=tmp_path, weights=stream.fingerprint())
+    assert torch.equal(first, loaded) and len(list(tmp_path.glob("*.safetensors"))) == 1
+    read = stream.bytes_read
+    assert torch.equal(sample_windows(streamed, **args, cache=tmp_path, weights=stream.fingerprint()), loaded)
+    assert stream.bytes_read == read  # read from the cache: the model did not run
+
+
+def test_a_streamed_run_caches_its_sampled_windows_under_its_files_fingerprint(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUBFIT_CACHE", str(tmp_path / "cache"))
+    folder = write_local_model_and_text(tmp_path, seed=2, lines=600, layers=4)
+    args = [f"model={folder / 'model'}", f"calib.dataset={folder / 'text.txt'}", "calib.samples=6", "calib.seq_len=16",
+            "calib.generated=0.5", "scoring.samples=2", "eval.windows=2", "eval.seq_len=16", "eval.domains=[]",
+            "cache_stats=true", "sparsity=0.25", "strategy=subfit", "offload=disk", "save=false"]
+    assert run_main([*args, f"output_dir={tmp_path / 'a'}"]) == 0
+    assert len(list((tmp_path / "cache" / "samples").glob("*.safetensors"))) == 1
+    assert run_main([*args, f"output_dir={tmp_path / 'b'}"]) == 0  # the second run reads them
+    assert len(list((tmp_path / "cache" / "samples").glob("*.safetensors"))) == 1

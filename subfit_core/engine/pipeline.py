@@ -31,6 +31,7 @@ from subfit_core.engine.factorize import FactorizeResult, factorize_rest, parame
 from subfit_core.engine.interfaces import Factorizer, Fitted, Fitter, Plan, Scorer, Selector, Submodule
 from subfit_core.engine.models import find_adapter, load_model, load_streamed, offload_mode, resolve_device, resolve_fit_device
 from subfit_core.engine.sampling import sample_windows, start_token
+from subfit_core.engine.streaming import WeightStream
 from subfit_core.engine.surgery import records, split_bypass_params
 from subfit_core.engine.workbench import Workbench
 from subfit_core.errors import ConfigError, SubFitError, did_you_mean
@@ -191,9 +192,10 @@ def domain_perplexities(model, session: Session, cfg: dict, main_ppl: float, des
             for name, ids in session.domains.items()}
 
 
-def mix_generated(windows: Windows, cfg: dict, model, tokenizer, device: torch.device) -> None:
+def mix_generated(windows: Windows, cfg: dict, model, tokenizer, device: torch.device,
+                  stream: WeightStream | None = None) -> None:
     """Replace the share ``calib.generated`` of the calibration and scoring windows (the last ones of
-    each) with windows sampled from the dense model."""
+    each) with windows sampled from the dense model (``stream``: its weights, when streamed)."""
     # sampled text depends on how it is batched: auto keeps the schema's default so memory never changes it
     batch_size = cfg["calib"]["batch_size"]
     if batch_size == "auto":
@@ -205,7 +207,7 @@ def mix_generated(windows: Windows, cfg: dict, model, tokenizer, device: torch.d
     cache = cache_root() / "samples" if cfg["cache_stats"] else None
     start = start_token(tokenizer, fallback=int(windows.calib[0, 0]))
     ids = sample_windows(model, start, n_calib + n_scoring, cfg["calib"]["seq_len"], cfg["seed"],
-                         batch_size * 4, device, cache)
+                         batch_size * 4, device, cache, stream.fingerprint() if stream is not None else None)
     windows.calib = torch.cat([windows.calib[:windows.calib.shape[0] - n_calib], ids[:n_calib]])
     windows.scoring = torch.cat([windows.scoring[:windows.scoring.shape[0] - n_scoring], ids[n_calib:]])
     windows.source += f" + {n_calib + n_scoring} windows sampled from the dense model"
@@ -251,7 +253,7 @@ def open_session(cfg: dict, validation_windows: int = 0, loaded: tuple | None = 
         seq_len=cfg["calib"]["seq_len"], heldout=eval_text, eval_windows=cfg["eval"]["windows"],
         eval_seq_len=cfg["eval"]["seq_len"], seed=cfg["seed"], validation_samples=validation_windows)
     t0 = time.perf_counter()
-    mix_generated(windows, cfg, model, tokenizer, device)
+    mix_generated(windows, cfg, model, tokenizer, device, stream)
     sampling_s = time.perf_counter() - t0
     main = main_domain(cfg)
     if reference is not None:
