@@ -175,3 +175,23 @@ def test_the_dense_forward_timing_runs_the_batches_asked_and_scales_to_all_windo
     assert module.forward_seconds(model, windows, 2, torch.device("cpu"), batches=3) == 10.0 and calls == [2, 2, 2]
     calls.clear()
     assert module.forward_seconds(model, windows, 8, torch.device("cpu"), batches=8) == 3.0 and calls == [8, 8, 4]
+
+
+def test_lm_eval_scores_a_streamed_model_as_it_does_the_loaded_one(byte_model_dir, tmp_path):
+    """lm-eval puts its inputs on the model's device, taken from its first weight: meta for streamed
+    weights. The run hands it the compute device, and the scores match the in-memory run's."""
+    rng = random.Random(0)
+    text = tmp_path / "text.txt"
+    words = "and the lord said unto moses let my people go that they may serve me".split()
+    text.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) + f" {i}" for i in range(400)))
+    scores = {}
+    for mode in ("none", "disk"):
+        out = tmp_path / mode
+        assert run_main([f"model={byte_model_dir}", f"calib.dataset={text}", "calib.samples=4", "calib.seq_len=32",
+                         "scoring.samples=2", "eval.windows=2", "eval.seq_len=32", "sparsity=0.3", "cache_stats=false",
+                         "eval.tasks=[subfit_kjv_cloze]", "eval.limit=4", "eval.domains=[]", f"offload={mode}",
+                         f"output_dir={out}"]) == 0
+        scores[mode] = json.loads((out / "results.json").read_text())["downstream"]["tasks"]["subfit_kjv_cloze"]
+    assert scores["disk"]["dense"]["items"] == 4
+    assert scores["disk"]["dense"]["acc"] == scores["none"]["dense"]["acc"]
+    assert scores["disk"]["compressed"]["acc"] == scores["none"]["compressed"]["acc"]

@@ -170,7 +170,7 @@ class DynamicSkip:
     @torch.inference_mode()
     def dense_run(self, ids: torch.Tensor) -> Run:
         """The dense residual stream at every submodule boundary of ``ids``, and its next-token log-probs."""
-        h = self.adapter.embed(ids)
+        h = self.adapter.embed(ids.to(self.model.device))  # calibration windows are kept on the host
         ctx = self.adapter.context(h)
         states = [h]
         for sub in self.order:

@@ -292,7 +292,7 @@ def evaluate_dense(session: Session, cfg: dict) -> None:
     ev = cfg["eval"]
     if ev["tasks"] and session.dense_tasks is None:
         session.dense_tasks = run_tasks(session.model, session.tokenizer, ev["tasks"], ev["limit"], session.batch_sizes["eval"],
-                                        get_plugins())
+                                        get_plugins(), session.device)
     if ev["speed"] and session.dense_speed is None:
         session.dense_speed = measure_speed({"dense": session.model}, SpeedSettings.from_config(cfg["speed"]), session.device)
 
@@ -303,7 +303,8 @@ def evaluate_compressed(session: Session, cfg: dict, results: dict) -> None:
     t0 = time.perf_counter()
     if ev["tasks"]:
         assert session.dense_tasks is not None  # measured by evaluate_dense, which compress runs first
-        compressed = run_tasks(session.model, session.tokenizer, ev["tasks"], ev["limit"], session.batch_sizes["eval"], get_plugins())
+        compressed = run_tasks(session.model, session.tokenizer, ev["tasks"], ev["limit"], session.batch_sizes["eval"],
+                               get_plugins(), session.device)
         results["downstream"] = {**compare_tasks(session.dense_tasks, compressed), "limit": ev["limit"]}
     if ev["speed"]:
         assert session.dense_speed is not None  # measured by evaluate_dense, which compress runs first

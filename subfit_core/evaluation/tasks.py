@@ -106,8 +106,10 @@ def check_tasks(names: list[str], plugins) -> None:
                           "(or any other lm-eval task name)")
 
 
-def run_tasks(model, tokenizer, names: list[str], limit: int | None, batch_size: int, plugins) -> dict[str, dict]:
-    """Zero-shot lm-eval scores of ``model`` on ``names``: task -> {metric: value, "items": n}."""
+def run_tasks(model, tokenizer, names: list[str], limit: int | None, batch_size: int, plugins,
+              device=None) -> dict[str, dict]:
+    """Zero-shot lm-eval scores of ``model`` on ``names``: task -> {metric: value, "items": n}.
+    ``device``: where its inputs go (default: the model's, which a streamed model's meta weights lack)."""
     import numpy
     import torch
     from lm_eval import simple_evaluate
@@ -121,6 +123,8 @@ def run_tasks(model, tokenizer, names: list[str], limit: int | None, batch_size:
     manager = TaskManager(include_defaults=any(isinstance(s, str) for s in specs))
     was_training = model.training
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if device is not None:  # HFLM takes a given model's device from its first weight: meta when streamed
+        lm._device = torch.device(device)
     # simple_evaluate seeds the global RNGs; keep the run's own random state as it was
     py_state, np_state = random.getstate(), numpy.random.get_state()
     try:
