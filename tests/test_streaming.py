@@ -65,6 +65,13 @@ def test_gpus_fills_the_storing_devices_first_in_checkpoint_order_and_refuses_wh
     assert placement == {"l0.q": a, "l0.k": a, "l1.q": b, "l1.k": c, "head": c}
     assert place(sizes, {a: 100, b: 60, c: 69}) is None  # 229 bytes of room for 190, but no tensor is split
     assert place({}, {}) == {}
+    # a decoder layer's tensors stay on one device (a mixture of experts stacks them when a module loads)
+    layers = {"model.embed_tokens.weight": 30, **{f"model.layers.{i}.mlp.experts.{e}.w1.weight": 20
+                                                   for i in range(2) for e in range(3)}, "lm_head.weight": 30}
+    placement = place(layers, {a: 100, b: 60, c: 100})
+    assert {placement[f"model.layers.0.mlp.experts.{e}.w1.weight"] for e in range(3)} == {a}
+    assert {placement[f"model.layers.1.mlp.experts.{e}.w1.weight"] for e in range(3)} == {b}  # not 10 bytes left on a
+    assert placement["lm_head.weight"] == c and place(layers, {a: 100, b: 59, c: 29}) is None
 
 
 def test_auto_spreads_over_the_gpus_a_model_that_fits_across_them_but_not_on_one(monkeypatch):

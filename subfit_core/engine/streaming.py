@@ -32,6 +32,7 @@ import ctypes.util
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -134,18 +135,27 @@ def gpu_budgets(device: torch.device) -> dict[torch.device, int]:
     return budgets
 
 
+LAYER = re.compile(r"^(.*\.layers\.\d+)\.")  # a decoder layer's tensors: "model.layers.7.mlp.experts.3.w1.weight"
+
+
 def place(sizes: dict[str, int], budgets: dict[torch.device, int]) -> dict[str, torch.device] | None:
-    """Each tensor's device: ``budgets`` filled in order with the tensors in checkpoint order (a
-    layer's tensors stay together); None when they do not all fit."""
+    """Each tensor's device: ``budgets`` filled in order with the tensors in checkpoint order, a
+    decoder layer's tensors on one device (a mixture of experts stacks its experts' tensors when a
+    module loads, which needs them together); None when they do not all fit."""
+    groups: dict[str, list[str]] = {}
+    for name in sizes:
+        layer = LAYER.match(name)
+        groups.setdefault(layer.group(1) if layer else name, []).append(name)
     placement: dict[str, torch.device] = {}
     devices = iter(budgets.items())
     device, room = next(devices, (None, 0))
-    for name, size in sizes.items():
+    for names in groups.values():
+        size = sum(sizes[name] for name in names)
         while device is not None and size > room:
             device, room = next(devices, (None, 0))
         if device is None:
             return None
-        placement[name] = device
+        placement.update(dict.fromkeys(names, device))
         room -= size
     return placement
 
@@ -380,8 +390,8 @@ class WeightStream:
         self._handles_of.clear()
 
     def _read(self, key: str) -> torch.Tensor:
-        if key in self.conversions:
-            return self.conversions[key].build(self._read, key, self.model)
+        if key in self.conversions:  # its sources joined on the compute device, wherever each is stored
+            return self.conversions[key].build(lambda k: self._read(k).to(self.device), key, self.model)
         if self.state is not None:
             return self.state[key]
         path = self.files[key]
