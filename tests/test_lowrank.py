@@ -335,3 +335,17 @@ def test_closed_forms_make_every_tensor_on_their_inputs_device():
     with torch.device("meta"):
         got = every()
     assert all(g.device.type == "cpu" and torch.equal(g, e) for g, e in zip(got, expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_refinement_of_half_precision_factors_lowers_the_loss_at_the_recipes_rate(tiny_model, random_windows, dtype):
+    """The optimizer steps float32 copies: stepping bf16 factors directly at lr 1e-4 rounds every
+    step away (nothing kept), and fp16's AdamW eps rounds to 0 (NaN)."""
+    model = tiny_model().to(dtype)
+    bench = Workbench(model, find_adapter(get_plugins(), model), random_windows(calib=8, seq_len=16), 4, torch.device("cpu"))
+    bench.collect()
+    res = factorize(bench, factorizer("aa-svd", refine_steps=30, refine_lr=1e-4), 0.5, set())
+    assert all(torch.isfinite(p).all() for f in res.factored.values() for p in f.parameters())
+    assert all(f.up.dtype == dtype for f in res.factored.values())
+    assert any(r["kept"] and r["mse_after"] < 0.999 * r["mse_before"] for r in res.refinement), res.refinement
+    bench.restore()

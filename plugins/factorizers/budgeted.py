@@ -72,7 +72,8 @@ def refine_layer(stage, layer: int, params: list, inputs: list, targets: list, o
                  p: FactorizerParams) -> tuple[list, dict]:
     """Block refinement: AdamW on this layer's factors, MSE between the compressed layer on the
     compressed stream and the dense layer's output. Keeps the result only if it lowers the loss on
-    all windows."""
+    all windows. The optimizer steps float32 copies of the factors: in bf16 a step of lr x ~1 is
+    below the weights' rounding and is lost, and in fp16 AdamW's eps rounds to 0."""
     t0 = time.perf_counter()
 
     def mse(outs):
@@ -87,7 +88,8 @@ def refine_layer(stage, layer: int, params: list, inputs: list, targets: list, o
         q.requires_grad_(False)
     for q in params:
         q.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=p.refine_lr, weight_decay=0.0)
+    masters = [q.detach().float().clone() for q in params]
+    opt = torch.optim.AdamW(masters, lr=p.refine_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / p.refine_steps)))
     contexts: dict = {}
     try:
@@ -99,11 +101,15 @@ def refine_layer(stage, layer: int, params: list, inputs: list, targets: list, o
                     with torch.no_grad():
                         contexts[key] = stage.adapter.context(x)
                 loss = F.mse_loss(stage.layer_forward(layer, x, contexts[key]).float(), t.float())
-                opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                for master, q in zip(masters, params):
+                    master.grad, q.grad = (None if q.grad is None else q.grad.float()), None
+                torch.nn.utils.clip_grad_norm_(masters, 1.0)
                 opt.step()
                 schedule.step()
+                with torch.no_grad():
+                    for q, master in zip(params, masters):
+                        q.copy_(master)
     finally:
         for q in params:
             q.requires_grad_(False)
