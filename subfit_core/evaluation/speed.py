@@ -70,11 +70,13 @@ def kv_cache_bytes(cache) -> int:
 def timed(fn, device: torch.device) -> float:
     """Seconds ``fn()`` takes: CUDA events on a CUDA device, wall clock on the CPU."""
     if device.type == "cuda":
+        # events recorded on the device's own stream (a bare record() uses the current device's, cuda:0's)
+        stream = torch.cuda.current_stream(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
-        start.record()
+        start.record(stream)
         fn()
-        end.record()
+        end.record(stream)
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1000.0
     t0 = time.perf_counter()
