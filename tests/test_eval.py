@@ -139,7 +139,8 @@ def test_dense_scores_are_computed_once_per_session(monkeypatch):
 
     calls = []
     monkeypatch.setattr(pipeline, "run_tasks", lambda *a, **k: calls.append(1) or {"t": {"acc": 0.5}})
-    session = SimpleNamespace(dense_tasks=None, dense_speed=None, model=None, tokenizer=None, batch_sizes={"eval": 8})
+    session = SimpleNamespace(dense_tasks=None, dense_speed=None, model=None, tokenizer=None, batch_sizes={"eval": 8},
+                              device="cpu")
     cfg = validate({"eval": {"tasks": ["piqa"]}})
     pipeline.evaluate_dense(session, cfg)
     pipeline.evaluate_dense(session, cfg)

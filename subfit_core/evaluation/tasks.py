@@ -128,7 +128,9 @@ def run_tasks(model, tokenizer, names: list[str], limit: int | None, batch_size:
     # simple_evaluate seeds the global RNGs; keep the run's own random state as it was
     py_state, np_state = random.getstate(), numpy.random.get_state()
     try:
-        with torch.random.fork_rng(), quiet_lm_eval():
+        # only the compute device's generator: with none named, fork_rng touches (and warns about) every GPU
+        cuda = [lm.device] if lm.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), quiet_lm_eval():
             out = simple_evaluate(model=lm, tasks=specs, num_fewshot=0, limit=limit, task_manager=manager,
                                   log_samples=False, bootstrap_iters=0, verbosity="ERROR")
     finally:
