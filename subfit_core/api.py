@@ -100,6 +100,11 @@ def compress(model: str | nn.Module, tokenizer=None, recipe: str | dict | None =
     if isinstance(model, nn.Module):
         if tokenizer is None:
             raise ConfigError("tokenizer: compress() of a loaded model needs its tokenizer")
+        placed = sorted({str(where) for where in (getattr(model, "hf_device_map", None) or {}).values()})
+        if len(placed) > 1:  # accelerate's hooks would keep moving each layer's inputs to where it was put
+            raise ConfigError(f"model: compress() of a loaded model needs it on one device; this one is spread by "
+                              f"device_map over {', '.join(placed)}; pass its folder or name instead (offload=auto "
+                              "streams a model that does not fit)")
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         overrides = {"model": getattr(model.config, "_name_or_path", "") or type(model).__name__, "dtype": dtype,
                      **overrides}

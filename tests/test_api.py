@@ -64,12 +64,20 @@ def test_compress_takes_a_dataset_and_dotted_keys(local):
     assert report["data"]["calibration"] == "8 x 32 tokens"
 
 
+def spread(model):
+    """The model as accelerate's device_map leaves it when it splits the layers over devices."""
+    model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "lm_head": "cpu"}
+    return model
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda m, t, x: compress(m, calibration=x, **SMALL), "tokenizer: compress() of a loaded model needs its tokenizer"),
     (lambda m, t, x: compress(m, t, calibration=x[:1], **SMALL), "calibration: give at least two non-empty texts"),
     (lambda m, t, x: compress(m, t, calibration=x, sparsty=0.2), "did you mean 'sparsity'"),
     (lambda m, t, x: compress(m, t, calibration=x, calib={"samples": 0}), "calib.samples"),
     (lambda m, t, x: compress(42), "model: expected a loaded causal LM or a name/path, got int"),
+    (lambda m, t, x: compress(spread(m), t, calibration=x, **SMALL),
+     "model: compress() of a loaded model needs it on one device; this one is spread by device_map over 0, 1, cpu"),
 ])
 def test_bad_arguments_are_one_line_errors(local, call, message):
     _, model, tokenizer, texts = local
