@@ -30,12 +30,14 @@ CALIBRATION = "calibration"  # the name a run gives text passed in as a list or 
 @dataclass
 class Report:
     """What one compression measured (``results``, as in results.json), the resolved recipe, and the
-    tokenizer and layout that ``save`` writes with the model."""
+    tokenizer and layout that ``save`` writes with the model (``stream``: where a model compressed with
+    streamed weights reads the weights it does not hold)."""
 
     results: dict
     recipe: dict
     tokenizer: Any = field(repr=False)
     layout: Any = field(repr=False)
+    stream: Any = field(default=None, repr=False)
 
     def __getitem__(self, key: str):
         return self.results[key]
@@ -109,16 +111,21 @@ def compress(model: str | nn.Module, tokenizer=None, recipe: str | dict | None =
         overrides = {"model": getattr(model.config, "_name_or_path", "") or type(model).__name__, "dtype": dtype,
                      **overrides}
         loaded = (model, tokenizer, f"{type(model).__name__} passed to compress()")
-    elif not isinstance(model, str):
+    elif isinstance(model, str):
+        overrides = {**overrides, "model": model}
+    else:
         raise ConfigError(f"model: expected a loaded causal LM or a name/path, got {type(model).__name__}")
     cfg = resolve(recipe, {**overrides, "save": False})
+    if loaded is not None and cfg["offload"] not in ("auto", "none"):
+        raise ConfigError(f"offload: '{cfg['offload']}' streams a model's weights from its files, and a model passed to "
+                          "compress() is already in memory; pass its folder or name to stream it, or leave offload")
     check_before_work(cfg)
     if loaded is not None:
         loaded = (loaded[0].to(device=resolve_device(cfg["device"]), dtype=getattr(torch, cfg["dtype"])), *loaded[1:])
     session = open_session(cfg, loaded=loaded, texts=texts)
     outcome = run_compression(session, cfg)
     outcome.results["timings"]["total_s"] = time.perf_counter() - t_start
-    return session.model, Report(outcome.results, cfg, session.tokenizer, session.adapter.layout)
+    return session.model, Report(outcome.results, cfg, session.tokenizer, session.adapter.layout, session.bench.stream)
 
 
 def save(model: nn.Module, report: Report, output_dir: str | Path, overwrite: bool = False) -> Path:
@@ -134,5 +141,5 @@ def save(model: nn.Module, report: Report, output_dir: str | Path, overwrite: bo
     results = {**report.results, "output_dir": str(out)}
     with claim(out):
         save_compressed(model, report.tokenizer, replacements, out, {**report.recipe, "output_dir": str(out)}, results,
-                        factored, layout=report.layout)
+                        factored, layout=report.layout, stream=report.stream)
     return out

@@ -54,6 +54,21 @@ def test_compress_in_memory_then_save_and_load_in_transformers(local, tmp_path):
         save(compressed, report, out)
 
 
+def test_a_named_model_is_the_one_compressed_and_saves_from_streamed_weights(local, tmp_path):
+    """``compress("folder")`` compresses that folder (not the recipe's model), and a model compressed with
+    streamed weights saves (its weights are read back from the stream) with the in-memory run's logits."""
+    folder, model, tokenizer, texts = local
+    ids = torch.randint(0, 120, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for offload in ("none", "disk"):
+        compressed, report = compress(str(folder / "model"), recipe="subfit", calibration=texts, offload=offload, **SMALL)
+        assert report.recipe["model"] == str(folder / "model") and report.recipe["offload"] == offload
+        out = save(compressed, report, tmp_path / offload)
+        with torch.no_grad():
+            logits[offload] = load_compressed(out)[0](input_ids=ids).logits
+    assert torch.allclose(logits["disk"], logits["none"], atol=1e-6)
+
+
 def test_compress_takes_a_dataset_and_dotted_keys(local):
     from datasets import Dataset
 
@@ -76,6 +91,8 @@ def spread(model):
     (lambda m, t, x: compress(m, t, calibration=x, sparsty=0.2), "did you mean 'sparsity'"),
     (lambda m, t, x: compress(m, t, calibration=x, calib={"samples": 0}), "calib.samples"),
     (lambda m, t, x: compress(42), "model: expected a loaded causal LM or a name/path, got int"),
+    (lambda m, t, x: compress(m, t, calibration=x, offload="disk", **SMALL),
+     "offload: 'disk' streams a model's weights from its files, and a model passed to compress() is already in memory"),
     (lambda m, t, x: compress(spread(m), t, calibration=x, **SMALL),
      "model: compress() of a loaded model needs it on one device; this one is spread by device_map over 0, 1, cpu"),
 ])
