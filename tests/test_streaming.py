@@ -58,6 +58,21 @@ def test_auto_keeps_a_model_that_fits_and_streams_one_that_does_not():
     assert resolve_offload("cpu", 1_000, cpu) == "cpu"
 
 
+def test_auto_sizes_a_checkpoint_in_the_runs_dtype(tmp_path, monkeypatch):
+    """A bf16 checkpoint run in float32 takes twice its file size: auto must measure that, not the file."""
+    from subfit_core.engine.models import offload_mode
+    from subfit_core.plugins import get_plugins
+
+    model = build_tiny_model("llama", seed=1).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    half = sum(checkpoint_sizes(tmp_path, torch.bfloat16).values())
+    room = int(half * streaming.HEADROOM * 1.5)  # the file fits with its headroom, the float32 weights do not
+    monkeypatch.setattr(streaming, "available_memory", lambda device: room)
+    cpu = torch.device("cpu")
+    assert offload_mode(get_plugins(), str(tmp_path), "auto", cpu, torch.bfloat16) == "none"
+    assert offload_mode(get_plugins(), str(tmp_path), "auto", cpu, torch.float32) == "disk"
+
+
 def test_gpus_fills_the_storing_devices_first_in_checkpoint_order_and_refuses_what_does_not_fit():
     a, b, c = (torch.device("cuda", i) for i in (1, 2, 0))
     sizes = {"l0.q": 40, "l0.k": 40, "l1.q": 40, "l1.k": 40, "head": 30}

@@ -209,13 +209,14 @@ def offload_mode(plugins: Plugins, spec: str, mode: str, device: torch.device, d
             raise
     if folder is None:
         return "none"
-    try:
-        size = checkpoint_bytes(folder)
+    try:  # the size the weights take once loaded (a bf16 checkpoint run in float32 doubles), not on disk
+        sizes = checkpoint_sizes(folder, dtype) if dtype is not None else None
+        size = sum(sizes.values()) if sizes is not None else checkpoint_bytes(folder)
     except SubFitError:
         if mode == "auto":  # not a safetensors folder: loading it in memory says what is wrong
             return "none"
         raise
-    return resolve_offload(mode, size, device, checkpoint_sizes(folder, dtype) if dtype is not None else None)
+    return resolve_offload(mode, size, device, sizes)
 
 
 def load_streamed(spec: str, device: torch.device, dtype: torch.dtype, mode: str, trust_remote_code: bool,
