@@ -322,6 +322,19 @@ def test_offload_errors_name_the_key(tmp_path):
         build_streamed(tmp_path, torch.float32, torch.device("cpu"), "disk")
 
 
+def test_what_cannot_run_on_streamed_weights_fails_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from subfit_core.engine import pipeline
+
+    monkeypatch.setattr(pipeline, "load_streamed", lambda *a, **k: pytest.fail("loaded before refusing"))
+    folder = write_local_model_and_text(tmp_path, seed=2, lines=200, layers=2)
+    base = [f"model={folder / 'model'}", f"calib.dataset={folder / 'text.txt'}", "calib.samples=2", "calib.seq_len=16",
+            "eval.domains=[]", "cache_stats=false", "save=false", "offload=disk"]
+    assert run_main([*base, "strategy=subfit-dynamic"]) == 2
+    assert "offload: disk; the dynamic runner keeps every candidate's original" in capsys.readouterr().err
+    assert run_main([*base, "eval.speed=true"]) == 2
+    assert "eval.speed: it times the model as deployed, held in memory" in capsys.readouterr().err
+
+
 def test_spilled_statistics_round_trip_with_a_bounded_few_in_memory(tmp_path):
     import gc
 

@@ -122,13 +122,15 @@ class DynamicRunner(Runner):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         return model.to(device).eval(), tokenizer
 
+    def check_offload(self, mode: str) -> None:
+        if mode != "none":
+            raise ConfigError(f"offload: {mode}; the dynamic runner keeps every candidate's original and its bypass in "
+                              "memory; set offload=none")
+
     def check(self, session, cfg: dict) -> None:
         if cfg["sparsity"] <= 0:
             raise ConfigError(f"sparsity: {cfg['sparsity']}; the dynamic runner skips this share per prompt, so it must "
                               "be above 0")
-        if session.bench.stream is not None:
-            raise ConfigError("offload: the dynamic runner keeps every candidate's original and its bypass in memory; "
-                              "set offload=none")
         if cfg["eval"]["tasks"] or cfg["eval"]["speed"]:
             key = "eval.tasks" if cfg["eval"]["tasks"] else "eval.speed"
             raise ConfigError(f"{key}: not measured for a per-prompt model yet (lm-eval and the speed benchmark run one "

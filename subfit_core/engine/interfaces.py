@@ -248,6 +248,10 @@ class Runner(Component):
     def run(self, session: Any, cfg: dict, out_dir: Any) -> dict:
         raise NotImplementedError
 
+    def check_offload(self, mode: str) -> None:
+        """Called with the resolved ``offload`` mode before the model loads: raise ConfigError if this
+        runner cannot work on weights held that way (default: any)."""
+
     @classmethod
     def load(cls, path: Any, device: Any = "cpu", dtype: Any = None, plugins: Any = None) -> tuple:
         """The folder ``run`` saved, as (model, tokenizer). ``load_compressed`` calls it for a folder

@@ -240,6 +240,7 @@ def open_session(cfg: dict, validation_windows: int = 0, loaded: tuple | None = 
         model, tokenizer, source = loaded
     else:
         mode = offload_mode(plugins, cfg["model"], cfg["offload"], device, dtype)
+        check_offload(cfg, mode)
         if mode == "none":
             model, tokenizer, source = load_model(plugins, cfg["model"], device, dtype, cfg["trust_remote_code"])
         else:
@@ -429,6 +430,17 @@ def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: di
         "notes": plan.notes,
         **({"factorization": {"factorizer": cfg["factorizer"]["name"], **factored.summary()}} if factored is not None else {}),
     }
+
+
+def check_offload(cfg: dict, mode: str) -> None:
+    """What cannot run on streamed weights fails once ``offload`` is resolved, before the model loads."""
+    if mode != "none" and cfg["eval"]["speed"]:
+        raise ConfigError(f"eval.speed: it times the model as deployed, held in memory, and this run streams its weights "
+                          f"(offload={mode}), so it would time the reads; set eval.speed=false and run subfit-speed on the "
+                          "saved folder where it fits")
+    runner = build_optional(get_plugins(), "runner", cfg["runner"], "one compressed model")
+    if runner is not None:
+        runner.check_offload(mode)
 
 
 def check_before_work(cfg: dict) -> None:
