@@ -47,6 +47,10 @@ def test_samples_are_read_back_from_the_cache(tiny_model, tmp_path, monkeypatch)
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
     monkeypatch.setattr(model, "generate", lambda *a, **k: pytest.fail("sampled again despite the cache"))
     assert torch.equal(first, sample_windows(model, START, 2, 10, 0, 2, CPU, cache=tmp_path))
+    monkeypatch.undo()  # another batch size draws other text: it is sampled, not read as the first
+    other = sample_windows(model, START, 2, 10, 0, 1, CPU, cache=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    assert torch.equal(other, sample_windows(model, START, 2, 10, 0, 1, CPU))
 
 
 def test_samples_start_from_bos_else_eos_else_a_calibration_token():

@@ -35,13 +35,14 @@ def start_token(tokenizer, fallback: int) -> int:
     return int(fallback)
 
 
-def samples_key(model: PreTrainedModel, start: int, count: int, seq_len: int, seed: int,
+def samples_key(model: PreTrainedModel, start: int, count: int, seq_len: int, seed: int, batch_size: int,
                 weights: list | None = None) -> str:
-    """``weights``: what identifies weights that are not in memory (streamed: their files; default: a
+    """``batch_size``: the text sampled depends on it (the random draws are taken batch by batch);
+    ``weights``: what identifies weights that are not in memory (streamed: their files; default: a
     summary of the model's, which a streamed model's meta parameters do not have)."""
     fingerprint = weights if weights is not None else weights_fingerprint(model)
     h = hashlib.sha256(json.dumps([SAMPLES_VERSION, model.config.to_dict(), fingerprint,
-                                   start, count, seq_len, seed], sort_keys=True, default=str).encode())
+                                   start, count, seq_len, seed, batch_size], sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
 
 
@@ -51,7 +52,7 @@ def sample_windows(model: PreTrainedModel, start: int, count: int, seq_len: int,
     """``count`` windows of ``seq_len`` tokens: ``start``, then pure samples (temperature 1, no top-k /
     top-p truncation) from ``model``. Read from ``cache`` (a folder) when there; ``weights`` as in
     ``samples_key``."""
-    key = samples_key(model, start, count, seq_len, seed, weights) if cache is not None else None
+    key = samples_key(model, start, count, seq_len, seed, batch_size, weights) if cache is not None else None
     path = cache / f"{key}.safetensors" if cache is not None else None
     if path is not None and path.exists():
         ids = load_file(path).get("ids")
