@@ -416,3 +416,19 @@ def test_components_that_cannot_work_together_fail_before_any_work(local, capsys
     args = [a for a in tiny_args(local, "save=false") if not a.startswith("strategy=")]
     assert run_main([*extra, *args]) == 2
     one_line_error(capsys, "subfit-run", needle)
+
+
+def test_the_journal_counts_only_an_earlier_runs_work_as_replayed(tmp_path):
+    """An answer to an evaluation this run already made is a repeat (nothing spent, nothing counted);
+    one recorded by an earlier run counts once, with the seconds it took then."""
+    from subfit_core.engine.journal import EvaluationJournal
+
+    journal = EvaluationJournal()
+    journal.open(tmp_path / "j.jsonl")
+    journal.record("a", 1.5, 2.0)
+    assert journal.replay("a") == 1.5 and journal.replay("b") is None
+    assert (journal.replayed, journal.replayed_seconds, journal.repeated) == (0, 0.0, 1)
+    later = EvaluationJournal()
+    assert later.open(tmp_path / "j.jsonl") == 1
+    assert later.replay("a") == later.replay("a") == 1.5
+    assert (later.replayed, later.replayed_seconds, later.repeated) == (1, 2.0, 1)

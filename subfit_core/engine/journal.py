@@ -22,13 +22,15 @@ class EvaluationJournal:
     def __init__(self):
         self.path: Path | None = None  # None: nothing is journaled
         self._recorded: dict[str, tuple[float, float]] = {}  # key -> (value, seconds)
+        self._earlier: set[str] = set()  # keys an earlier run recorded that this run has not yet asked for
         self._digests: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> weights digest
         self.replayed = 0  # evaluations answered from the journal of an earlier, interrupted run
         self.replayed_seconds = 0.0  # what they took when they ran (compression time counts them)
+        self.repeated = 0  # evaluations this run had already made, answered again (no time counted: none spent)
 
     def open(self, path: Path) -> int:
         """Journal to ``path``, answering what it already holds; returns how many entries that is."""
-        self.path, self._recorded = path, {}
+        self.path, self._recorded, self._earlier = path, {}, set()
         if path.exists():
             for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
@@ -36,6 +38,7 @@ class EvaluationJournal:
                     self._recorded[str(entry["key"])] = (float(entry["value"]), float(entry["seconds"]))
                 except (ValueError, KeyError, TypeError):  # a line cut short by the kill
                     continue
+        self._earlier = set(self._recorded)
         return len(self._recorded)
 
     def _digest(self, module: nn.Module) -> str:
@@ -54,12 +57,17 @@ class EvaluationJournal:
         return h.hexdigest()
 
     def replay(self, key: str | None) -> float | None:
-        """The recorded value of ``key`` (counted as replayed), or None."""
+        """The recorded value of ``key``, or None. The first answer of an earlier run's evaluation is
+        counted as replayed, with the seconds it took then; any other answer repeats work this run did."""
         if key is None or key not in self._recorded:
             return None
         value, seconds = self._recorded[key]
-        self.replayed += 1
-        self.replayed_seconds += seconds
+        if key in self._earlier:
+            self._earlier.discard(key)
+            self.replayed += 1
+            self.replayed_seconds += seconds
+        else:
+            self.repeated += 1
         return value
 
     def record(self, key: str | None, value: float, seconds: float) -> None:
