@@ -180,7 +180,10 @@ def model_folder(spec: str) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+        # what loading needs besides the weights: configs, tokenizer files (a chat template may be its own
+        # .jinja file), and a model's own code, which runs only with trust_remote_code
+        patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+        return Path(snapshot_download(spec, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001 - offline without a cached copy, a missing repo, ...
         raise SubFitError(f"model: cannot fetch '{spec}' from the hub: {type(exc).__name__}") from None
 
