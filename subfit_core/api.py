@@ -85,7 +85,9 @@ def compress(model: str | nn.Module, tokenizer=None, recipe: str | dict | None =
     ``model``: a loaded causal LM (compressed in place; give its ``tokenizer``), or what ``model=``
     takes in a recipe (a registered name, a local folder or a hub id). ``calibration``: None (the
     recipe's ``calib.dataset``), a registered text source or a file path, a list of strings, or a
-    ``datasets.Dataset`` with a ``text`` column. No model is saved: call ``save``.
+    ``datasets.Dataset`` with a ``text`` column. No model is saved: call ``save``. A named model too large
+    for memory is streamed (``offload``): the returned model then holds no weights of its own (each
+    module reads them when it runs), so save it with ``save``, which reads them back, not ``save_pretrained``.
     """
     from subfit_core.engine.models import resolve_device
     from subfit_core.engine.pipeline import check_before_work, open_session
