@@ -418,17 +418,21 @@ def test_components_that_cannot_work_together_fail_before_any_work(local, capsys
     one_line_error(capsys, "subfit-run", needle)
 
 
-def test_the_journal_counts_only_an_earlier_runs_work_as_replayed(tmp_path):
-    """An answer to an evaluation this run already made is a repeat (nothing spent, nothing counted);
-    one recorded by an earlier run counts once, with the seconds it took then."""
+def test_the_journal_counts_only_earlier_work_as_replayed(tmp_path):
+    """An answer to an evaluation this compression made counts nothing (nothing was spent); one recorded
+    before it began (an interrupted run, or an earlier compression of the session) counts once, with the
+    seconds it took then, so each compression reports what it would cost alone."""
     from subfit_core.engine.journal import EvaluationJournal
 
     journal = EvaluationJournal()
     journal.open(tmp_path / "j.jsonl")
     journal.record("a", 1.5, 2.0)
     assert journal.replay("a") == 1.5 and journal.replay("b") is None
-    assert (journal.replayed, journal.replayed_seconds, journal.repeated) == (0, 0.0, 1)
+    assert (journal.replayed, journal.replayed_seconds) == (0, 0.0)
+    journal.begin()  # the next compression of the session
+    assert journal.replay("a") == journal.replay("a") == 1.5
+    assert (journal.replayed, journal.replayed_seconds) == (1, 2.0)
     later = EvaluationJournal()
     assert later.open(tmp_path / "j.jsonl") == 1
     assert later.replay("a") == later.replay("a") == 1.5
-    assert (later.replayed, later.replayed_seconds, later.repeated) == (1, 2.0, 1)
+    assert (later.replayed, later.replayed_seconds) == (1, 2.0)

@@ -22,15 +22,14 @@ class EvaluationJournal:
     def __init__(self):
         self.path: Path | None = None  # None: nothing is journaled
         self._recorded: dict[str, tuple[float, float]] = {}  # key -> (value, seconds)
-        self._earlier: set[str] = set()  # keys an earlier run recorded that this run has not yet asked for
+        self._earlier: set[str] = set()  # keys recorded before this compression began, not yet asked for
         self._digests: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> weights digest
         self.replayed = 0  # evaluations answered from the journal of an earlier, interrupted run
         self.replayed_seconds = 0.0  # what they took when they ran (compression time counts them)
-        self.repeated = 0  # evaluations this run had already made, answered again (no time counted: none spent)
 
     def open(self, path: Path) -> int:
         """Journal to ``path``, answering what it already holds; returns how many entries that is."""
-        self.path, self._recorded, self._earlier = path, {}, set()
+        self.path, self._recorded = path, {}
         if path.exists():
             for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
@@ -38,8 +37,13 @@ class EvaluationJournal:
                     self._recorded[str(entry["key"])] = (float(entry["value"]), float(entry["seconds"]))
                 except (ValueError, KeyError, TypeError):  # a line cut short by the kill
                     continue
-        self._earlier = set(self._recorded)
+        self.begin()
         return len(self._recorded)
+
+    def begin(self) -> None:
+        """A compression starts: what is recorded so far is earlier work (an interrupted run's, or an
+        earlier compression's in the same session), counted when it is answered."""
+        self._earlier = set(self._recorded)
 
     def _digest(self, module: nn.Module) -> str:
         if module not in self._digests:  # its class and its weights (fitted modules never change)
@@ -57,8 +61,9 @@ class EvaluationJournal:
         return h.hexdigest()
 
     def replay(self, key: str | None) -> float | None:
-        """The recorded value of ``key``, or None. The first answer of an earlier run's evaluation is
-        counted as replayed, with the seconds it took then; any other answer repeats work this run did."""
+        """The recorded value of ``key``, or None. The first answer of an evaluation recorded before this
+        compression began counts as replayed, with the seconds it took then; an answer to one this
+        compression made itself counts nothing (no time was spent on it, now or before)."""
         if key is None or key not in self._recorded:
             return None
         value, seconds = self._recorded[key]
@@ -66,8 +71,6 @@ class EvaluationJournal:
             self._earlier.discard(key)
             self.replayed += 1
             self.replayed_seconds += seconds
-        else:
-            self.repeated += 1
         return value
 
     def record(self, key: str | None, value: float, seconds: float) -> None:

@@ -327,6 +327,7 @@ def compress(session: Session, cfg: dict, before_eval: Callable[[], None] | None
     bench, adapter, device = session.bench, session.adapter, session.device
     fz = comps.factorizer
     bench.restore()
+    bench.journal.begin()  # what earlier compressions of the session evaluated counts as replayed
     bench.fit_device = resolve_fit_device(cfg["fit_device"], device, adapter.hidden_size)
     evaluate_dense(session, cfg)
     if fz is None:
