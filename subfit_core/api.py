@@ -119,8 +119,8 @@ def compress(model: str | nn.Module, tokenizer=None, recipe: str | dict | None =
         raise ConfigError(f"model: expected a loaded causal LM or a name/path, got {type(model).__name__}")
     cfg = resolve(recipe, {**overrides, "save": False})
     if loaded is not None and cfg["offload"] not in ("auto", "none"):
-        raise ConfigError(f"offload: '{cfg['offload']}' streams a model's weights from its files, and a model passed to "
-                          "compress() is already in memory; pass its folder or name to stream it, or leave offload")
+        raise ConfigError(f"offload: '{cfg['offload']}' streams a model's weights, and a model passed to compress() is "
+                          "already in memory; allowed with a loaded model: auto, none (pass its folder or name to stream it)")
     check_before_work(cfg)
     if loaded is not None:
         loaded = (loaded[0].to(device=resolve_device(cfg["device"]), dtype=getattr(torch, cfg["dtype"])), *loaded[1:])

@@ -50,9 +50,9 @@ SCHEMA: dict[str, Any] = {
                                   "streamed to the device per module), disk (read from the safetensors shards per module), "
                                   "auto (none when the model fits with room, else gpus, cpu or disk)",
                      choices=("auto", "none", "gpus", "cpu", "disk")),
-    "fit_device": Field(str, "auto", "where fits run their float64 algebra: device (the compute device), cpu, or "
-                                     "auto (device on a GPU with fast float64, e.g. A100, H100, when a fit's matrices "
-                                     "fit in its free memory; else cpu)", choices=("auto", "cpu", "device")),
+    "fit_device": Field(str, "auto", "where fits run their float64 algebra: compute (the compute device), cpu, or "
+                                     "auto (compute on a GPU with fast float64, e.g. A100, H100, when a fit's matrices "
+                                     "fit in its free memory; else cpu)", choices=("auto", "cpu", "compute")),
     "seed": Field(int, 0, "seed for window sampling"),
     "output_dir": Field(str, "runs/subfit", "where the compressed model is written (atomically)"),
     "overwrite": Field(bool, False, "replace an existing output_dir"),

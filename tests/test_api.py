@@ -63,6 +63,7 @@ def test_a_named_model_is_the_one_compressed_and_saves_from_streamed_weights(loc
     for offload in ("none", "disk"):
         compressed, report = compress(str(folder / "model"), recipe="subfit", calibration=texts, offload=offload, **SMALL)
         assert report.recipe["model"] == str(folder / "model") and report.recipe["offload"] == offload
+        assert report["model"]["fit_device"] == "cpu"  # where the fits ran, auto resolved
         out = save(compressed, report, tmp_path / offload)
         with torch.no_grad():
             logits[offload] = load_compressed(out)[0](input_ids=ids).logits
@@ -92,7 +93,7 @@ def spread(model):
     (lambda m, t, x: compress(m, t, calibration=x, calib={"samples": 0}), "calib.samples"),
     (lambda m, t, x: compress(42), "model: expected a loaded causal LM or a name/path, got int"),
     (lambda m, t, x: compress(m, t, calibration=x, offload="disk", **SMALL),
-     "offload: 'disk' streams a model's weights from its files, and a model passed to compress() is already in memory"),
+     "offload: 'disk' streams a model's weights, and a model passed to compress() is already in memory; allowed"),
     (lambda m, t, x: compress(spread(m), t, calibration=x, **SMALL),
      "model: compress() of a loaded model needs it on one device; this one is spread by device_map over 0, 1, cpu"),
 ])

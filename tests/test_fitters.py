@@ -477,7 +477,7 @@ def test_stats_on_a_device_share_tensors_already_there_and_the_view_reads_one_at
     ("auto", (8, 0), 40, "cuda"),      # A100
     ("auto", (8, 9), 24, "cpu"),       # L4 / RTX 4090: float64 at 1/64
     ("auto", (9, 0), 0.1, "cpu"),      # fast, but no room for a fit's matrices at d = 4096
-    ("device", (8, 9), 24, "cuda"),    # asked for
+    ("compute", (8, 9), 24, "cuda"),   # asked for
     ("cpu", (9, 0), 80, "cpu"),
 ])
 def test_fit_device_runs_fits_on_a_gpu_only_where_its_float64_is_fast(monkeypatch, choice, capability, free_gb, expected):
@@ -486,7 +486,12 @@ def test_fit_device_runs_fits_on_a_gpu_only_where_its_float64_is_fast(monkeypatc
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gb * 1e9), int(80e9)))
     assert resolve_fit_device(choice, torch.device("cuda"), 4096).type == expected
-    for choice in ("auto", "device", "cpu"):  # a CPU run fits on the CPU whatever is asked
+
+
+def test_a_cpu_run_fits_on_the_cpu_whatever_fit_device_says():
+    from subfit_core.engine.models import resolve_fit_device
+
+    for choice in ("auto", "compute", "cpu"):
         assert resolve_fit_device(choice, torch.device("cpu"), 4096).type == "cpu"
 
 

@@ -50,7 +50,7 @@ def test_samples_are_read_back_from_the_cache(tiny_model, tmp_path, monkeypatch)
     monkeypatch.undo()  # another batch size draws other text: it is sampled, not read as the first
     other = sample_windows(model, START, 2, 10, 0, 1, CPU, cache=tmp_path)
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
-    assert torch.equal(other, sample_windows(model, START, 2, 10, 0, 1, CPU))
+    assert torch.equal(other, sample_windows(model, START, 2, 10, 0, 1, CPU)) and not torch.equal(other, first)
 
 
 def test_samples_start_from_bos_else_eos_else_a_calibration_token():

@@ -410,5 +410,8 @@ def test_a_streamed_run_caches_its_sampled_windows_under_its_files_fingerprint(t
             "cache_stats=true", "sparsity=0.25", "strategy=subfit", "offload=disk", "save=false"]
     assert run_main([*args, f"output_dir={tmp_path / 'a'}"]) == 0
     assert len(list((tmp_path / "cache" / "samples").glob("*.safetensors"))) == 1
+    from transformers.generation.utils import GenerationMixin
+
+    monkeypatch.setattr(GenerationMixin, "generate", lambda *a, **k: pytest.fail("sampled again despite the cache"))
     assert run_main([*args, f"output_dir={tmp_path / 'b'}"]) == 0  # the second run reads them
     assert len(list((tmp_path / "cache" / "samples").glob("*.safetensors"))) == 1

@@ -45,6 +45,7 @@ from subfit_core.artifact.rebuild import set_child
 from subfit_core.engine.cache import spill_root
 from subfit_core.engine.interfaces import Submodule
 from subfit_core.engine.lowrank import FactoredLinear, Factors
+from subfit_core.engine.models import room_for_fits
 from subfit_core.errors import NumericalError, SubFitError
 from subfit_core.progress import progress
 
@@ -198,7 +199,9 @@ class Factorization:
         self.need_stats = kind in ("dense", "anchored")  # streamed Gram statistics
         self.need_comp = kind == "anchored" or self.refine
         self.stream = bench.stream
-        self.fit_device = bench.fit_device  # where the factorizer's float64 work runs
+        # where the factorizer's float64 work runs: the fits' device if its inputs' Gram matrices fit there
+        widest = max((lin.in_features for subs in self.sites.values() for _, lin in subs), default=0)
+        self.fit_device = bench.fit_device if room_for_fits(bench.fit_device, widest) else torch.device("cpu")
         self.folder: Path | None = None  # where a streamed run's factors wait (deleted with the stream)
 
     # ------------------------------------------------------------------ what factorizers read
@@ -210,9 +213,12 @@ class Factorization:
         return [pair for subs in self.sites.values() for pair in subs]
 
     def read(self, param: torch.Tensor) -> torch.Tensor:
-        """A parameter's value, detached, on ``fit_device`` (where a factorizer works on it): from
-        memory, or read from the stream when it is streamed."""
-        return (self.stream.read(param) if param.is_meta else param.detach()).to(self.fit_device)
+        """A parameter's value, detached, on ``fit_device`` (where a factorizer works on it)."""
+        return self.stored(param).to(self.fit_device)
+
+    def stored(self, param: torch.Tensor) -> torch.Tensor:
+        """A parameter's value, detached, where it is: in memory, or read from the stream when streamed."""
+        return self.stream.read(param) if param.is_meta else param.detach()
 
     @torch.no_grad()
     def dense_pass(self, visit: Callable[[Site, nn.Linear, LinearStats], None]) -> None:
@@ -249,7 +255,7 @@ class Factorization:
     def _install(self, site: Site, lin: nn.Linear, f: Factors) -> FactoredLinear:
         dtype = lin.weight.dtype
         device = self.piecewise.device if lin.weight.is_meta else lin.weight.device
-        bias = self.read(lin.bias).to(device, dtype, copy=True) if lin.bias is not None else None
+        bias = self.stored(lin.bias).to(device, dtype, copy=True) if lin.bias is not None else None
         module = FactoredLinear(f.down.to(device, dtype).contiguous(), f.up.to(device, dtype).contiguous(), bias)
         set_child(self.bench.originals[site.sub], site.path, module)
         self.bench.factored[(site.sub, site.path)] = lin
@@ -262,9 +268,13 @@ class Factorization:
         return module
 
     def _factor_sub(self, sub: Submodule, ranks: dict, grams: GramSet | None) -> list[tuple[Site, FactoredLinear]]:
-        out = []
+        out: list[tuple[Site, FactoredLinear]] = []
+        moved: dict[int, LinearStats] = {}  # linears reading one input (q, k, v) share its statistics: copied once
         for site, lin in self.sites.get(sub, []):
-            st = grams.of(site).to(self.fit_device) if grams is not None else None
+            st = None
+            if grams is not None:
+                st = grams.of(site)
+                st = moved.setdefault(id(st), st.to(self.fit_device))
             f = self.fz.factor(site.name, self.read(lin.weight), st, ranks[site])
             out.append((site, self._install(site, lin, f)))
         return out

@@ -110,9 +110,9 @@ def allocate_ranks(spectra: dict, shapes: dict, kept_ratio: float) -> dict:
     items: list[tuple[float, object]] = []  # (worth per parameter of one more rank, matrix key)
     for key, sigma in spectra.items():
         energy = sigma.double().square()
-        share = energy / energy.sum().clamp_min(1e-300)
+        share = (energy / energy.sum().clamp_min(1e-300)).tolist()  # one copy from the device, not one per value
         m, n = shapes[key]
-        items.extend((float(share[i]) / (m + n), key) for i in range(1, min(len(share), caps[key])))
+        items.extend((share[i] / (m + n), key) for i in range(1, min(len(share), caps[key])))
     items.sort(key=lambda t: -t[0])
     for _, key in items:
         cost = sum(shapes[key])

@@ -35,20 +35,27 @@ def resolve_device(name: str) -> torch.device:
 # Compute capabilities whose float64 runs at half the float32 rate: P100, V100, A100/A30, H100/H200, B200.
 # Other GPUs run it at 1/32 to 1/64 of float32, slower than the host for a fit's solves.
 FAST_FLOAT64 = {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
-FIT_MATRICES = 8  # (d+1) x (d+1) float64 matrices one fit holds at its peak (the shared basis: seven), with room
+FIT_MATRICES = 8  # n x n float64 matrices one fit holds at its peak (the largest built-in fitter's: seven), with room
+
+
+def room_for_fits(device: torch.device, width: int) -> bool:
+    """Whether ``device`` has the free memory for one fit's float64 matrices on inputs ``width`` wide."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return free > FIT_MATRICES * 8 * (width + 1) ** 2
 
 
 def resolve_fit_device(choice: str, device: torch.device, dim: int) -> torch.device:
-    """Where fits run their float64 algebra: ``cpu``; ``device`` (the run's compute device); ``auto``:
+    """Where fits run their float64 algebra: ``cpu``; ``compute`` (the run's compute device); ``auto``:
     the compute device when it is a GPU with fast float64 and room for a fit's matrices, else the CPU."""
     cpu = torch.device("cpu")
     if choice == "cpu" or device.type != "cuda":
         return cpu
-    if choice == "device":
+    if choice == "compute":
         return device
-    free, _ = torch.cuda.mem_get_info(device)
     fast = torch.cuda.get_device_capability(device) in FAST_FLOAT64
-    return device if fast and free > FIT_MATRICES * 8 * (dim + 1) ** 2 else cpu
+    return device if fast and room_for_fits(device, dim) else cpu
 
 
 def supported_architectures(plugins: Plugins) -> list[str]:

@@ -404,7 +404,8 @@ def report(session: Session, cfg: dict, budget: Budget, plan: Plan, bypasses: di
     return {
         "strategy": cfg["name"],
         "model": {"name": cfg["model"], "source": session.model_source, "architecture": type(session.model).__name__,
-                  "layers": n_layers, "device": str(session.device), "dtype": cfg["dtype"]},
+                  "layers": n_layers, "device": str(session.device), "dtype": cfg["dtype"],
+                  "fit_device": str(session.bench.fit_device)},  # where the fits ran (auto resolved)
         "batch_sizes": session.batch_sizes,  # windows per batch as used (auto resolved)
         "data": {"calibration": f"{cfg['calib']['samples']} x {cfg['calib']['seq_len']} tokens",
                  "scoring": f"{cfg['scoring']['samples']} x {cfg['calib']['seq_len']} tokens",
@@ -449,6 +450,8 @@ def check_before_work(cfg: dict) -> None:
     build_components(get_plugins(), cfg)
     build_optional(get_plugins(), "runner", cfg["runner"], "one compressed model")
     check_tasks(cfg["eval"]["tasks"], get_plugins())
+    if cfg["offload"] != "auto":  # known now: refused before a download or a conversion
+        check_offload(cfg, cfg["offload"])
 
 
 def run(cfg: dict) -> dict:

@@ -107,6 +107,9 @@ class StatsOn(Mapping):
     def __iter__(self) -> Iterator:
         return iter(self.stats)
 
+    def __contains__(self, key) -> bool:  # without it, Mapping would copy (or read) the statistics to answer
+        return key in self.stats
+
     def __len__(self) -> int:
         return len(self.stats)
 

@@ -135,13 +135,15 @@ def gpu_budgets(device: torch.device) -> dict[torch.device, int]:
     return budgets
 
 
-LAYER = re.compile(r"^(.*\.layers\.\d+)\.")  # a decoder layer's tensors: "model.layers.7.mlp.experts.3.w1.weight"
+# a decoder layer's tensors by their checkpoint names ("model.layers.7.mlp.experts.3.w1.weight", "transformer.h.7.",
+# "blocks.7."): the usual namings, not every one; a layer it misses is placed tensor by tensor, which costs balance only
+LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks)\.\d+)\.")
 
 
 def place(sizes: dict[str, int], budgets: dict[torch.device, int]) -> dict[str, torch.device] | None:
     """Each tensor's device: ``budgets`` filled in order with the tensors in checkpoint order, a
-    decoder layer's tensors on one device (a mixture of experts stacks its experts' tensors when a
-    module loads, which needs them together); None when they do not all fit."""
+    decoder layer's tensors on one device (so a module loads from one GPU: a mixture of experts joins
+    its experts' tensors then); None when they do not all fit."""
     groups: dict[str, list[str]] = {}
     for name in sizes:
         layer = LAYER.match(name)
@@ -450,8 +452,9 @@ class WeightStream:
         return sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.is_meta)
 
     def read(self, param: torch.Tensor) -> torch.Tensor:
-        """The stored value of a meta parameter (host memory, or a GPU's with ``gpus``), cast like a
-        loaded one (for saving and factorizing)."""
+        """The stored value of a meta parameter (host memory, or a GPU's with ``gpus``; a parameter joined
+        from several stored tensors, on the compute device), cast like a loaded one (for saving and
+        factorizing)."""
         tensor = self._read(self.keys[id(param)])
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
