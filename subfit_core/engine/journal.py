@@ -24,7 +24,7 @@ class EvaluationJournal:
         self._recorded: dict[str, tuple[float, float]] = {}  # key -> (value, seconds)
         self._earlier: set[str] = set()  # keys recorded before this compression began, not yet asked for
         self._digests: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> weights digest
-        self.replayed = 0  # evaluations answered from the journal of an earlier, interrupted run
+        self.replayed = 0  # evaluations answered from earlier work (an interrupted run, an earlier compression)
         self.replayed_seconds = 0.0  # what they took when they ran (compression time counts them)
 
     def open(self, path: Path) -> int:
