@@ -82,6 +82,10 @@ class {cls}(BaseForCausalLM):
             device = next(model.parameters()).device
             load_model(model.subfit_bypasses, weights, strict=True, device=str(device))
             model.subfit_bypasses.to(next(model.parameters()).dtype)
+            for (l, k), (original, *_) in model.subfit_originals.items():  # device_map may spread the layers:
+                where = next(original.parameters(), None)  # each bypass runs where its layer's inputs are
+                if where is not None and not where.is_meta:
+                    model.subfit_bypasses[f"{{l}}_{{k}}"].to(where.device)
         return model
 
     # --- the model under a choice
