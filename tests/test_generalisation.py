@@ -41,6 +41,17 @@ def test_samples_follow_the_model(tiny_model):
     assert torch.isin(ids[:, 1:], torch.tensor([9, 10])).float().mean() > 0.9
 
 
+def test_samples_ignore_the_models_own_generation_settings(tiny_model):
+    """Pure samples: a repetition penalty or suppressed tokens in the model's generation_config (which
+    generate would apply, and the cache key does not cover) do not shape them."""
+    model = tiny_model()
+    plain = sample_windows(model, START, 2, 12, 0, 2, CPU)
+    model.generation_config.suppress_tokens = list(range(64))
+    model.generation_config.repetition_penalty = 50.0
+    assert torch.equal(sample_windows(model, START, 2, 12, 0, 2, CPU), plain)
+    assert model.generation_config.repetition_penalty == 50.0  # the model's own settings are put back
+
+
 def test_samples_are_read_back_from_the_cache(tiny_model, tmp_path, monkeypatch):
     model = tiny_model()
     first = sample_windows(model, START, 2, 10, 0, 2, CPU, cache=tmp_path)

@@ -58,16 +58,25 @@ def sample_windows(model: PreTrainedModel, start: int, count: int, seq_len: int,
         ids = load_file(path).get("ids")
         if ids is not None and tuple(ids.shape) == (count, seq_len):
             return ids
+    from transformers import GenerationConfig
+
     out = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for n in progress([min(batch_size, count - i) for i in range(0, count, batch_size)], desc="sampling calibration text"):
-            prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
-            # causal LMs get generate from GenerationMixin, which PreTrainedModel's annotations do not include
-            ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,  # type: ignore[operator]
-                                 temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=seq_len - 1, max_new_tokens=seq_len - 1,
-                                 pad_token_id=start, eos_token_id=None)
-            out.append(ids[:, :seq_len].cpu())
+    # pure samples: generate would fill what the call leaves unset from the model's own generation_config
+    # (a repetition penalty, suppressed tokens, ...), which the key does not cover; a blank one stands in
+    own, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            batches = [min(batch_size, count - i) for i in range(0, count, batch_size)]
+            for n in progress(batches, desc="sampling calibration text"):
+                prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
+                # causal LMs get generate from GenerationMixin, which PreTrainedModel's annotations do not include
+                ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,  # type: ignore[operator]
+                                     temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=seq_len - 1,
+                                     max_new_tokens=seq_len - 1, pad_token_id=start, eos_token_id=None)
+                out.append(ids[:, :seq_len].cpu())
+    finally:
+        model.generation_config = own
     ids = torch.cat(out)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
