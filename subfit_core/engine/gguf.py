@@ -176,6 +176,18 @@ def is_converted(folder: Path) -> bool:
         (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file())
 
 
+def is_current(folder: Path, origin: str) -> bool:
+    """A converted folder that this version of the conversion made from ``origin`` (its provenance file
+    says so): a folder from another package version, an older conversion, or anything else is stale."""
+    if not is_converted(folder):
+        return False
+    try:
+        info = json.loads((folder / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("conversion") == CONVERSION_VERSION and info.get("origin") == origin
+
+
 def _uncovered(info: dict) -> list[str]:
     """Weights of the model that the file did not provide (left at their random initialisation)."""
     missing = set(info.get("missing_keys") or ())
@@ -217,11 +229,12 @@ def _dequantised() -> dict[str, Any]:
     return {"quantization_config": GgufConfig(dequantize=True)}
 
 
-def convert(path: str | Path, target: Path, name: str | None = None) -> Path:
+def convert(path: str | Path, target: Path, name: str | None = None, origin: str | None = None) -> Path:
     """Dequantise the GGUF file ``path`` to float32 and save it as a plain safetensors model folder
-    at ``target`` (with its tokenizer), atomically. ``name``: how messages quote the model.
-    Returns ``target``; a whole folder already there (another process converting the same file
-    at the same time) is kept."""
+    at ``target`` (with its tokenizer), atomically. ``name``: how messages quote the model;
+    ``origin``: what the file is (e.g. a package and its version), recorded for ``is_current``.
+    Returns ``target``; a whole current folder already there (another process converting the same
+    file at the same time) is kept, a stale one replaced."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     shown = name or str(path)
@@ -258,10 +271,10 @@ def convert(path: str | Path, target: Path, name: str | None = None) -> Path:
                           f"{type(plain).__name__} ({', '.join(missing[:4])}); refusing to save random weights")
     plain.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True)
     del loaded, state
-    return _save(plain, tokenizer, target, path, time.perf_counter() - t0)
+    return _save(plain, tokenizer, target, path, time.perf_counter() - t0, origin)
 
 
-def _save(model, tokenizer, target: Path, source: Path, seconds: float) -> Path:
+def _save(model, tokenizer, target: Path, source: Path, seconds: float, origin: str | None = None) -> Path:
     import transformers
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -271,11 +284,16 @@ def _save(model, tokenizer, target: Path, source: Path, seconds: float) -> Path:
         tokenizer.save_pretrained(tmp)
         st = source.stat()
         (tmp / INFO_FILE).write_text(json.dumps({
-            "source": str(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "conversion": CONVERSION_VERSION,
+            "source": str(source), "origin": origin, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "conversion": CONVERSION_VERSION,
             "transformers": transformers.__version__, "torch": torch.__version__,
             "architecture": type(model).__name__, "seconds": round(seconds, 1)}, indent=2))
         if target.exists() and not is_converted(target):  # debris of something else: never a folder we renamed
             shutil.rmtree(target)
+        elif origin is not None and target.exists() and not is_current(target, origin):  # stale: set aside, then gone
+            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
+            os.replace(target, stale / target.name)
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             os.replace(tmp, target)
         except OSError:
