@@ -493,6 +493,23 @@ def test_only_the_worker_that_creates_the_study_queues_the_baseline(tiny, tmp_pa
     assert [t.system_attrs["fixed_params"] for t in join_study(cfg, space).get_trials()] == [base_values(cfg, space)]
 
 
+def test_a_study_refuses_a_command_whose_trials_would_measure_another_recipe(tiny, tmp_path):
+    """Joined (or reported) with another model, sparsity or space, a study would mix or mislabel its
+    trials: refused in one line naming the key. Where and how long a worker runs may differ."""
+    from subfit_core.apps.sweep import open_study, study_recipe
+    from subfit_core.errors import SubFitError
+
+    out = f"sweep.output_dir={tmp_path / 'o'}"
+    assert "sweep.space.fitter.attn.rank.int" in study_recipe(cfg_for(tiny, out))
+    assert open_study(cfg_for(tiny, out))[1]
+    assert not open_study(cfg_for(tiny, out, "sweep.trials=50", "device=cpu", f"output_dir={tmp_path / 'x'}"))[1]
+    with pytest.raises(SubFitError) as err:
+        open_study(cfg_for(tiny, out, "sparsity=0.5"))
+    assert "sweep.study_name: study 'subfit-sweep'" in str(err.value) and "this command has sparsity=0.5;" in str(err.value)
+    with pytest.raises(SubFitError, match="sweep.validation_windows"):
+        open_study(cfg_for(tiny, out, "sweep.validation_windows=3"), create=False)
+
+
 def test_workers_with_one_seed_propose_different_values(tiny, tmp_path):
     """Trial n is sampled with seed + n: two workers that open the study at once (same seed, same
     trial count) do not propose the same values, and the sampler stays reproducible."""

@@ -43,7 +43,7 @@ from optuna.trial import TrialState
 from subfit_core.apps.cli import command, resolve_recipe
 from subfit_core.apps.plotting import pyplot, save_ratio_plot
 from subfit_core.artifact.outputs import atomic_dir
-from subfit_core.config import ConfigError, apply_overrides, validate
+from subfit_core.config import ConfigError, apply_overrides, flatten, validate
 from subfit_core.engine.pipeline import SESSION_KEYS, Session, build_components, compress, open_session
 from subfit_core.errors import SubFitError
 from subfit_core.evaluation.perplexity import forward_seconds, perplexity
@@ -351,6 +351,35 @@ class SeedPerTrial(optuna.samplers.BaseSampler):
         self.inner.reseed_rng()
 
 
+# Keys that say where and how a worker runs, not what a trial measures: workers of one study may differ in them.
+# Of the sweep section, what a trial measures depends on the space, the objectives, the validation split and the
+# pruning steps.
+WORKER_KEYS = {"name", "description", "output_dir", "overwrite", "save", "device", "fit_device", "offload",
+               "eval.batch_size"}
+MEASURED_SWEEP_KEYS = ("sweep.space.", "sweep.objectives", "sweep.validation_windows", "sweep.prune_steps")
+
+
+def study_recipe(cfg: dict) -> dict[str, str]:
+    """What a study's trials measure, key by key (JSON values), stored with the study when it is created."""
+    return {key: json.dumps(value, sort_keys=True, default=str) for key, value in flatten(cfg)
+            if key not in WORKER_KEYS and (not key.startswith("sweep.") or key.startswith(MEASURED_SWEEP_KEYS))}
+
+
+def check_recipe(study: optuna.Study, cfg: dict) -> None:
+    """A study joined (or reported) under another recipe would mix or mislabel its trials: refused,
+    naming the first key that differs. Studies made before recipes were stored are not checked."""
+    stored = study.user_attrs.get("recipe")
+    if not isinstance(stored, dict):
+        return
+    current = study_recipe(cfg)
+    for key in sorted(set(stored) | set(current)):
+        if stored.get(key) != current.get(key):
+            raise SubFitError(f"sweep.study_name: study '{cfg['sweep']['study_name']}' in "
+                              f"{redact(storage_spec(cfg['sweep']))} measured {key}={stored.get(key, '(unset)')}, "
+                              f"this command has {key}={current.get(key, '(unset)')}; use another sweep.study_name "
+                              "or sweep.output_dir for another recipe")
+
+
 def open_study(cfg: dict, create: bool = True) -> tuple[optuna.Study, bool]:
     """The study ``sweep.study_name`` in the storage, and whether this call created it (of workers
     started together exactly one does: the storage refuses a second study of one name)."""
@@ -364,6 +393,7 @@ def open_study(cfg: dict, create: bool = True) -> tuple[optuna.Study, bool]:
         try:
             study = optuna.create_study(storage=storage, study_name=name, directions=directions, pruner=pruner,
                                         sampler=sampler)
+            study.set_user_attr("recipe", study_recipe(cfg))
             return study, True  # a new study has the directions asked for
         except optuna.exceptions.DuplicatedStudyError:
             pass
@@ -374,6 +404,7 @@ def open_study(cfg: dict, create: bool = True) -> tuple[optuna.Study, bool]:
     if [d.name.lower() for d in study.directions] != directions:
         raise SubFitError(f"sweep.objectives: study '{sweep['study_name']}' in this storage was created for "
                           f"{len(study.directions)} objective(s); use another sweep.study_name")
+    check_recipe(study, cfg)
     return study, False
 
 
