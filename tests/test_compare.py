@@ -297,6 +297,34 @@ def test_an_interrupted_comparison_resumes_where_it_stopped(local_model_and_text
     assert not journal.exists() and (folder / "resumed" / "table.md").exists()
 
 
+def test_an_interrupted_comparison_is_not_resumed_on_a_changed_model(local_model_and_text, monkeypatch):
+    """The journal's rows were measured on the model's files as they were: replaced at the same path,
+    the comparison starts again rather than report old rows beside new ones."""
+    import os
+
+    from subfit_core.apps import compare as compare_module
+
+    folder, calls = local_model_and_text, []
+    real = compare_module.compress
+
+    def interrupted_on_second(session, cfg):
+        calls.append(cfg["name"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(session, cfg)
+
+    args = ["strategies=[shortgpt]", "sparsities=[0.17,0.34]", f"output_dir={folder / 'changed'}", *tiny_args(folder)]
+    monkeypatch.setattr(compare_module, "compress", interrupted_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        compare(args)
+    weights = next((folder / "model").glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten in place
+    calls.clear()
+    monkeypatch.setattr(compare_module, "compress", lambda s, c: (calls.append(c["name"]), real(s, c))[1])
+    compare(args)
+    assert calls == ["shortgpt", "shortgpt"]  # both measured again, none served from the journal
+
+
 def test_table_shows_retained_accuracy_only_when_tasks_ran():
     from subfit_core.apps.compare import markdown
 

@@ -220,6 +220,7 @@ def run_comparison(strategies: list[str], sparsities: list[float], out: Path, sh
     # protocol -> (its description, its strategies in the order given); keyed on the values, since the
     # description rounds (12% sampled is 0.12 or 0.125)
     groups: dict[tuple, tuple[str, list[str]]] = {}
+    recipes: dict[str, dict] = {}  # what each strategy runs: a journal written for other recipes is not resumed
     for name in strategies:  # unknown recipes and bad keys (shared overrides too) fail before any work
         try:
             cfg = strategy_config(name, sparsities[0], shared, base, calibration)
@@ -231,9 +232,12 @@ def run_comparison(strategies: list[str], sparsities: list[float], out: Path, sh
             raise SubFitError(f"strategy {name}: {exc}") from None
         key = tuple(cfg[section][k] for section, keys in PROTOCOL.items() for k in keys)
         groups.setdefault(key, (protocol_of(cfg), []))[1].append(name)
+        recipes[name] = {k: v for k, v in cfg.items() if k not in ("sparsity", "output_dir", "overwrite")}
     check_tasks(base["eval"]["tasks"], get_plugins())
     journal = Journal(out, {"strategies": strategies, "sparsities": sparsities,
-                            "shared": [[k, v] for k, v in shared], "calibration": calibration})
+                            "shared": [[k, v] for k, v in shared], "calibration": calibration, "recipes": recipes,
+                            "files": {spec: files_fingerprint(spec) for spec in
+                                      (base["model"], base["calib"]["dataset"], base["eval"]["dataset"]) if spec}})
     done: dict[tuple[str, float], dict] = {}
     described, count = [], len(strategies) * len(sparsities)
     # the model (unless streamed) and the dense reference carry over from group to group; the windows and
@@ -315,6 +319,14 @@ def run_comparison(strategies: list[str], sparsities: list[float], out: Path, sh
     return summary
 
 
+def files_fingerprint(spec: str) -> list:
+    """What identifies a local file or folder a comparison reads (each file's name, size and time), so
+    its journal does not serve rows measured on an earlier version; [] for a registered name or hub id."""
+    path = Path(str(spec)).expanduser()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
 class Journal:
     """Finished rows of an unfinished comparison, one JSON line each, next to the output folder, so
     the same command run again skips them (failed rows are retried). Removed once the results
@@ -323,7 +335,7 @@ class Journal:
     def __init__(self, out: Path, args: dict):
         self.path = out.parent / f".{out.name}.journal.jsonl"
         self.done: dict[tuple[str, float], dict] = {}
-        header = json.dumps(args, sort_keys=True)
+        header = json.dumps(args, sort_keys=True, default=str)
         if self.path.exists():
             try:
                 lines = self.path.read_text(encoding="utf-8").splitlines()
