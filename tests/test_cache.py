@@ -65,6 +65,19 @@ def test_key_depends_on_the_layout_version(tiny_model, monkeypatch):
     assert cache.stats_key("tiny", model, "float32", ids) != before
 
 
+def test_key_sees_weights_changed_in_place_even_with_the_same_sums(tiny_model):
+    """Rows permuted (a checkpoint converted again with another head layout keeps every sum): the key,
+    hence the statistics, samples and evaluations, changes; the same weights give the same key."""
+    model = tiny_model("llama")
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    before = cache.stats_key("tiny", model, "float32", ids)
+    assert cache.stats_key("tiny", tiny_model("llama"), "float32", ids) == before
+    with torch.no_grad():
+        w = model.model.layers[0].self_attn.q_proj.weight
+        w.copy_(w.flip(0))
+    assert cache.stats_key("tiny", model, "float32", ids) != before
+
+
 def test_bad_size_limit_names_the_variable(monkeypatch):
     monkeypatch.setenv("SUBFIT_CACHE_MAX_GB", "lots")
     with pytest.raises(SubFitError, match=r"^SUBFIT_CACHE_MAX_GB: 'lots' is not a number; give a size in GB"):

@@ -51,11 +51,17 @@ def max_cache_bytes() -> int:
 
 
 @torch.no_grad()
-def weights_fingerprint(model: torch.nn.Module) -> list[float]:
-    """Cheap summary of the weights (a sum and an absolute sum per tensor), so statistics of a model
-    retrained in place under the same name and config are not reused."""
-    return [round(float(v), 6) for p in model.parameters()
-            for v in (p.sum(dtype=torch.float64), torch.linalg.vector_norm(p, 1, dtype=torch.float64))]
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of every parameter's values in order, so the statistics, samples and evaluations of a model
+    changed in place under the same name and config (retrained, converted again, rows permuted: sums
+    would not see that) are never reused. One tensor at a time on the host; about 1 s per GB."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        t = p.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # the buffer itself, not a copy of its bytes
+    return h.hexdigest()
 
 
 def stats_key(model_spec: str, model: PreTrainedModel, dtype: str, calib_ids: torch.Tensor,
