@@ -26,6 +26,7 @@ from subfit_core.apps.plotting import pyplot, ratio_lines, save_ratio_plot
 from subfit_core.artifact.outputs import atomic_dir, check_output_dir, claim
 from subfit_core.config import ConfigError, apply_overrides, parse_bool, parse_override, validate
 from subfit_core.engine.pipeline import SESSION_KEYS, build_components, compress, open_session
+from subfit_core.engine.streaming import file_stamps
 from subfit_core.errors import SubFitError, first_line
 from subfit_core.evaluation.tasks import check_tasks
 from subfit_core.plugins import get_plugins
@@ -324,7 +325,7 @@ def files_fingerprint(spec: str) -> list:
     its journal does not serve rows measured on an earlier version; [] for a registered name or hub id."""
     path = Path(str(spec)).expanduser()
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return file_stamps(files)
 
 
 class Journal:

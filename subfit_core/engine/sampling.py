@@ -52,8 +52,8 @@ def sample_windows(model: PreTrainedModel, start: int, count: int, seq_len: int,
     """``count`` windows of ``seq_len`` tokens: ``start``, then pure samples (temperature 1, no top-k /
     top-p truncation) from ``model``. Read from ``cache`` (a folder) when there; ``weights`` as in
     ``samples_key``."""
-    key = samples_key(model, start, count, seq_len, seed, batch_size, weights) if cache is not None else None
-    path = cache / f"{key}.safetensors" if cache is not None else None
+    path = (cache / f"{samples_key(model, start, count, seq_len, seed, batch_size, weights)}.safetensors"
+            if cache is not None else None)
     if path is not None and path.exists():
         ids = load_file(path).get("ids")
         if ids is not None and tuple(ids.shape) == (count, seq_len):

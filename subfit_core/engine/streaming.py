@@ -92,6 +92,11 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     return {name: single for name in ShardReader(single).header if name != "__metadata__"}
 
 
+def file_stamps(files: list[Path]) -> list:
+    """What identifies files without reading them: each one's name, size and modification time."""
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
 def checkpoint_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in set(checkpoint_files(folder).values()))
 
@@ -445,7 +450,7 @@ class WeightStream:
     def fingerprint(self) -> list:
         """What identifies the weights without reading them: each shard's name, size and mtime."""
         files = sorted(set(self.files.values()))
-        return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files] if files else ["in memory"]
+        return file_stamps(files) if files else ["in memory"]
 
     def resident_bytes(self) -> int:
         """Bytes of weights loaded right now."""
