@@ -63,6 +63,10 @@ SCHEMA: dict[str, Any] = {
     "cache_stats": Field(bool, True, "keep dense statistics and scoring evaluations under $SUBFIT_CACHE: "
                                      "a killed run resumes where it was"),
     "anchored": Field(bool, False, "refit bypasses on the compressed model's inputs (dense targets)"),
+    "drift_correction": Field(float, 0.0, "anchored refit only (ignored without it): share of the compressed "
+                                          "stream's drift from the dense one each bypass is also fitted to undo "
+                                          "(0: the dense contribution only; 1: the whole dense stream)",
+                              min=0.0, max=1.0),
     "calib": {
         "dataset": Field(str, None, "registered text source or a local .txt/.json/.jsonl file (default: the plugins')"),
         "samples": Field(int, 64, "calibration windows (statistics and fits)", min=1),

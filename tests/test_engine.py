@@ -85,6 +85,36 @@ def test_anchored_refit_of_the_first_replacement_equals_the_dense_fit():
     assert bench.metric("kl") == pytest.approx(0.0, abs=1e-6)
 
 
+@torch.inference_mode()
+def stream_error(bench: Workbench, layer: int) -> float:
+    """Squared distance, over the calibration windows, of the (compressed) model's stream after ``layer``
+    from the dense model's; both read where no norm is applied yet."""
+    ids = bench.windows.calib
+    compressed = bench.model(ids, output_hidden_states=True).hidden_states[layer + 1]
+    replaced = dict(bench.replaced)
+    bench.restore()
+    dense = bench.model(ids, output_hidden_states=True).hidden_states[layer + 1]
+    bench.apply(replaced)
+    return float((compressed - dense).double().square().sum())
+
+
+def test_full_drift_correction_restores_the_dense_stream_best():
+    # With drift_correction 1 the later bypass is the least-squares map from its compressed input to
+    # the dense stream minus the compressed one: on the calibration windows no other share of the
+    # drift leaves the stream after it closer to the dense stream.
+    model = tiny_llama()
+    bench = bench_for(model)
+    fitter = LinearFitter(LinearParams(ridge=1e-6))
+    first, later = Submodule(0, "attn"), Submodule(1, "ffn")
+    errors = {}
+    for share in (0.0, 0.5, 1.0):
+        bench.drift_correction = share
+        bench.refit_anchored(fitter, [first, later])
+        errors[share] = stream_error(bench, later.layer)
+    assert errors[1.0] < errors[0.5] < errors[0.0]
+    assert errors[1.0] < 0.9 * errors[0.0]
+
+
 def test_anchored_refit_stops_at_the_deepest_replacement(monkeypatch):
     # The streams past the deepest bypass feed no fit: the pass must not run the layers behind it.
     model = tiny_llama()

@@ -329,6 +329,7 @@ def compress(session: Session, cfg: dict, before_eval: Callable[[], None] | None
     bench.restore()
     bench.journal.begin()  # what earlier compressions of the session evaluated counts as replayed
     bench.fit_device = resolve_fit_device(cfg["fit_device"], device, adapter.hidden_size)
+    bench.drift_correction = cfg["drift_correction"]
     evaluate_dense(session, cfg)
     if fz is None:
         budget = removal = Budget(cfg["sparsity"], cfg["sparsity_unit"], adapter)

@@ -74,6 +74,8 @@ class Workbench:
         self.in_flight_bytes = 2 * 1024**3
         # where fits run their float64 algebra (``compress`` sets it from the recipe's ``fit_device``)
         self.fit_device = torch.device("cpu")
+        # the share of the stream's drift an anchored refit also fits (``compress`` sets it from the recipe)
+        self.drift_correction = 0.0
 
     # ------------------------------------------------------------------ the parts, as plugins see them
     @property
@@ -298,7 +300,12 @@ class Workbench:
     @torch.inference_mode()
     def refit_anchored(self, fitter: Fitter, selected: list[Submodule]) -> dict[Submodule, Bypass]:
         """Fit each selected bypass on the compressed model's inputs against dense targets, in depth order,
-        so later bypasses correct the drift left by earlier ones. Leaves the model compressed."""
+        so later bypasses correct the drift left by earlier ones. Leaves the model compressed.
+
+        The target is the dense contribution y plus ``drift_correction`` (a) times the drift d = h - h_hat
+        of the compressed stream from the dense one at the submodule: with a = 1 the bypass is fitted to
+        restore the dense stream (h_hat + b = h + y), with a = 0 to reproduce y only. Part of the drift
+        is what the calibration text alone has in common, so a full correction holds less off its domain."""
         self.restore()
         chosen, fits = set(selected), {}
         dim = self.adapter.hidden_size
@@ -311,8 +318,9 @@ class Workbench:
                 targets = [self.adapter.contribution(sub, h, self.context(h), original) for h in dense]
                 if sub in chosen:
                     st = SubStats(dim, sub.name)
-                    for hc, y in zip(comp, targets):
-                        st.add(self.adapter.bypass_input(sub, hc), y)
+                    a = self.drift_correction
+                    for h, hc, y in zip(dense, comp, targets):
+                        st.add(self.adapter.bypass_input(sub, hc), y + a * (h - hc) if a else y)
                     st.check()
                     fits[sub] = fitter.fit(sub, st.to(self.fit_device)).to(self.device, self.dtype)
                     self.adapter.replace(sub, fits[sub])
