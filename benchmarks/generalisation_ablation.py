@@ -2,19 +2,27 @@
 
     python benchmarks/generalisation_ablation.py refit     # one selection, its bypasses refitted or emptied
     python benchmarks/generalisation_ablation.py split     # sampled text in the fits only, or in the scoring only
+    python benchmarks/generalisation_ablation.py drift sparsity=0.375   # the default's selection, drift shares
+    python benchmarks/generalisation_ablation.py accuracy sparsity=0.375 eval.limit=300   # paired accuracy kept
     python benchmarks/generalisation_ablation.py refit calib.samples=8 eval.windows=2   # key=value overrides
 
 ``refit``: the recipe with KJV calibration only chooses its submodules once; then, in the same process,
 the same submodules get other bypasses (stronger ridge, smaller ranks, FFN basis from inputs, no
 bypass, bypass on one type only), each measured on the four bundled domains.
+``drift``: the default recipe chooses its submodules once; the anchored refit then runs again on that
+selection with ``drift_correction`` 0, 0.5 and 1.0 (writes benchmarks/results/generalisation-drift-SPARSITY.json).
+``accuracy``: the same selection with ``drift_correction`` 0.5 and 0, accuracy kept on the same task items
+(writes benchmarks/results/generalisation-drift-accuracy-SPARSITY.json).
 ``split``: two full runs: fits on half-sampled calibration with KJV scoring windows, and the reverse.
 Prints one line per variant: the perplexity ratio on each domain (``eval.windows=16``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -27,8 +35,10 @@ from subfit_core.engine.cache import cache_root, stats_key  # noqa: E402
 from subfit_core.engine.corpus import make_windows  # noqa: E402
 from subfit_core.engine.pipeline import compress, load_text, mix_generated, open_session  # noqa: E402
 from subfit_core.evaluation.perplexity import perplexity  # noqa: E402
+from subfit_core.evaluation.tasks import compare_tasks, run_tasks  # noqa: E402
 from subfit_core.plugins import build_component, get_plugins  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 BASE = ["strategy=subfit", "save=false", "eval.windows=16"]
 REFITS = {
     "ridge 0.1": {"attn": {"name": "low-rank", "rank": 64, "ridge": 0.1}, "ffn": {"name": "shared-basis", "rank": 256, "ridge": 0.1}},
@@ -40,10 +50,11 @@ REFITS = {
 }
 
 
-def show(label: str, session) -> None:
+def show(label: str, session) -> dict[str, float]:
     ratios = {name: perplexity(session.model, ids, 8, session.device, name) / session.dense_domain_ppl[name]
               for name, ids in session.domains.items()}
     print(f"{label:45s} " + " ".join(f"{n}={v:.2f}x" for n, v in ratios.items()), flush=True)
+    return ratios
 
 
 def refit() -> None:
@@ -64,6 +75,48 @@ def refit() -> None:
         bench.restore()
         bench.apply(fitted.bypasses)
         show(f"same submodules, {label}", session)
+
+
+def drift() -> None:
+    cfg = resolve_recipe(BASE)
+    session = open_session(cfg)
+    subs = compress(session, cfg).plan.subs
+    print("selected:", " ".join(s.name for s in subs))
+    rows = {}
+    for share in (0.0, 0.5, 1.0):
+        fitter = build_component(get_plugins(), "fitter", cfg["fitter"], "fitter")
+        fitter.attach(session.adapter)
+        session.bench.drift_correction = share
+        fitted = fitter.fit_selection(subs, session.bench, anchored=True)
+        session.bench.restore()
+        session.bench.apply(fitted.bypasses)
+        rows[share] = show(f"same submodules, drift_correction {share}", session)
+    out = ROOT / "benchmarks" / "results" / f"generalisation-drift-{cfg['sparsity']}.json"
+    out.write_text(json.dumps({"recipe": BASE, "selected": [s.name for s in subs], "calibration": cfg["calib"]["dataset"],
+                               "ratios": {str(k): v for k, v in rows.items()}}, indent=1))
+
+
+def accuracy() -> None:
+    tasks = "eval.tasks=[subfit_kjv_cloze,subfit_shakespeare_nextline,subfit_pydocs_cloze,subfit_jargon_cloze]"
+    cfg = resolve_recipe([*BASE, "eval.domains=[]", tasks, "drift_correction=0.5"])
+    session = open_session(cfg)
+    res = compress(session, cfg).results
+    subs = sorted(session.bench.replaced)
+    kept = {"0.5": res["downstream"]}
+    fitter = build_component(get_plugins(), "fitter", cfg["fitter"], "fitter")
+    fitter.attach(session.adapter)
+    session.bench.drift_correction = 0.0
+    fitted = fitter.fit_selection(subs, session.bench, anchored=True)
+    session.bench.restore()
+    session.bench.apply(fitted.bypasses)
+    compressed = run_tasks(session.model, session.tokenizer, cfg["eval"]["tasks"], cfg["eval"]["limit"],
+                           session.batch_sizes["eval"], get_plugins(), session.device)
+    kept["0.0"] = compare_tasks(session.dense_tasks, compressed)
+    for share, d in kept.items():
+        print(f"drift_correction {share}: accuracy kept {d['retained_accuracy']:.4f}", flush=True)
+    out = ROOT / "benchmarks" / "results" / f"generalisation-drift-accuracy-{cfg['sparsity']}.json"
+    out.write_text(json.dumps({"recipe": BASE, "limit": cfg["eval"]["limit"], "selected": [s.name for s in subs],
+                               "downstream": kept}, indent=1, default=str))
 
 
 def scoring_windows(session, share: float) -> torch.Tensor:
@@ -92,4 +145,4 @@ def split() -> None:
 
 if __name__ == "__main__":
     BASE += sys.argv[2:]
-    {"refit": refit, "split": split}[sys.argv[1] if len(sys.argv) > 1 else "refit"]()
+    {"refit": refit, "split": split, "drift": drift, "accuracy": accuracy}[sys.argv[1] if len(sys.argv) > 1 else "refit"]()

@@ -3,7 +3,8 @@ its levels, on the calibration domain and on the domains not calibrated on (subf
 trade-off plots, drawn from benchmarks/results/generalisation-SET.json files; nothing is rerun).
 
     python benchmarks/tradeoff.py --sets deep baselines bracket patch --out benchmarks/results/tradeoff \\
-        --only "subfit, anchored (default)" "shortgpt, same calibration" "sleb, same calibration"
+        --only "subfit (default: anchored, drift correction 0.5)" "subfit, anchored (previous default)" \\
+               "shortgpt, same calibration" "sleb, same calibration"
 
 Rows of one variant from several sets join one curve. Prints the points as a markdown table and
 writes OUT/tradeoff.png, OUT/ood_tradeoff.png and OUT/points.{json,md}.
