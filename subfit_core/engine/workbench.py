@@ -305,7 +305,7 @@ class Workbench:
         The target is the dense contribution y plus ``drift_correction`` (a) times the drift d = h - h_hat
         of the compressed stream from the dense one at the submodule: with a = 1 the bypass is fitted to
         restore the dense stream (h_hat + b = h + y), with a = 0 to reproduce y only. Part of the drift
-        is what the calibration text alone has in common, so a full correction holds less off its domain."""
+        is specific to the calibration text, so a full correction holds less well off its domain."""
         self.restore()
         chosen, fits = set(selected), {}
         dim = self.adapter.hidden_size
