@@ -57,6 +57,16 @@ def show(label: str, session) -> dict[str, float]:
     return ratios
 
 
+def refit_in_place(session, fitter_section: dict, subs: list, anchored: bool = False) -> None:
+    """Fit ``subs`` again with the fitter ``fitter_section`` (anchored: on the compressed model's inputs, with
+    the bench's ``drift_correction``) and swap the new bypasses in for the ones there."""
+    fitter = build_component(get_plugins(), "fitter", fitter_section, "fitter")
+    fitter.attach(session.adapter)
+    fitted = fitter.fit_selection(subs, session.bench, anchored=anchored)
+    session.bench.restore()
+    session.bench.apply(fitted.bypasses)
+
+
 def refit() -> None:
     cfg = resolve_recipe([*BASE, "calib.generated=0"])
     session = open_session(cfg)
@@ -68,12 +78,7 @@ def refit() -> None:
     bench.apply({s: ZeroBypass() for s in subs})
     show("same submodules, no bypass", session)
     for label, kinds in REFITS.items():
-        bench.restore()
-        fitter = build_component(get_plugins(), "fitter", {"name": "per-type", **kinds}, "fitter")
-        fitter.attach(session.adapter)
-        fitted = fitter.fit_selection(subs, bench)
-        bench.restore()
-        bench.apply(fitted.bypasses)
+        refit_in_place(session, {"name": "per-type", **kinds}, subs)
         show(f"same submodules, {label}", session)
 
 
@@ -84,12 +89,8 @@ def drift() -> None:
     print("selected:", " ".join(s.name for s in subs))
     rows = {}
     for share in (0.0, 0.5, 1.0):
-        fitter = build_component(get_plugins(), "fitter", cfg["fitter"], "fitter")
-        fitter.attach(session.adapter)
         session.bench.drift_correction = share
-        fitted = fitter.fit_selection(subs, session.bench, anchored=True)
-        session.bench.restore()
-        session.bench.apply(fitted.bypasses)
+        refit_in_place(session, cfg["fitter"], subs, anchored=True)
         rows[share] = show(f"same submodules, drift_correction {share}", session)
     out = ROOT / "benchmarks" / "results" / f"generalisation-drift-{cfg['sparsity']}.json"
     out.write_text(json.dumps({"recipe": BASE, "selected": [s.name for s in subs], "calibration": cfg["calib"]["dataset"],
@@ -103,12 +104,8 @@ def accuracy() -> None:
     res = compress(session, cfg).results
     subs = sorted(session.bench.replaced)
     kept = {"0.5": res["downstream"]}
-    fitter = build_component(get_plugins(), "fitter", cfg["fitter"], "fitter")
-    fitter.attach(session.adapter)
     session.bench.drift_correction = 0.0
-    fitted = fitter.fit_selection(subs, session.bench, anchored=True)
-    session.bench.restore()
-    session.bench.apply(fitted.bypasses)
+    refit_in_place(session, cfg["fitter"], subs, anchored=True)
     compressed = run_tasks(session.model, session.tokenizer, cfg["eval"]["tasks"], cfg["eval"]["limit"],
                            session.batch_sizes["eval"], get_plugins(), session.device)
     kept["0.0"] = compare_tasks(session.dense_tasks, compressed)

@@ -308,7 +308,7 @@ class Workbench:
         is specific to the calibration text, so a full correction holds less well off its domain."""
         self.restore()
         chosen, fits = set(selected), {}
-        dim = self.adapter.hidden_size
+        dim, a = self.adapter.hidden_size, self.drift_correction
         with self.one_pass():
             dense = [self.adapter.embed(b) for b in self.batches(self.windows.calib)]
         comp = list(dense)
@@ -318,7 +318,6 @@ class Workbench:
                 targets = [self.adapter.contribution(sub, h, self.context(h), original) for h in dense]
                 if sub in chosen:
                     st = SubStats(dim, sub.name)
-                    a = self.drift_correction
                     for h, hc, y in zip(dense, comp, targets):
                         st.add(self.adapter.bypass_input(sub, hc), y + a * (h - hc) if a else y)
                     st.check()
