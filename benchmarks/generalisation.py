@@ -38,6 +38,7 @@ KJV = "calib.generated=0"  # the user's corpus alone (the previous default)
 SUBFIT = ["strategy=subfit", "anchored=false"]
 # The baselines' rows were measured on the engine's default windows (64 calibration, 4 scoring, 256
 # tokens, stride 2), before their recipes carried their papers' protocols: pinned, so they reproduce.
+CLOZE = ("subfit_kjv_cloze", "subfit_shakespeare_nextline", "subfit_pydocs_cloze", "subfit_jargon_cloze")
 ENGINE = ["calib.samples=64", "calib.seq_len=256", "scoring.samples=4", "scoring.stride=2"]
 SETS: dict[str, list[tuple[str, list[str]]]] = {
     # what overfits, at one level: the calibration mix, the fit's ridge and ranks, anchoring, no bypass
@@ -86,6 +87,8 @@ SETS: dict[str, list[tuple[str, list[str]]]] = {
     "deep": [
         ("subfit (default: anchored, drift correction 0.5)", ["strategy=subfit"]),
         ("subfit, anchored (previous default)", ["strategy=subfit", "drift_correction=0"]),
+        ("subfit, anchored selection", ["strategy=subfit", "selector.anchored=true"]),
+        ("subfit, FFNs only", ["strategy=subfit", "selector.kinds=ffn"]),
         ("subfit, scoring 16 windows", [*SUBFIT, "scoring.samples=16"]),
         ("subfit, 75% self-sampled", [*SUBFIT, "calib.generated=0.75"]),
     ],
@@ -97,6 +100,16 @@ SETS: dict[str, list[tuple[str, list[str]]]] = {
         ("linear-patch (its window), same calibration", ["strategy=linear-patch", *ENGINE, "calib.generated=0.5"]),
         ("linear-patch's window, no patch, same calibration", ["strategy=linear-patch", *ENGINE, "fitter.name=identity",
                                                                "calib.generated=0.5"]),
+    ],
+    # accuracy kept on 300 items of each of the four bundled tasks (three times the other sets' 100, the items
+    # the paired drift comparison used), perplexity on 8 windows per domain only
+    "accuracy": [
+        (label, [*extra, f"eval.tasks=[{','.join(CLOZE)}]", "eval.limit=300", "eval.windows=8", "eval.batch_size=32"])
+        for label, extra in (
+            ("subfit (default)", ["strategy=subfit"]),
+            ("shortgpt, same calibration", ["strategy=shortgpt", *ENGINE, "calib.generated=0.5"]),
+            ("sleb, same calibration", ["strategy=sleb", *ENGINE, "calib.generated=0.5"]),
+        )
     ],
     # the baselines as their papers run them: the user's corpus alone
     "baselines-kjv": [

@@ -247,6 +247,27 @@ def test_greedy_rescoring_commits_each_pick_once(clean_bench):
         assert clean_bench.adapter.module(s) is clean_bench.replaced[s]
 
 
+def test_anchored_greedy_judges_the_shortlist_with_anchored_fits(clean_bench, monkeypatch):
+    # Between rounds the chosen bypasses are refitted on the compressed model's inputs and every
+    # shortlisted candidate is re-scored with its own anchored fit; the last pick is committed with it.
+    fitter, budget = LinearFitter(), Budget(0.4, "layers", clean_bench.adapter)
+    calls, real = [], type(clean_bench).reanchor
+    monkeypatch.setattr(type(clean_bench), "reanchor",
+                        lambda self, f, chosen, shortlist: (calls.append((list(chosen), list(shortlist))),
+                                                            real(self, f, chosen, shortlist))[1])
+    plan = GreedySelector(GreedyParams(rescore=True, rounds=3, shortlist=2.0, anchored=True)).select(
+        clean_bench, OutputScorer(), fitter, budget)
+    subs, _, achieved = check_plan(plan, clean_bench, fitter, budget)
+    assert achieved >= 0.4 - 1e-9 and set(clean_bench.replaced) == set(subs)
+    assert len(calls) == 2 and all(chosen == subs[:len(chosen)] and not set(chosen) & set(shortlist)
+                                   for chosen, shortlist in calls)
+    anchored_probes = set(calls[-1][1])
+    last = [s for s in subs[len(calls[-1][0]):] if s in anchored_probes]
+    assert last
+    for s in last:  # committed with the anchored fit the last re-scoring judged it with
+        assert clean_bench.replaced[s] is clean_bench.fit(fitter, s)
+
+
 @pytest.mark.parametrize("rescore", [False, True])
 def test_greedy_ffn_only(clean_bench, rescore):
     fitter, budget = IdentityFitter(), Budget(0.3, "layers", clean_bench.adapter)
@@ -282,3 +303,5 @@ def test_greedy_params_are_validated():
         GreedyParams(kinds="ffn,mlp")
     with pytest.raises(ValueError, match="rounds"):
         GreedyParams(rounds=0)
+    with pytest.raises(ValueError, match="anchored: true acts between rounds"):
+        GreedyParams(anchored=True, rounds=1)

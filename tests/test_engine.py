@@ -115,6 +115,32 @@ def test_full_drift_correction_restores_the_dense_stream_best():
     assert errors[1.0] < 0.9 * errors[0.0]
 
 
+def test_reanchor_fits_a_candidate_as_the_final_anchored_refit_would(tmp_path):
+    # Mid-selection, a candidate is judged with the bypass an anchored run would give it: fitted on
+    # the inputs the chosen (anchored) bypasses upstream leave it, with the same drift share. And the
+    # scoring boundaries behind the refitted choice are those of a fresh commit of it.
+    model = tiny_llama()
+    bench = bench_for(model)
+    bench.drift_correction = 0.5
+    fitter = LinearFitter(LinearParams(ridge=1e-4))
+    chosen, candidate = Submodule(0, "attn"), Submodule(1, "ffn")
+    bench.commit(chosen, bench.fit(fitter, chosen))  # as the selector leaves it: a fit to the dense model
+    dense_fit = bench.fit(fitter, candidate)
+    bench.reanchor(fitter, [chosen], [candidate])
+    probe = bench.fit(fitter, candidate)
+    assert set(bench.replaced) == {chosen}
+    with torch.inference_mode():
+        judged = bench.metric_with(candidate, probe, "kl")
+    final = bench.refit_anchored(fitter, [chosen, candidate])
+    torch.testing.assert_close(probe.state_dict(), final[candidate].state_dict())
+    # the drifted inputs give another map than the fit to the dense model
+    assert not torch.allclose(probe.weight, dense_fit.weight)
+    bench.restore()
+    bench.commit(chosen, final[chosen])
+    bench.commit(candidate, final[candidate])
+    assert bench.metric("kl") == pytest.approx(judged, rel=1e-5)
+
+
 def test_anchored_refit_stops_at_the_deepest_replacement(monkeypatch):
     # The streams past the deepest bypass feed no fit: the pass must not run the layers behind it.
     model = tiny_llama()

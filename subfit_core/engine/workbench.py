@@ -15,7 +15,8 @@ The workbench itself edits the model and keeps the parts consistent with it: ``m
 judges a candidate from the cached boundary in front of it (only what follows is re-run);
 ``commit`` makes a replacement and refreshes the boundaries downstream; ``restore`` makes the
 model dense again. ``fit`` memoises fits per fitter; ``refit_anchored`` re-fits bypasses on inputs
-from the partially compressed model against targets from the dense one, in one pass.
+from the partially compressed model against targets from the dense one, in one pass; ``reanchor``
+does the same mid-selection and fits the candidates still to be judged that way too.
 """
 
 from __future__ import annotations
@@ -291,7 +292,8 @@ class Workbench:
 
     # ------------------------------------------------------------------ fits
     def fit(self, fitter: Fitter, sub: Submodule) -> Bypass:
-        """Fit from dense statistics, memoised: the same fitter and submodule always give the same bypass."""
+        """Fit from dense statistics, memoised: the same fitter and submodule give the same bypass
+        (after ``reanchor``: the anchored fit it made for the submodule)."""
         fits = self._fits.setdefault(fitter, {})
         if sub not in fits:
             fits[sub] = fitter.fit(sub, self.fit_stats[sub]).to(self.device, self.dtype)
@@ -306,8 +308,29 @@ class Workbench:
         of the compressed stream from the dense one at the submodule: with a = 1 the bypass is fitted to
         restore the dense stream (h_hat + b = h + y), with a = 0 to reproduce y only. Part of the drift
         is specific to the calibration text, so a full correction holds less well off its domain."""
+        return self._anchored(fitter, selected, [])[0]
+
+    @torch.inference_mode()
+    def reanchor(self, fitter: Fitter, selected: list[Submodule], candidates: list[Submodule]) -> None:
+        """Mid-selection: refit ``selected`` as ``refit_anchored`` does and refresh the scoring boundaries
+        behind them; fit each of ``candidates`` the same way (on the inputs the compressed model gives it,
+        the model left unchanged there), and let ``fit`` return those from now on. The next scoring then
+        judges every candidate with the bypass an anchored run would give it, not its fit to the dense model."""
+        fits, probes = self._anchored(fitter, selected, candidates)
+        if fits:
+            first = min(self.position(s) for s in fits)
+            self.piecewise.run(first, self.scoring.states[first], visit=self.scoring.keep)
+        self._fits.setdefault(fitter, {}).update(probes)
+
+    def _anchored(self, fitter: Fitter, selected: list[Submodule], candidates: list[Submodule]
+                  ) -> tuple[dict[Submodule, Bypass], dict[Submodule, Bypass]]:
+        """One calibration pass of the dense and the compressed stream side by side: each selected
+        submodule is fitted and replaced in depth order; each candidate is fitted and left in place.
+        Returns both sets of fits."""
         self.restore()
-        chosen, fits = set(selected), {}
+        chosen, probes = set(selected), set(candidates) - set(selected)
+        fits: dict[Submodule, Bypass] = {}
+        probed: dict[Submodule, Bypass] = {}
         dim, a = self.adapter.hidden_size, self.drift_correction
         with self.one_pass():
             dense = [self.adapter.embed(b) for b in self.batches(self.windows.calib)]
@@ -316,20 +339,23 @@ class Workbench:
             original = self.originals[sub]
             with self.one_pass():
                 targets = [self.adapter.contribution(sub, h, self.context(h), original) for h in dense]
-                if sub in chosen:
+                if sub in chosen or sub in probes:
                     st = SubStats(dim, sub.name)
                     for h, hc, y in zip(dense, comp, targets):
                         st.add(self.adapter.bypass_input(sub, hc), y + a * (h - hc) if a else y)
                     st.check()
-                    fits[sub] = fitter.fit(sub, st.to(self.fit_device)).to(self.device, self.dtype)
+                    fit = fitter.fit(sub, st.to(self.fit_device)).to(self.device, self.dtype)
+                    (fits if sub in chosen else probed)[sub] = fit
+                if sub in chosen:
                     self.adapter.replace(sub, fits[sub])
                     self.replaced[sub] = fits[sub]
-                    if len(fits) == len(chosen):  # the streams past the deepest bypass feed no fit
-                        break
+                if len(fits) == len(chosen) and len(probed) == len(probes):
+                    break  # the streams past the deepest fit feed no other
+                if sub in chosen:
                     comp = [self.piecewise.step(sub, fits[sub], hc) for hc in comp]
                 elif fits:
                     comp = [self.piecewise.step(sub, original, hc) for hc in comp]
             dense = [h + y for h, y in zip(dense, targets)]
             if not fits:  # nothing replaced yet: the compressed stream is still the dense one
                 comp = dense
-        return fits
+        return fits, probed
