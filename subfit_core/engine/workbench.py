@@ -265,7 +265,11 @@ class Workbench:
         self.check_model()
         self.adapter.replace(sub, module)
         self.replaced[sub] = module
-        start = self.position(sub)
+        self._refresh_from(self.position(sub))
+
+    def _refresh_from(self, start: int) -> None:
+        """Re-run the scoring windows through the model as it stands from boundary ``start`` on,
+        keeping every boundary state downstream of it."""
         self.piecewise.run(start, self.scoring.states[start], visit=self.scoring.keep)
 
     def apply(self, bypasses: dict[Submodule, nn.Module]) -> None:
@@ -318,8 +322,7 @@ class Workbench:
         judges every candidate with the bypass an anchored run would give it, not its fit to the dense model."""
         fits, probes = self._anchored(fitter, selected, candidates)
         if fits:
-            first = min(self.position(s) for s in fits)
-            self.piecewise.run(first, self.scoring.states[first], visit=self.scoring.keep)
+            self._refresh_from(min(self.position(s) for s in fits))
         self._fits.setdefault(fitter, {}).update(probes)
 
     def _anchored(self, fitter: Fitter, selected: list[Submodule], candidates: list[Submodule]
@@ -351,10 +354,8 @@ class Workbench:
                     self.replaced[sub] = fits[sub]
                 if len(fits) == len(chosen) and len(probed) == len(probes):
                     break  # the streams past the deepest fit feed no other
-                if sub in chosen:
-                    comp = [self.piecewise.step(sub, fits[sub], hc) for hc in comp]
-                elif fits:
-                    comp = [self.piecewise.step(sub, original, hc) for hc in comp]
+                if fits:
+                    comp = [self.piecewise.step(sub, fits.get(sub, original), hc) for hc in comp]
             dense = [h + y for h, y in zip(dense, targets)]
             if not fits:  # nothing replaced yet: the compressed stream is still the dense one
                 comp = dense
