@@ -5,6 +5,7 @@ the calibration domain and of every bundled domain the run did not calibrate on.
     python benchmarks/generalisation.py --set baselines --sparsities 0.125 0.25 0.375
     python benchmarks/generalisation.py --set targets -- model=gemma3-270m   # another model's own file
     python benchmarks/generalisation.py --set lowrank            # kept 0.8 and 0.6
+    python benchmarks/generalisation.py --set lowrank-search -- "$TASKS"   # what overfits, kept 0.8
     python benchmarks/generalisation.py --only "sleb, KJV calibration" -- eval.windows=16
 
 Variants that share a session (model, data, evaluation settings) run from one dense pass. Prints a
@@ -145,6 +146,26 @@ SETS: dict[str, list[tuple[str, list[str]]]] = {
                                       ("aa-svd", "aa-svd", ["factorizer.refine_steps=0"]),
                                       ("aa-svd + refine", "aa-svd", ["factorizer.refine_steps=32"]),
                                       ("subfit + aa-svd", "subfit-svd", []))
+    ],
+    # what overfits in the low-rank stage, at kept 0.8 on the mix: whitening (its ridge), anchoring (its
+    # ridge and blend), refinement steps and the data; accuracy comes with the run's eval.tasks
+    "lowrank-search": [
+        (label, [f"strategy={strategy}", "factorizer.kept_ratio=0.8", calib, *extra])
+        for label, strategy, calib, extra in (
+            ("svd-llm, KJV calibration", "svd-llm", KJV, []),
+            ("svd-llm", "svd-llm", "calib.generated=0.5", []),
+            ("svd-llm, whitening ridge 0.01", "svd-llm", "calib.generated=0.5", ["factorizer.ridge=0.01"]),
+            ("svd-llm, whitening ridge 0.1", "svd-llm", "calib.generated=0.5", ["factorizer.ridge=0.1"]),
+            ("svd-llm, whitening ridge 1", "svd-llm", "calib.generated=0.5", ["factorizer.ridge=1.0"]),
+            ("aa-svd + refine, KJV calibration", "aa-svd", KJV, []),
+            ("aa-svd + refine (32 steps, ridge 1e-3, alpha 0.5)", "aa-svd", "calib.generated=0.5", []),
+            ("aa-svd, no refinement", "aa-svd", "calib.generated=0.5", ["factorizer.refine_steps=0"]),
+            ("aa-svd + refine 128 steps", "aa-svd", "calib.generated=0.5", ["factorizer.refine_steps=128"]),
+            ("aa-svd + refine, ridge 0.01", "aa-svd", "calib.generated=0.5", ["factorizer.ridge=0.01"]),
+            ("aa-svd + refine, ridge 0.1", "aa-svd", "calib.generated=0.5", ["factorizer.ridge=0.1"]),
+            ("aa-svd + refine, alpha 1", "aa-svd", "calib.generated=0.5", ["factorizer.alpha=1.0"]),
+            ("subfit + aa-svd", "subfit-svd", "calib.generated=0.5", []),
+        )
     ],
 }
 

@@ -120,6 +120,25 @@ def test_whitened_truncation_loss_is_the_root_of_the_dropped_squared_singular_va
     assert float((X @ W.T - X @ factor_plain(W, 4).weight().T).norm()) > factor_whitened(W, X.T @ X, 4).truncation_loss
 
 
+def test_whitening_ridge_adds_the_weight_error_to_the_loss_and_tends_to_plain_svd():
+    # G + mu I is the Gram of the inputs augmented by sqrt(mu) I: the truncation loss read off the
+    # spectrum is then ||X (W - W')^T||^2 + mu ||W - W'||^2, and as mu grows the whitening fades
+    W, X, _ = random_streams(n=8, m=7, tokens=50, seed=6)
+    G = X.T @ X
+    ridge = 0.3
+    mu = ridge * float(G.diagonal().mean())
+    f = factor_whitened(W, G, 3, ridge=ridge)
+    error = W - f.weight()
+    loss = float((X @ error.T).square().sum()) + mu * float(error.square().sum())
+    assert loss**0.5 == pytest.approx(f.truncation_loss, rel=1e-9)
+    # on the calibration inputs alone the paper's whitening (ridge 0) is the better fit ...
+    assert float((X @ error.T).norm()) > factor_whitened(W, G, 3).truncation_loss
+    # ... and a huge ridge gives plain SVD's truncation
+    torch.testing.assert_close(factor_whitened(W, G, 3, ridge=1e9).weight(), factor_plain(W, 3).weight(),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(spectrum_whitened(W, G, ridge=ridge), f.sigma)
+
+
 def test_anchoring_with_identical_streams_is_svd_llm():
     W, X, _ = random_streams(seed=4)
     G = X.T @ X
@@ -289,6 +308,8 @@ def test_factorize_section_is_validated():
         build_components(plugins, validate({"factorizer": {"name": "svd", "kept_ratio": 1.5}}))
     with pytest.raises(ConfigError, match=r"factorizer.alpha: unknown key.*svd-llm|factorizer.alpha: unknown key"):
         build_components(plugins, validate({"factorizer": {"name": "svd-llm", "alpha": 0.5}}))
+    with pytest.raises(ConfigError, match=r"factorizer: ridge: -0.1 must be >= 0"):
+        build_components(plugins, validate({"factorizer": {"name": "svd-llm", "ridge": -0.1}}))
     with pytest.raises(ConfigError, match=r"factorizer.ranks: 'greedy' is not allowed; allowed: adaptive, uniform"):
         build_components(plugins, validate({"factorizer": {"name": "aa-svd", "ranks": "greedy"}}))
     with pytest.raises(SubFitError, match="factorizer.name: unknown factorizer 'aasvd'.*did you mean 'aa-svd'"):

@@ -7,7 +7,9 @@ X holds its inputs in the dense model, X_hat its inputs in the partially compres
 * plain SVD:  W' = U_k S_k V_k^T of W.
 * whitened (SVD-LLM):  G = X^T X = L L^T (Cholesky, L lower);  W L = U S V^T;
   W' = U_k S_k V_k^T L^-1.  Then ||X W^T - X W'^T||_F = ||(W - W') L||_F = sqrt(sum of the
-  dropped sigma^2): the truncation loss is read off the spectrum.
+  dropped sigma^2): the truncation loss is read off the spectrum. Ridge: G + mu I (mu = ridge x
+  the mean of diag G) whitens with inputs augmented by sqrt(mu) I, i.e. the loss adds
+  mu ||W - W'||_F^2; it trusts the calibration's covariance less (mu -> inf: plain SVD).
 * anchored (AA-SVD):  min_{rank W' <= k} ||X W^T - X_hat W'^T||_F^2.  With C = X_hat^T X_hat = L L^T
   and M = X^T X_hat, write W' = Z L^-1; the objective is
       ||X W^T||^2 - 2 <W M L^-T, Z> + ||Z||^2 = ||Z - W M L^-T||_F^2 + const,
@@ -41,9 +43,18 @@ def factor_plain(weight: torch.Tensor, rank: int) -> Factors:
     return Factors(up, down, S)
 
 
-def factor_whitened(weight: torch.Tensor, gram: torch.Tensor, rank: int, name: str = "linear") -> Factors:
+def _with_ridge(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """G + mu I with mu = ridge x mean(diag G): a penalty scaled to the inputs' own energy."""
+    if not ridge:
+        return gram
+    mu = ridge * float(gram.diagonal().mean())
+    return gram + mu * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+
+
+def factor_whitened(weight: torch.Tensor, gram: torch.Tensor, rank: int, name: str = "linear",
+                    ridge: float = 0.0) -> Factors:
     """SVD-LLM: truncation-aware with the dense inputs' Gram G = X^T X = S S^T: SVD of W S."""
-    S_chol, shift = regularised_cholesky(gram, name)
+    S_chol, shift = regularised_cholesky(_with_ridge(gram, ridge), name)
     up, root_vh, S = _truncate(weight.double() @ S_chol, rank)
     down = torch.linalg.solve_triangular(S_chol, root_vh, upper=False, left=False)  # S^1/2 V^T S^-1
     return Factors(up, down, S, shift)
@@ -53,9 +64,7 @@ def factor_anchored(weight: torch.Tensor, gram_hat: torch.Tensor, cross: torch.T
                     alpha: float = 1.0, name: str = "linear", ridge: float = 0.0) -> Factors:
     """AA-SVD closed form with C = X_hat^T X_hat (``gram_hat``) and M = X^T X_hat (``cross``)."""
     W = weight.double()
-    mu = ridge * float(gram_hat.diagonal().mean())
-    eye = torch.eye(gram_hat.shape[0], dtype=gram_hat.dtype, device=gram_hat.device)
-    L, shift = regularised_cholesky(gram_hat + mu * eye if mu else gram_hat, name)
+    L, shift = regularised_cholesky(_with_ridge(gram_hat, ridge), name)
     M = alpha * cross + (1.0 - alpha) * gram_hat
     # A = W M L^-T, i.e. A L^T = W M (L^T upper triangular)
     A = torch.linalg.solve_triangular(L.T, W @ M, upper=True, left=False)
@@ -71,6 +80,7 @@ def spectrum_plain(weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(weight.double())
 
 
-def spectrum_whitened(weight: torch.Tensor, gram: torch.Tensor, name: str = "linear") -> torch.Tensor:
-    L, _ = regularised_cholesky(gram, name)
+def spectrum_whitened(weight: torch.Tensor, gram: torch.Tensor, name: str = "linear",
+                      ridge: float = 0.0) -> torch.Tensor:
+    L, _ = regularised_cholesky(_with_ridge(gram, ridge), name)
     return torch.linalg.svdvals(weight.double() @ L)

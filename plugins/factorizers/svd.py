@@ -29,15 +29,28 @@ class SVDFactorizer(BudgetedFactorizer):
         return spectrum_plain(weight)
 
 
+@dataclass
+class SVDLLMParams(FactorizerParams):
+    # whitening with X^T X + mu I, mu = ridge x mean(diag X^T X): 0 is the paper's; larger trusts the
+    # calibration's input covariance less (very large: plain SVD). Measured on SmolLM2 in docs/guide.md.
+    ridge: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ridge < 0:
+            raise ValueError(f"ridge: {self.ridge} must be >= 0")
+
+
 class SVDLLMFactorizer(BudgetedFactorizer):
+    Params = SVDLLMParams
     description = "SVD-LLM: SVD of W chol(X^T X) on dense inputs, truncation loss = sqrt(sum dropped sigma^2)"
     statistics = "dense"
 
     def factor(self, name, weight, stats, rank):
-        return factor_whitened(weight, stats.gram, rank, name)
+        return factor_whitened(weight, stats.gram, rank, name, self.params.ridge)
 
     def spectrum(self, name, weight, gram):
-        return spectrum_whitened(weight, gram, name)
+        return spectrum_whitened(weight, gram, name, self.params.ridge)
 
 
 @dataclass
