@@ -92,7 +92,6 @@ SETS: dict[str, list[tuple[str, list[str]]]] = {
         ("subfit, FFNs only", ["strategy=subfit", "selector.kinds=ffn"]),
         # larger bypasses: each costs more, so more submodules go for the same budget
         ("subfit, ranks 128 / 384", ["strategy=subfit", "fitter.attn.rank=128", "fitter.ffn.rank=384"]),
-        ("subfit, ranks 128 / 512", ["strategy=subfit", "fitter.attn.rank=128", "fitter.ffn.rank=512"]),
         ("subfit, scoring 16 windows", [*SUBFIT, "scoring.samples=16"]),
         ("subfit, 75% self-sampled", [*SUBFIT, "calib.generated=0.75"]),
     ],
