@@ -37,9 +37,9 @@ KJV = "calib.generated=0"  # the user's corpus alone (the previous default)
 # The recipe as it was before the anchored refit became its default: the rows measured then pin it,
 # so rerunning them reproduces what is stored.
 SUBFIT = ["strategy=subfit", "anchored=false"]
+CLOZE = ("subfit_kjv_cloze", "subfit_shakespeare_nextline", "subfit_pydocs_cloze", "subfit_jargon_cloze")
 # The baselines' rows were measured on the engine's default windows (64 calibration, 4 scoring, 256
 # tokens, stride 2), before their recipes carried their papers' protocols: pinned, so they reproduce.
-CLOZE = ("subfit_kjv_cloze", "subfit_shakespeare_nextline", "subfit_pydocs_cloze", "subfit_jargon_cloze")
 ENGINE = ["calib.samples=64", "calib.seq_len=256", "scoring.samples=4", "scoring.stride=2"]
 SETS: dict[str, list[tuple[str, list[str]]]] = {
     # what overfits, at one level: the calibration mix, the fit's ridge and ranks, anchoring, no bypass

@@ -54,20 +54,19 @@ class SVDLLMFactorizer(BudgetedFactorizer):
 
 
 @dataclass
-class AASVDParams(FactorizerParams):
+class AASVDParams(SVDLLMParams):
     # blend alpha X^T X_hat + (1 - alpha) X_hat^T X_hat: 1 = match the dense outputs, 0 = the layer's own
     # output on the shifted inputs. 0.5 measured best on SmolLM2 (docs/guide.md, low-rank section).
     alpha: float = 0.5
-    # penalty mu ||W'||^2 with mu = ridge x mean(diag X_hat^T X_hat); 0 is the paper's objective, which
-    # on SmolLM2 at kept 0.8 gave 15.8x perplexity against 1.80x with 1e-3 (docs/guide.md, low-rank section)
+    # the same C + mu I, here on X_hat: a penalty mu ||W'||^2 on the anchored fit. 0 is the paper's
+    # objective, which on SmolLM2 at kept 0.8 gave 15.8x perplexity against 1.80x with 1e-3 (docs/guide.md,
+    # low-rank section)
     ridge: float = 1e-3
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha: {self.alpha} must be in [0, 1]")
-        if self.ridge < 0:
-            raise ValueError(f"ridge: {self.ridge} must be >= 0")
 
 
 class AASVDFactorizer(BudgetedFactorizer):
