@@ -2,7 +2,7 @@
 
     python benchmarks/generalisation_ablation.py refit     # one selection, its bypasses refitted or emptied
     python benchmarks/generalisation_ablation.py refit "$TASKS" eval.limit=100   # ... with accuracy kept
-    python benchmarks/generalisation_ablation.py split     # sampled text in the fits only, or in the scoring only
+    python benchmarks/generalisation_ablation.py split "$TASKS" eval.limit=100   # sampled text in the fits only, or the scoring only
     python benchmarks/generalisation_ablation.py drift sparsity=0.375   # the default's selection, drift shares
     python benchmarks/generalisation_ablation.py accuracy sparsity=0.375 eval.limit=300   # paired accuracy kept
     python benchmarks/generalisation_ablation.py refit calib.samples=8 eval.windows=2   # key=value overrides
@@ -15,7 +15,8 @@ if it names some (writes benchmarks/results/generalisation-refit-SPARSITY.json).
 selection with ``drift_correction`` 0, 0.5 and 1.0 (writes benchmarks/results/generalisation-drift-SPARSITY.json).
 ``accuracy``: the same selection with ``drift_correction`` 0.5 and 0, accuracy kept on the same task items
 (writes benchmarks/results/generalisation-drift-accuracy-SPARSITY.json).
-``split``: two full runs: fits on half-sampled calibration with KJV scoring windows, and the reverse.
+``split``: two full runs of the refit's recipe: fits on half-sampled calibration with KJV scoring windows, and
+the reverse, with accuracy kept on the run's eval.tasks (writes benchmarks/results/generalisation-split-SPARSITY.json).
 Prints one line per variant: the perplexity ratio on each domain (``eval.windows=16``).
 """
 
@@ -30,12 +31,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from generalisation import CLOZE  # noqa: E402  (this folder is on the path: the script's own)
 
 from subfit_core.apps.cli import resolve_recipe  # noqa: E402
 from subfit_core.engine.bypass import ZeroBypass  # noqa: E402
 from subfit_core.engine.cache import cache_root, stats_key  # noqa: E402
 from subfit_core.engine.corpus import make_windows  # noqa: E402
+from subfit_core.engine.journal import EvaluationJournal  # noqa: E402
 from subfit_core.engine.pipeline import compress, load_text, mix_generated, open_session  # noqa: E402
+from subfit_core.engine.scoring import ScoringSet  # noqa: E402
 from subfit_core.evaluation.perplexity import perplexity  # noqa: E402
 from subfit_core.evaluation.tasks import compare_tasks, run_tasks  # noqa: E402
 from subfit_core.plugins import build_component, get_plugins  # noqa: E402
@@ -120,7 +124,7 @@ def drift() -> None:
 
 
 def accuracy() -> None:
-    tasks = "eval.tasks=[subfit_kjv_cloze,subfit_shakespeare_nextline,subfit_pydocs_cloze,subfit_jargon_cloze]"
+    tasks = f"eval.tasks=[{','.join(CLOZE)}]"
     cfg = resolve_recipe([*BASE, "eval.domains=[]", tasks, "drift_correction=0.5", *OVERRIDES])
     session = open_session(cfg)
     res = compress(session, cfg).results
@@ -140,7 +144,7 @@ def accuracy() -> None:
 
 def scoring_windows(session, share: float) -> torch.Tensor:
     """The scoring windows a session with ``calib.generated=share`` would use (same model, same text)."""
-    cfg = resolve_recipe([*BASE, *OVERRIDES, f"calib.generated={share}"])
+    cfg = resolve_recipe([*BASE, *PREVIOUS, *OVERRIDES, f"calib.generated={share}"])
     text = load_text(get_plugins(), cfg["calib"]["dataset"])
     windows = make_windows(text, session.tokenizer, calib_samples=cfg["calib"]["samples"],
                            scoring_samples=cfg["scoring"]["samples"], seq_len=cfg["calib"]["seq_len"], heldout=text,
@@ -150,16 +154,26 @@ def scoring_windows(session, share: float) -> torch.Tensor:
 
 
 def split() -> None:
+    rows = {}
     for label, fits, scoring in (("fits on half-sampled text, KJV scoring", 0.5, 0.0),
                                  ("fits on KJV, half-sampled scoring", 0.0, 0.5)):
-        cfg = resolve_recipe([*BASE, *OVERRIDES, f"calib.generated={fits}"])
+        cfg = resolve_recipe([*BASE, *PREVIOUS, *OVERRIDES, f"calib.generated={fits}"])
         session = open_session(cfg)
+        # the workbench judges candidates on the scoring set it was built with: give it the other windows
         session.windows.scoring = scoring_windows(session, scoring)
-        # the scoring windows' boundary states again (the statistics come back from the cache)
+        bench = session.bench
+        bench.scoring = ScoringSet(bench.piecewise, session.windows.scoring, bench.stride, bench.plugins)
+        # ... and an empty journal: the session's is keyed by its own scoring windows and would answer for them
+        bench.journal = EvaluationJournal()
+        # the new scoring windows' boundary states (the statistics come back from the cache)
         key = stats_key(cfg["model"], session.model, cfg["dtype"], session.windows.calib)
         session.bench.collect(cache_root() / "stats" / f"{key}.safetensors")
-        compress(session, cfg)
-        show(label, session)
+        res = compress(session, cfg).results
+        rows[label] = {"selected": sorted(s.name for s in session.bench.replaced), "ratios": show(label, session),
+                       "accuracy_kept": res.get("downstream", {}).get("retained_accuracy")}
+    out = ROOT / "benchmarks" / "results" / f"generalisation-split-{cfg['sparsity']}.json"
+    out.write_text(json.dumps({"recipe": [*BASE, *PREVIOUS, *OVERRIDES], "limit": cfg["eval"]["limit"],
+                               "tasks": cfg["eval"]["tasks"], "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
