@@ -35,7 +35,6 @@ from generalisation import CLOZE  # noqa: E402  (this folder is on the path: the
 
 from subfit_core.apps.cli import resolve_recipe  # noqa: E402
 from subfit_core.engine.bypass import ZeroBypass  # noqa: E402
-from subfit_core.engine.cache import cache_root, stats_key  # noqa: E402
 from subfit_core.engine.corpus import make_windows  # noqa: E402
 from subfit_core.engine.journal import EvaluationJournal  # noqa: E402
 from subfit_core.engine.pipeline import compress, load_text, mix_generated, open_session  # noqa: E402
@@ -165,11 +164,10 @@ def split() -> None:
         bench.scoring = ScoringSet(bench.piecewise, session.windows.scoring, bench.stride, bench.plugins)
         # ... and an empty journal: the session's is keyed by its own scoring windows and would answer for them
         bench.journal = EvaluationJournal()
-        # the new scoring windows' boundary states (the statistics come back from the cache)
-        key = stats_key(cfg["model"], session.model, cfg["dtype"], session.windows.calib)
-        session.bench.collect(cache_root() / "stats" / f"{key}.safetensors")
+        # the new scoring windows' dense boundary states (the session's dense statistics stay as they are)
+        bench.scoring.prepare(session.model.config.vocab_size)
         res = compress(session, cfg).results
-        rows[label] = {"selected": sorted(s.name for s in session.bench.replaced), "ratios": show(label, session),
+        rows[label] = {"selected": sorted(s.name for s in bench.replaced), "ratios": show(label, session),
                        "accuracy_kept": res.get("downstream", {}).get("retained_accuracy")}
     out = ROOT / "benchmarks" / "results" / f"generalisation-split-{cfg['sparsity']}.json"
     out.write_text(json.dumps({"recipe": [*BASE, *PREVIOUS, *OVERRIDES], "limit": cfg["eval"]["limit"],
