@@ -11,10 +11,12 @@ y_t = W0 x_t + W1 x_{t-1} (+ W2 x_{t-2}) + b, on the submodules a saved SubFit r
   own inputs against the dense model's contributions plus the recipe's share of the stream's drift
   (the anchored, drift-corrected fit of the default), full-rank ridge in float64, once per variant;
   only the attention bypasses' inputs differ between variants (FFN bypasses stay position-local);
-- held-out perplexity on every domain the run measured, against the dense model of this process.
+- held-out perplexity on every domain the run measured and accuracy kept on the bundled cloze
+  tasks, against the dense model of this process; the run's own model, loaded from its folder, is
+  measured the same way beside them.
 
-Full rank on purpose: it compares the inputs, not the ranks (the run's own low-rank bypasses are
-in its results.json, for reference). Llama-layout decoders only (SmolLM2); this is a measurement,
+Full rank on purpose: the rows then show what the inputs allow, whatever the budget (the run's own
+low-rank bypasses are the first row). Llama-layout decoders only (SmolLM2); this is a measurement,
 not an engine feature: a token-mixing bypass needs a per-layer state in generation.
 
     subfit-run strategy=subfit sparsity=0.375 "eval.tasks=[]" output_dir=runs/subfit-375
@@ -58,7 +60,8 @@ def lagged(x: torch.Tensor, lags: tuple[int, ...]) -> torch.Tensor:
 
 
 def ridge_fit(inputs: list[torch.Tensor], targets: list[torch.Tensor], lags: tuple[int, ...], ridge: float) -> torch.Tensor:
-    """W minimising |lagged(X) W - Y|^2 + lam |W without its bias row|^2, lam = ridge * tr(G) / dim."""
+    """W minimising |lagged(X) W - Y|^2 + lam |W without its bias row|^2, with lam = ridge times the
+    mean input variance (the mean of the Gram's diagonal, the intercept's left out), as the engine's fits."""
     dim = inputs[0].shape[-1] * len(lags) + 1
     gram = torch.zeros(dim, dim, dtype=torch.float64)
     cross = torch.zeros(dim, targets[0].shape[-1], dtype=torch.float64)
@@ -130,8 +133,8 @@ def perplexity(model, windows: torch.Tensor, batch: int) -> float:
 
 def measure(model, bypasses: dict, domains: dict[str, torch.Tensor], dense: dict[str, float], batch: int,
             tasks) -> dict:
-    """Perplexity ratio per domain, and accuracy kept when ``tasks`` (a callable: model -> scores) is given,
-    with ``bypasses`` in place of their submodules."""
+    """Perplexity ratio per domain, and accuracy kept when ``tasks`` (a callable: model -> accuracy kept)
+    is given, with ``bypasses`` in place of their submodules."""
     layers = model.model.layers
     own = [(layer.self_attn, layer.mlp) for layer in layers]
     for (i, kind), bypass in bypasses.items():
