@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -46,6 +45,8 @@ from subfit_core.config import validate  # noqa: E402
 from subfit_core.engine.corpus import heldout_windows, make_windows  # noqa: E402
 from subfit_core.engine.models import load_model  # noqa: E402
 from subfit_core.engine.pipeline import domain_names, load_text, mix_generated  # noqa: E402
+from subfit_core.engine.stats import ridge_solve  # noqa: E402
+from subfit_core.evaluation.perplexity import perplexity as engine_perplexity  # noqa: E402
 from subfit_core.evaluation.tasks import compare_tasks, run_tasks  # noqa: E402
 from subfit_core.plugins import get_plugins  # noqa: E402
 from subfit_core.recipes import load_yaml  # noqa: E402
@@ -59,9 +60,10 @@ def lagged(x: torch.Tensor, lags: tuple[int, ...]) -> torch.Tensor:
     return torch.cat(parts + [torch.ones_like(x[..., :1])], dim=-1)
 
 
-def ridge_fit(inputs: list[torch.Tensor], targets: list[torch.Tensor], lags: tuple[int, ...], ridge: float) -> torch.Tensor:
-    """W minimising |lagged(X) W - Y|^2 + lam |W without its bias row|^2, with lam = ridge times the
-    mean input variance (the mean of the Gram's diagonal, the intercept's left out), as the engine's fits."""
+def ridge_fit(inputs: list[torch.Tensor], targets: list[torch.Tensor], lags: tuple[int, ...], ridge: float,
+              name: str) -> torch.Tensor:
+    """W minimising |lagged(X) W - Y|^2 with the engine's ridge (``ridge_solve``: relative to the mean
+    input variance, the intercept not shrunk, float64); ``name`` is the submodule a NaN would name."""
     dim = inputs[0].shape[-1] * len(lags) + 1
     gram = torch.zeros(dim, dim, dtype=torch.float64)
     cross = torch.zeros(dim, targets[0].shape[-1], dtype=torch.float64)
@@ -69,10 +71,7 @@ def ridge_fit(inputs: list[torch.Tensor], targets: list[torch.Tensor], lags: tup
         f = lagged(x.double(), lags).flatten(0, 1)
         gram += f.T @ f
         cross += f.T @ y.double().flatten(0, 1)
-    penalty = torch.ones(dim, dtype=torch.float64)
-    penalty[-1] = 0.0  # the intercept is not shrunk
-    gram += torch.diag(penalty * ridge * gram.diagonal()[:-1].mean())
-    return torch.linalg.solve(gram, cross).float()
+    return ridge_solve(gram, cross, ridge, name).float()
 
 
 class LaggedBypass(torch.nn.Module):
@@ -110,9 +109,9 @@ def refit(model, calib: torch.Tensor, replaced: set[tuple[int, str]], attn_lags:
                 lags = attn_lags if kind == "attn" else (0,)
                 inputs = [norm(h) for h in mine]
                 targets = [y + drift * (hd - hm) for y, hd, hm in zip(wanted, dense, mine)]
-                bypass = LaggedBypass(ridge_fit(inputs, targets, lags, ridge), lags, pair=False)
-                got = [bypass(x) for x in inputs]
-                bypasses[(i, kind)] = LaggedBypass(bypass.weight, lags, pair=kind == "attn")
+                weight = ridge_fit(inputs, targets, lags, ridge, f"L{i}.{kind}")
+                got = [lagged(x, lags) @ weight for x in inputs]
+                bypasses[(i, kind)] = LaggedBypass(weight, lags, pair=kind == "attn")
             else:
                 got = [run(norm(h)) for h in mine]
             dense = [h + y for h, y in zip(dense, wanted)]
@@ -120,15 +119,9 @@ def refit(model, calib: torch.Tensor, replaced: set[tuple[int, str]], attn_lags:
     return bypasses
 
 
-@torch.inference_mode()
 def perplexity(model, windows: torch.Tensor, batch: int) -> float:
-    """Held-out perplexity (the prefix token is never predicted)."""
-    nll, n = 0.0, 0
-    for b in windows.split(batch):
-        logits = model(b, use_cache=False).logits[:, :-1].float()
-        nll += float(F.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(), reduction="sum"))
-        n += b[:, 1:].numel()
-    return math.exp(nll / n)
+    """The engine's held-out perplexity, on the CPU."""
+    return engine_perplexity(model, windows, batch, torch.device("cpu"))
 
 
 def measure(model, bypasses: dict, domains: dict[str, torch.Tensor], dense: dict[str, float], batch: int,
